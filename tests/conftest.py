@@ -1,0 +1,35 @@
+"""Test-session set-up: hypothesis profiles and a switch for run-time shape checks."""
+
+import contextlib
+import os
+
+import jaxtyping
+import pytest
+import torch
+from hypothesis import settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+settings.register_profile("ci", deadline=None, derandomize=True, database=None, max_examples=40)
+settings.register_profile("dev", deadline=None, max_examples=20)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@contextlib.contextmanager
+def jaxtyping_disabled():
+    """Turn the run-time shape checks off, so that error-path tests meet our own ``ValueError``."""
+    previous = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", previous)
+
+
+@pytest.fixture
+def no_typecheck():
+    """Fixture form of :func:`jaxtyping_disabled`."""
+    with jaxtyping_disabled():
+        yield
