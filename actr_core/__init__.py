@@ -6,4 +6,6 @@ Subpackages: ``flow`` (pure geometry), ``blocks`` (building blocks), ``models``,
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from actr_core.api import Matcher, MatchResult  # noqa: E402  (light: torch, PIL; never Ray)
+
+__all__ = ["__version__", "Matcher", "MatchResult"]
