@@ -1,0 +1,67 @@
+"""Building blocks of ACTR (CVPR 2023): pure, shape-typed functions, each with a thin ``nn.Module``.
+
+- :mod:`~actr_core.blocks.attention`: biased (asymmetric) cross-attention, Sec. 3.2.
+- :mod:`~actr_core.blocks.reweighting`: salient target reweighting, Eq. 1, and the target block.
+- :mod:`~actr_core.blocks.correlation`: multi-head correlation, Eq. 2.
+- :mod:`~actr_core.blocks.soft_argmax`: correlation → coarse flow, Eq. 3.
+- :mod:`~actr_core.blocks.windows`: (shifted-)window attention with relative position bias.
+- :mod:`~actr_core.blocks.flow_sr`: dual-window matching-flow super-resolution, Sec. 3.4.
+- :mod:`~actr_core.blocks.loss`: masked flow loss, Eq. 4.
+
+See ``docs/blocks.md`` for shapes, equations and the choices made where the paper is silent.
+"""
+
+from actr_core.blocks.attention import BiasedCrossAttention, biased_cross_attention, cross_attention_probs
+from actr_core.blocks.correlation import MultiHeadCorrelation, correlation_from_attention, multihead_correlation
+from actr_core.blocks.flow_sr import DualWindowFlowSR, DualWindowRound, FlowSRConfig, flow_sr_input
+from actr_core.blocks.loss import MaskedFlowLoss, masked_flow_loss
+from actr_core.blocks.reweighting import (
+    ReweightedTargetBlock,
+    TargetReweighting,
+    target_reweighting,
+    target_token_weights,
+)
+from actr_core.blocks.soft_argmax import SoftArgmax, soft_argmax
+from actr_core.blocks.windows import (
+    WindowAttention,
+    WindowTransformerBlock,
+    relative_position_index,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+    window_self_attention,
+)
+
+__all__ = [
+    # Sec. 3.2: biased cross-attention
+    "biased_cross_attention",
+    "cross_attention_probs",
+    "BiasedCrossAttention",
+    # Eq. 1: salient target reweighting
+    "target_reweighting",
+    "target_token_weights",
+    "TargetReweighting",
+    "ReweightedTargetBlock",
+    # Eq. 2: multi-head correlation
+    "multihead_correlation",
+    "correlation_from_attention",
+    "MultiHeadCorrelation",
+    # Eq. 3: soft-argmax
+    "soft_argmax",
+    "SoftArgmax",
+    # Sec. 3.4: matching-flow super-resolution
+    "DualWindowFlowSR",
+    "DualWindowRound",
+    "FlowSRConfig",
+    "flow_sr_input",
+    "window_self_attention",
+    "WindowAttention",
+    "WindowTransformerBlock",
+    "window_partition",
+    "window_reverse",
+    "relative_position_index",
+    "shifted_window_mask",
+    # Eq. 4: masked flow loss
+    "masked_flow_loss",
+    "MaskedFlowLoss",
+]

@@ -1,0 +1,250 @@
+"""MMNet's multi-scale feature blocks (Zhao et al., ICCV 2021, Sec. 3).
+
+# b batch · c channels in · m hidden channels · d reduced channels · h w grid · hc wc coarser grid
+# k cells of the local window (k = r·r)
+
+Three blocks, each a pure function plus a thin ``nn.Module`` holding its weights:
+
+- :func:`multiscale_dilated_conv` / :class:`MultiScaleDilatedBlock`: a 3×3 convolution to a few
+  hidden channels, parallel dilated 3×3 convolutions on its output, all summed, then a 1×1
+  projection (the released code's ``MSBlock`` followed by its ``conv*_down``).
+- :func:`local_self_attention` / :class:`LocalSelfAttention`: intra-scale attention of every cell
+  on its ``r × r`` neighbourhood, cosine similarity, softmax, weighted sum, residual (the released
+  ``WeightAverage``).
+- :func:`top_down_fusion` / :class:`TopDownFusion`: cross-scale enhancement: the coarser level
+  upsampled by a transposed convolution, concatenated with the finer one, fused by a 3×3
+  convolution.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from actr_core.blocks._checks import check_positive, check_rank
+
+__all__ = [
+    "LocalSelfAttention",
+    "MultiScaleDilatedBlock",
+    "TopDownFusion",
+    "local_self_attention",
+    "multiscale_dilated_conv",
+    "top_down_fusion",
+]
+
+
+def multiscale_dilated_conv(
+    x: Float[Tensor, "b c h w"],
+    weight: Float[Tensor, "m c kh kw"],
+    bias: Float[Tensor, " m"] | None,
+    branch_weights: Sequence[Float[Tensor, "m m kh2 kw2"]],
+    branch_biases: Sequence[Float[Tensor, " m"] | None],
+    dilations: Sequence[int],
+) -> Float[Tensor, "b m h w"]:
+    """Multi-scale dilated convolution: ``o = relu(conv(x))``, ``out = o + Σ_r relu(conv_r(o))``.
+
+    ``conv`` is a "same" convolution with ``weight`` (odd kernel); ``conv_r`` are "same" 3×3
+    convolutions with dilation ``dilations[r]`` (padding = dilation · (k − 1) / 2, zeros), so every
+    branch keeps the grid and sees a wider context. The released ``MSBlock`` uses 32 hidden
+    channels and dilations 4, 8, 12 (``rate · (1, 2, 3)`` with ``rate = 4``).
+    """
+    check_rank("x", x, 4, "b c h w")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} channels but weight {tuple(weight.shape)} expects {weight.shape[1]}")
+    if not (len(branch_weights) == len(branch_biases) == len(dilations)):
+        raise ValueError(
+            f"got {len(branch_weights)} branch weights, {len(branch_biases)} branch biases and "
+            f"{len(dilations)} dilations: expected one of each per branch"
+        )
+    o = F.relu(F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2))
+    out = o
+    for w_r, b_r, rate in zip(branch_weights, branch_biases, dilations, strict=True):
+        out = out + F.relu(F.conv2d(o, w_r, b_r, padding=rate * (w_r.shape[-1] // 2), dilation=rate))
+    return out
+
+
+class MultiScaleDilatedBlock(nn.Module):
+    """Multi-scale descriptor of one feature map: :func:`multiscale_dilated_conv`, then a 1×1 projection.
+
+    Args:
+        in_channels: channels of the backbone feature map (256, 512, 1024, 2048 for a ResNet).
+        out_channels: channels of the descriptor (21 in the released code).
+        hidden_channels: width of the dilated branches (32 in the released code).
+        dilations: one dilated 3×3 branch per entry ((4, 8, 12) in the released code).
+        kernel_size: kernel of the input and branch convolutions (3).
+        init_std: the input and branch convolutions are initialised N(0, init_std²) with zero
+            biases (0.01 in the released code); the projection keeps PyTorch's default init.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        hidden_channels: int = 32,
+        dilations: Sequence[int] = (4, 8, 12),
+        kernel_size: int = 3,
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size = {kernel_size}: expected an odd kernel (same-size convolutions)")
+        if any(r < 1 for r in dilations):
+            raise ValueError(f"dilations = {tuple(dilations)}: expected integers >= 1")
+        self.dilations = tuple(int(r) for r in dilations)
+        self.conv = nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=kernel_size // 2)
+        self.branches = nn.ModuleList(
+            nn.Conv2d(hidden_channels, hidden_channels, kernel_size, padding=r * (kernel_size // 2), dilation=r)
+            for r in self.dilations
+        )
+        self.proj = nn.Conv2d(hidden_channels, out_channels, 1)
+        for conv in (self.conv, *self.branches):
+            nn.init.normal_(conv.weight, 0.0, init_std)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Float[Tensor, "b c h w"]) -> Float[Tensor, "b o h w"]:
+        hidden = multiscale_dilated_conv(
+            x,
+            self.conv.weight,
+            self.conv.bias,
+            [conv.weight for conv in self.branches],
+            [conv.bias for conv in self.branches],
+            self.dilations,
+        )
+        return self.proj(hidden)
+
+    def extra_repr(self) -> str:
+        return f"dilations={self.dilations}"
+
+
+def local_self_attention(
+    query: Float[Tensor, "b d h w"],
+    key: Float[Tensor, "b d h w"],
+    value: Float[Tensor, "b d h w"],
+    *,
+    kernel_size: int = 3,
+    eps: float = 1e-8,
+) -> Float[Tensor, "b d h w"]:
+    """Intra-scale local self-attention: every cell attends to its ``r × r`` neighbourhood.
+
+    ``a_k = softmax_k(cos(q_centre, k_k))`` over the ``r·r`` neighbours ``k`` of a cell (the cell
+    itself included), and the output is ``Σ_k a_k · v_k``. The cosine similarity normalises each
+    vector by ``max(‖·‖, eps)``; the border is replicate-padded (a border cell sees copies of
+    itself and its neighbours), as in the released ``WeightAverage``.
+
+    Projections and the residual are the module's business (:class:`LocalSelfAttention`); this
+    function is parameter-free. Keys and values are projected before the neighbourhood is gathered,
+    which equals the released order (gather, then 1×1 convolutions) because a 1×1 convolution
+    commutes with replicate padding and shifts, at ``r·r`` times less work.
+    """
+    check_rank("query", query, 4, "b d h w")
+    if key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(
+            f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} must have the same shape"
+        )
+    if kernel_size < 1 or kernel_size % 2 != 1:
+        raise ValueError(f"kernel_size = {kernel_size}: expected an odd window side >= 1")
+    check_positive("eps", eps)
+    b, d, h, w = query.shape
+    pad = kernel_size // 2
+    q = F.normalize(query, dim=1, eps=eps)
+    kv = torch.cat((F.normalize(key, dim=1, eps=eps), value), dim=1)
+    kv = F.pad(kv, (pad, pad, pad, pad), mode="replicate")
+    neighbours = F.unfold(kv, kernel_size).view(b, 2, d, kernel_size * kernel_size, h * w)  # b 2 d k (h w)
+    sim = torch.einsum("bdl,bdkl->bkl", q.reshape(b, d, h * w), neighbours[:, 0])
+    attn = torch.softmax(sim, dim=1)
+    out = torch.einsum("bkl,bdkl->bdl", attn, neighbours[:, 1])
+    return out.view(b, d, h, w)
+
+
+class LocalSelfAttention(nn.Module):
+    """Residual intra-scale attention: ``x + proj(local_self_attention(θ(x), φ(x), g(x)))``.
+
+    Args:
+        channels: channels of the feature map (21 in the released code).
+        reduced_channels: channels of θ, φ, g (``channels // 2`` = 10 in the released code).
+        kernel_size: side of the neighbourhood (3).
+        eps: floor of the norms in the cosine similarity (1e-8, ``nn.CosineSimilarity``'s default).
+
+    θ, φ, g are one 1×1 convolution with ``3 · reduced_channels`` outputs (one matrix product
+    instead of three; equal to three separate convolutions).
+    """
+
+    def __init__(
+        self, channels: int, *, reduced_channels: int | None = None, kernel_size: int = 3, eps: float = 1e-8
+    ) -> None:
+        super().__init__()
+        reduced = channels // 2 if reduced_channels is None else reduced_channels
+        if reduced < 1:
+            raise ValueError(f"reduced_channels = {reduced}: expected >= 1 (channels = {channels})")
+        self.reduced_channels = reduced
+        self.kernel_size = kernel_size
+        self.eps = eps
+        self.qkv = nn.Conv2d(channels, 3 * reduced, 1)
+        self.proj = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: Float[Tensor, "b c h w"]) -> Float[Tensor, "b c h w"]:
+        q, k, v = self.qkv(x).chunk(3, dim=1)
+        return x + self.proj(local_self_attention(q, k, v, kernel_size=self.kernel_size, eps=self.eps))
+
+    def extra_repr(self) -> str:
+        return f"reduced_channels={self.reduced_channels}, kernel_size={self.kernel_size}"
+
+
+def top_down_fusion(
+    fine: Float[Tensor, "b c h w"],
+    coarse: Float[Tensor, "b c2 hc wc"],
+    up_weight: Float[Tensor, "c2 c3 ku kv"],
+    fuse_weight: Float[Tensor, "o cc kh kw"],
+    fuse_bias: Float[Tensor, " o"] | None,
+    *,
+    stride: int = 2,
+    padding: int = 1,
+) -> Float[Tensor, "b o h w"]:
+    """Cross-scale enhancement: ``fuse([fine, up(coarse)])``.
+
+    ``up`` is a transposed convolution (no bias) with the given ``stride`` and ``padding``; its
+    output must have the fine grid's size (kernel 4, stride 2, padding 1 doubles the grid, as in
+    the released code). ``fuse`` is a "same" convolution over the channel concatenation
+    ``[fine, up(coarse)]`` (fine first).
+    """
+    check_rank("fine", fine, 4, "b c h w")
+    check_rank("coarse", coarse, 4, "b c h w")
+    up = F.conv_transpose2d(coarse, up_weight, stride=stride, padding=padding)
+    if up.shape[0] != fine.shape[0] or up.shape[-2:] != fine.shape[-2:]:
+        raise ValueError(
+            f"coarse {tuple(coarse.shape)} upsamples to {tuple(up.shape)}, which does not match fine {tuple(fine.shape)}"
+        )
+    return F.conv2d(torch.cat((fine, up), dim=1), fuse_weight, fuse_bias, padding=fuse_weight.shape[-1] // 2)
+
+
+class TopDownFusion(nn.Module):
+    """Module form of :func:`top_down_fusion`.
+
+    Args:
+        channels: channels of both levels and of the output (21 in the released code).
+        up_kernel, up_stride, up_padding: the transposed convolution (4, 2, 1: the grid doubles).
+        fuse_kernel: kernel of the fusing convolution (3).
+    """
+
+    def __init__(
+        self, channels: int, *, up_kernel: int = 4, up_stride: int = 2, up_padding: int = 1, fuse_kernel: int = 3
+    ) -> None:
+        super().__init__()
+        self.up_stride = up_stride
+        self.up_padding = up_padding
+        self.up = nn.ConvTranspose2d(channels, channels, up_kernel, stride=up_stride, padding=up_padding, bias=False)
+        self.fuse = nn.Conv2d(2 * channels, channels, fuse_kernel, padding=fuse_kernel // 2)
+
+    def forward(self, fine: Float[Tensor, "b c h w"], coarse: Float[Tensor, "b c hc wc"]) -> Float[Tensor, "b c h w"]:
+        return top_down_fusion(
+            fine,
+            coarse,
+            self.up.weight,
+            self.fuse.weight,
+            self.fuse.bias,
+            stride=self.up_stride,
+            padding=self.up_padding,
+        )

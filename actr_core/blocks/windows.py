@@ -1,0 +1,239 @@
+"""Windowed self-attention with relative position bias and shifted windows (Swin [31]), for Sec. 3.4.
+
+# b batch · h w map rows, columns · c channels · g heads · d channels per head
+# nw windows · n tokens per window (window_size²) · m relative offsets ((2 window_size − 1)²)
+
+Convention: maps are channels-last ``(b, h, w, c)`` here. Windows tile the map row-major from the
+top-left corner; a map whose sides are not multiples of the window is padded at the bottom and
+right, the padded tokens are never attended to (they are masked as keys) and are cropped from the
+output, so the result at real positions does not depend on the padding. A shift ``s`` rolls the
+map by ``(−s, −s)`` before partitioning (and back after); tokens that the roll wrapped from the
+top/left border into the bottom/right windows never attend across that seam (the Swin mask).
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Bool, Float, Int
+from timm.layers import Mlp, trunc_normal_
+from torch import Tensor, nn
+
+from actr_core.blocks._checks import check_divisible, check_rank
+
+__all__ = [
+    "WindowAttention",
+    "WindowTransformerBlock",
+    "relative_position_index",
+    "shifted_window_mask",
+    "window_partition",
+    "window_reverse",
+    "window_self_attention",
+]
+
+
+def window_partition(x: Float[Tensor, "b h w c"], window_size: int) -> Float[Tensor, "b nw n c"]:
+    """Cut a channels-last map into non-overlapping ``window_size²`` windows, row-major."""
+    check_rank("x", x, 4, "b h w c")
+    check_divisible("height", x.shape[1], "window_size", window_size)
+    check_divisible("width", x.shape[2], "window_size", window_size)
+    return rearrange(x, "b (nh wh) (nw ww) c -> b (nh nw) (wh ww) c", wh=window_size, ww=window_size)
+
+
+def window_reverse(
+    windows: Float[Tensor, "b nw n c"], window_size: int, size: tuple[int, int]
+) -> Float[Tensor, "b h w c"]:
+    """Inverse of :func:`window_partition` for a map of ``size = (h, w)``."""
+    check_rank("windows", windows, 4, "b nw n c")
+    h, w = size
+    check_divisible("height", h, "window_size", window_size)
+    check_divisible("width", w, "window_size", window_size)
+    if windows.shape[1:3] != ((h // window_size) * (w // window_size), window_size**2):
+        raise ValueError(
+            f"windows has shape {tuple(windows.shape)}: does not tile a map of size {size} "
+            f"with window_size = {window_size}"
+        )
+    return rearrange(
+        windows,
+        "b (nh nw) (wh ww) c -> b (nh wh) (nw ww) c",
+        nh=h // window_size,
+        wh=window_size,
+        ww=window_size,
+    )
+
+
+def relative_position_index(
+    window_size: int, *, device: torch.device | str | None = None
+) -> Int[Tensor, "n n"]:
+    """Index into a ``((2 window_size − 1)², g)`` bias table for every (query, key) pair of a window.
+
+    ``index[i, j] = (dy + window_size − 1) · (2 window_size − 1) + (dx + window_size − 1)`` with
+    ``(dx, dy)`` the offset of query ``i`` from key ``j`` (tokens numbered row-major).
+    """
+    if window_size <= 0:
+        raise ValueError(f"window_size = {window_size}: expected a positive integer")
+    ys, xs = torch.meshgrid(
+        torch.arange(window_size, device=device), torch.arange(window_size, device=device), indexing="ij"
+    )
+    coords = torch.stack((ys.flatten(), xs.flatten()))
+    rel = coords[:, :, None] - coords[:, None, :] + (window_size - 1)
+    return rel[0] * (2 * window_size - 1) + rel[1]
+
+
+def shifted_window_mask(
+    size: tuple[int, int], window_size: int, shift: int, *, device: torch.device | str | None = None
+) -> Bool[Tensor, "nw n n"]:
+    """Which (query, key) pairs of each window may attend after a roll by ``(−shift, −shift)`` (Swin).
+
+    ``size`` is the (padded) map size, multiples of ``window_size``. Rows (columns) that the roll
+    wrapped from the top (left) border, the last ``shift`` rows (columns) of the rolled map, form a
+    separate region; ``True`` where query and key lie in the same region. ``shift = 0``: all True.
+    """
+    h, w = size
+    check_divisible("height", h, "window_size", window_size)
+    check_divisible("width", w, "window_size", window_size)
+    if not 0 <= shift < window_size:
+        raise ValueError(f"shift = {shift}: expected 0 <= shift < window_size = {window_size}")
+    rows = torch.arange(h, device=device) >= h - shift
+    cols = torch.arange(w, device=device) >= w - shift
+    region = (2 * rows[:, None].long() + cols[None, :].long()).view(1, h, w, 1)
+    labels = window_partition(region.float(), window_size)[0, :, :, 0]
+    return labels[:, :, None] == labels[:, None, :]
+
+
+def window_self_attention(
+    x: Float[Tensor, "b h w c"],
+    qkv_weight: Float[Tensor, "c3 c"],
+    qkv_bias: Float[Tensor, " c3"] | None,
+    proj_weight: Float[Tensor, "c c"],
+    proj_bias: Float[Tensor, " c"] | None,
+    bias_table: Float[Tensor, "m g"],
+    *,
+    window_size: int,
+    shift: int = 0,
+    scale: float | None = None,
+    fused: bool = True,
+) -> Float[Tensor, "b h w c"]:
+    """(Shifted-)window multi-head self-attention with a learned relative position bias (Swin [31]).
+
+    Per window: ``softmax(q kᵀ · scale + B) v``, ``B[g, i, j] = bias_table[index[i, j], g]``
+    (:func:`relative_position_index`), heads ``g = bias_table.shape[1]``, then ``proj``. Works for
+    any ``h, w``: padding, shift and mask as in the module's Convention. The bias and the masks go
+    in as one additive float mask (``finfo.min`` where masked) to ``F.scaled_dot_product_attention``
+    (``fused``) or to an explicit softmax (the reference path; the two are tested equal).
+    """
+    check_rank("x", x, 4, "b h w c")
+    check_rank("bias_table", bias_table, 2, "m g")
+    b, h, w, c = x.shape
+    num_heads = bias_table.shape[1]
+    check_divisible("channels", c, "heads (bias_table.shape[1])", num_heads)
+    if bias_table.shape[0] != (2 * window_size - 1) ** 2:
+        raise ValueError(
+            f"bias_table has shape {tuple(bias_table.shape)}: expected {(2 * window_size - 1) ** 2} rows "
+            f"for window_size = {window_size}"
+        )
+    if not 0 <= shift < window_size:
+        raise ValueError(f"shift = {shift}: expected 0 <= shift < window_size = {window_size}")
+    pad_h, pad_w = (-h) % window_size, (-w) % window_size
+    hp, wp = h + pad_h, w + pad_w
+    qkv = F.linear(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)), qkv_weight, qkv_bias)
+    valid_key = torch.zeros(1, hp, wp, 1, dtype=torch.bool, device=x.device)
+    valid_key[:, :h, :w] = True
+    if shift:
+        qkv = torch.roll(qkv, shifts=(-shift, -shift), dims=(1, 2))
+        valid_key = torch.roll(valid_key, shifts=(-shift, -shift), dims=(1, 2))
+    q, k, v = rearrange(
+        window_partition(qkv, window_size), "b nw n (three g d) -> three b (nw g) n d", three=3, g=num_heads
+    )
+    valid_pair = shifted_window_mask((hp, wp), window_size, shift, device=x.device)
+    valid_pair = valid_pair & window_partition(valid_key.float(), window_size)[0, :, None, :, 0].bool()
+    # A padded query may be left with no valid key; letting every token see itself keeps all rows
+    # finite (padded queries are cropped; real queries never see padded keys).
+    valid_pair = valid_pair | torch.eye(window_size**2, dtype=torch.bool, device=x.device)
+    index = relative_position_index(window_size, device=x.device)
+    bias = rearrange(bias_table[index].to(q.dtype), "n1 n2 g -> g n1 n2")
+    mask = torch.where(valid_pair[:, None], bias[None], torch.finfo(q.dtype).min)
+    mask = rearrange(mask, "nw g n1 n2 -> (nw g) n1 n2")
+    scale = (c // num_heads) ** -0.5 if scale is None else scale
+    if fused:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    else:
+        attn = torch.softmax(torch.einsum("bknd,bkmd->bknm", q, k) * scale + mask, dim=-1)
+        out = torch.einsum("bknm,bkmd->bknd", attn, v)
+    out = rearrange(out, "b (nw g) n d -> b nw n (g d)", g=num_heads)
+    out = window_reverse(F.linear(out, proj_weight, proj_bias), window_size, (hp, wp))
+    if shift:
+        out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
+    return out[:, :h, :w]
+
+
+class WindowAttention(nn.Module):
+    """Module form of :func:`window_self_attention`; parameters ``qkv``, ``proj`` and the bias table."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        *,
+        shift: int = 0,
+        qkv_bias: bool = True,
+        bias_init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        check_divisible("dim", dim, "num_heads", num_heads)
+        if not 0 <= shift < window_size:
+            raise ValueError(f"shift = {shift}: expected 0 <= shift < window_size = {window_size}")
+        self.window_size = window_size
+        self.shift = shift
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        trunc_normal_(self.relative_position_bias_table, std=bias_init_std)
+        self.fused = True
+
+    def forward(self, x: Float[Tensor, "b h w c"]) -> Float[Tensor, "b h w c"]:
+        return window_self_attention(
+            x,
+            self.qkv.weight,
+            self.qkv.bias,
+            self.proj.weight,
+            self.proj.bias,
+            self.relative_position_bias_table,
+            window_size=self.window_size,
+            shift=self.shift,
+            fused=self.fused,
+        )
+
+    def extra_repr(self) -> str:
+        return f"window_size={self.window_size}, shift={self.shift}"
+
+
+class WindowTransformerBlock(nn.Module):
+    """Pre-norm transformer block on windows: ``x + WA(LN(x))``, then ``x + MLP(LN(x))`` (Swin [31])."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        *,
+        shift: int = 0,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        bias_init_std: float = 0.02,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = WindowAttention(
+            dim, num_heads, window_size, shift=shift, qkv_bias=qkv_bias, bias_init_std=bias_init_std
+        )
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+
+    def forward(self, x: Float[Tensor, "b h w c"]) -> Float[Tensor, "b h w c"]:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
