@@ -52,10 +52,19 @@ __all__ = [
 DEFAULT_ALPHAS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15)
 # SPair-71k pair-level difficulty annotations (PairAnnotation JSON), reported as splits when present.
 SPAIR_FLAGS: tuple[str, ...] = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
+# A list of PCK tolerances: any sequence of floats or a 1-D numpy array.
+Alphas = Sequence[float] | np.ndarray
 THRESHOLD_DEFINITIONS: Mapping[str, str] = {
-    "bbox": "max(x2 - x1, y2 - y1) of the object box",
-    "img": "max(height, width) of the image",
-    "bkp": "max side of the box around the valid keypoints",
+    "bbox": "max(x2 - x1, y2 - y1) of the {side} object box",
+    "img": "max(height, width) of the {side} image",
+    "bkp": "max side of the box around the valid {side} keypoints",
+}
+# Row labels of the SPair difficulty splits in printed tables.
+FLAG_LABELS: Mapping[str, str] = {
+    "viewpoint_variation": "viewpoint",
+    "scale_variation": "scale",
+    "truncation": "truncation",
+    "occlusion": "occlusion",
 }
 
 
@@ -105,7 +114,7 @@ def score_batch(
     model: nn.Module,
     batch: Mapping[str, Any],
     protocol: ScoringProtocol,
-    alphas: Sequence[float],
+    alphas: Alphas,
     output: Any = None,
 ) -> BatchScores:
     """Run ``model`` on one batch (unless ``output`` is given) and score it under ``protocol``."""
@@ -145,7 +154,7 @@ def evaluate(
     batches: Iterable[Mapping[str, Any]],
     *,
     protocol: str | ScoringProtocol = "standard",
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    alphas: Alphas = DEFAULT_ALPHAS,
     device: torch.device | str | None = None,
     progress: bool = True,
     total: int | None = None,
@@ -206,7 +215,7 @@ def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+def _ratio(num: np.ndarray | np.number, den: np.ndarray | np.number) -> np.ndarray:
     return np.where(den > 0, num / np.maximum(den, 1), np.nan)
 
 
@@ -226,10 +235,20 @@ def _pad(arrays: list[np.ndarray], n: int, fill: Any) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _definition(kind: str, protocol: ScoringProtocol) -> str:
+    text = f"{kind} = " + THRESHOLD_DEFINITIONS[kind].format(side=protocol.threshold_side)
+    if kind == "bkp" and protocol.bkp_padding_value is not None:
+        text += (
+            f", padding value {protocol.bkp_padding_value:g} included when fewer than "
+            f"{protocol.bkp_padded_length} rows (released)"
+        )
+    return text
+
+
 def summarise(
     scores: Sequence[BatchScores],
     protocol: ScoringProtocol,
-    alphas: Sequence[float],
+    alphas: Alphas,
     *,
     input_size: Sequence[int] | None = None,
     model_name: str = "model",
@@ -318,9 +337,7 @@ def summarise(
         **protocol.describe(input_size),
         "threshold_type": ", ".join(used),
         "threshold_type_per_dataset": "; ".join(per_dataset),
-        "threshold_definition": "; ".join(
-            f"{k}: {THRESHOLD_DEFINITIONS[k]} ({protocol.threshold_side})" for k in used
-        ),
+        "threshold_definition": "; ".join(_definition(k, protocol) for k in used),
         "average_image": "mean over pairs of each pair's fraction of correct keypoints",
         "average_keypoint": "correct keypoints over valid keypoints, pooled",
         "average_category_mean": "unweighted mean over categories",
@@ -335,7 +352,7 @@ def summarise(
 # Curves, tables, files
 
 
-def pck_curve(results: xr.Dataset, alphas: Sequence[float], average: str = "image") -> xr.DataArray:
+def pck_curve(results: xr.Dataset, alphas: Alphas, average: str = "image") -> xr.DataArray:
     """PCK over all pairs at any ``alphas``, recomputed from the stored keypoints with :func:`pck_per_keypoint`.
 
     ``average``: ``"image"`` (mean of per-pair fractions) or ``"keypoint"`` (pooled).
@@ -402,7 +419,7 @@ def format_table(results: xr.Dataset, average: str = "image", percent: bool = Tr
         lines.append(rule)
         for level in results[flag].values:
             at = {flag: level}
-            lines.append(row(f"{flag[:14]}={int(level)}", results[f"n_pairs_by_{flag}"].sel(at),
+            lines.append(row(f"{FLAG_LABELS[flag]}={int(level)}", results[f"n_pairs_by_{flag}"].sel(at),
                              results[f"n_keypoints_by_{flag}"].sel(at), results[f"pck_{average}_by_{flag}"].sel(at).values))
     unscored = int(results["n_pairs_total"]) - int(results["n_pairs_scored_total"])
     if unscored:

@@ -1,0 +1,138 @@
+"""The evaluator: aggregation (per image vs per keypoint, NaN pairs), splits, counts, files, table."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from actr_core.metrics import evaluate, format_table, load_results, pck_curve, save_results
+
+NAN = float("nan")
+
+
+@pytest.fixture
+def crafted(batch_factory):
+    """Two batches of a shift-by-32-px matcher; see the expected values in the tests.
+
+    Pair A (cat): 1 valid keypoint, exact. Pair B (cat): 3 valid keypoints, all 100 px off.
+    Pair C (dog): no valid keypoint. Pair D (dog, second batch, n = 2): one exact, one 100 px off.
+    Boxes are 200 px, so at alpha = 0.1 the radius is 20 px.
+    """
+    box = [[100.0, 100.0, 300.0, 300.0]]
+    first = batch_factory(
+        [[[100.0, 100.0], [NAN, NAN], [0.0, 0.0]], [[100.0, 100.0], [150.0, 120.0], [200.0, 250.0]],
+         [[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]]],
+        [[[132.0, 100.0], [NAN, NAN], [0.0, 0.0]], [[232.0, 100.0], [282.0, 120.0], [332.0, 250.0]],
+         [[42.0, 10.0], [52.0, 20.0], [62.0, 30.0]]],
+        [[True, False, False], [True, True, True], [False, False, False]],
+        src_bbox=box * 3, trg_bbox=box * 3, category=["cat", "cat", "dog"],
+        flags={"viewpoint_variation": [0, 1, 1], "occlusion": [0, 0, 1]},
+    )
+    second = batch_factory(
+        [[[100.0, 100.0], [200.0, 200.0]]],
+        [[[132.0, 100.0], [332.0, 200.0]]],
+        src_bbox=box, trg_bbox=box, category=["dog"],
+        flags={"viewpoint_variation": [0], "occlusion": [1]},
+    )
+    second["pair_id"] = ["p3"]
+    return [first, second]
+
+
+def test_per_image_and_per_keypoint_differ_and_nan_pair_is_skipped(crafted, shift_matcher):
+    shift_matcher.train()
+    ds = evaluate(shift_matcher, iter(crafted), alphas=(0.1,), progress=False)
+    assert shift_matcher.training  # mode restored
+    at = {"alpha": 0.1}
+    assert ds["pck_image"].sel(alpha=0.1, category="cat").item() == 0.5  # (1 + 0) / 2
+    assert ds["pck_keypoint"].sel(alpha=0.1, category="cat").item() == 0.25  # 1 / 4
+    assert ds["pck_image"].sel(alpha=0.1, category="dog").item() == 0.5  # C skipped, D = 1/2
+    assert ds["pck_image_overall"].sel(at).item() == 0.5  # (1 + 0 + 0.5) / 3, C skipped
+    assert ds["pck_keypoint_overall"].sel(at).item() == pytest.approx(1 / 3)  # 2 / 6
+    assert ds["pck_image_category_mean"].sel(at).item() == 0.5
+    assert ds["pck_keypoint_category_mean"].sel(at).item() == 0.375  # (0.25 + 0.5) / 2
+    assert ds["n_pairs"].sel(category="dog").item() == 2
+    assert ds["n_pairs_scored"].sel(category="dog").item() == 1
+    assert ds["n_keypoints"].values.tolist() == [4, 2]
+    assert int(ds["n_pairs_total"]) == 4 and int(ds["n_pairs_scored_total"]) == 3
+    assert int(ds["n_keypoints_total"]) == 6
+    assert math.isnan(ds["pair_pck"].sel(alpha=0.1, pair="p2").item())
+    assert ds.sizes["keypoint"] == 3  # batches of 3 and 2 keypoints, padded
+
+
+def test_spair_difficulty_splits(crafted, shift_matcher):
+    ds = evaluate(shift_matcher, crafted, alphas=(0.1,), progress=False)
+    split = ds["pck_image_by_viewpoint_variation"].sel(alpha=0.1)
+    assert split.sel(viewpoint_variation=0).item() == 0.75  # A = 1, D = 0.5
+    assert split.sel(viewpoint_variation=1).item() == 0.0  # B = 0, C skipped
+    assert ds["pck_keypoint_by_viewpoint_variation"].sel(alpha=0.1, viewpoint_variation=0).item() == pytest.approx(2 / 3)
+    assert ds["n_pairs_by_occlusion"].values.tolist() == [2, 2]
+    assert ds["n_keypoints_by_occlusion"].values.tolist() == [4, 2]
+
+
+def test_alpha_dimension_and_attributes(crafted, shift_matcher):
+    ds = evaluate(shift_matcher, crafted, alphas=(0.1, 0.5, 1.0), progress=False, model_name="shift")
+    # B's errors are 100 px = 0.5 * 200: counted at alpha 0.5 (boundary) and above
+    assert ds["pck_keypoint_overall"].values.tolist() == pytest.approx([1 / 3, 1.0, 1.0])
+    assert ds.attrs["protocol"] == "standard"
+    assert ds.attrs["threshold_type"] == "bbox"
+    assert ds.attrs["threshold_image"] == "target"
+    assert ds.attrs["coordinate_frame"] == "original image pixels"
+    assert ds.attrs["model"] == "shift"
+    assert ds["threshold"].values.tolist() == [200.0] * 4
+
+
+def test_released_protocol_through_the_evaluator(batch_factory, shift_matcher):
+    # source box 100, target box 200, error 15: standard counts it at alpha 0.1, released does not
+    batch = batch_factory([[[100.0, 200.0]]], [[[141.0, 212.0]]], src_bbox=[[50.0, 150.0, 150.0, 220.0]],
+                          trg_bbox=[[40.0, 100.0, 240.0, 250.0]])
+    std = evaluate(shift_matcher, [batch], alphas=(0.1,), progress=False)
+    rel = evaluate(shift_matcher, [batch], protocol="released", alphas=(0.1,), progress=False)
+    assert std["pck_image_overall"].item() == 1.0 and rel["pck_image_overall"].item() == 0.0
+    assert rel.attrs["threshold_image"] == "source" and "512x512" in rel.attrs["coordinate_frame"]
+
+
+def test_netcdf_round_trip_and_table(crafted, shift_matcher, tmp_path):
+    ds = evaluate(shift_matcher, crafted, alphas=(0.05, 0.1), progress=False)
+    path = save_results(ds, tmp_path / "out" / "results.nc")
+    assert path.stat().st_size > 0
+    back = load_results(path)
+    for name in ("pck_image", "pck_keypoint", "pair_pck", "distance", "pred_kps", "keypoint_valid"):
+        np.testing.assert_array_equal(back[name].values, ds[name].values)
+    assert back["category"].values.tolist() == ["cat", "dog"]
+    assert back.attrs["protocol"] == "standard"
+    table = format_table(back)
+    assert "cat" in table and "50.0" in table and "original image pixels" in table
+    assert "viewpoint=0" in table and "1 pair(s) without a valid keypoint skipped" in table
+    assert "33.3" in format_table(back, average="keypoint")
+
+
+def test_pck_curve_matches_stored_values(crafted, shift_matcher):
+    ds = evaluate(shift_matcher, crafted, alphas=(0.05, 0.1, 0.5), progress=False)
+    for average in ("image", "keypoint"):
+        curve = pck_curve(ds, ds["alpha"].values, average=average)
+        np.testing.assert_allclose(curve.values, ds[f"pck_{average}_overall"].values)
+    dense = pck_curve(ds, np.linspace(0.01, 1.0, 12))
+    assert np.all(np.diff(dense.values) >= 0)
+
+
+def test_h_ne_w_inputs_and_batch(batch_factory, shift_matcher):
+    batch = batch_factory(
+        [[[10.0, 20.0]], [[30.0, 40.0]]], [[[42.0, 20.0]], [[62.0, 40.0]]],
+        src_size=[(256, 512)], trg_size=[(256, 512)], input_size=(32, 64),
+    )
+    # one cell = 4 px in the 64-wide input = 32 px in the 512-wide original
+    ds = evaluate(shift_matcher, [batch], alphas=(0.01,), progress=False)
+    assert ds["pck_image_overall"].item() == 1.0
+    assert np.nanmax(ds["distance"].values) < 1e-4
+
+
+def test_errors(shift_matcher, batch_factory):
+    with pytest.raises(ValueError, match="no batches"):
+        evaluate(shift_matcher, [], progress=False)
+    with pytest.raises(ValueError, match="alphas"):
+        evaluate(shift_matcher, [], alphas=(0.0,), progress=False)
+    batch = batch_factory([[[1.0, 1.0]]], [[[1.0, 1.0]]])
+    del batch["trg_size"]
+    with pytest.raises(ValueError, match="trg_size"):
+        evaluate(shift_matcher, [batch], progress=False)
