@@ -1,0 +1,68 @@
+"""Models: the matcher interface, ViT backbones, ACTR (as released; as described and the Baseline
+are built on the same pieces), and a registry of builders.
+
+- :mod:`~actr_core.models.base`: :class:`Matcher` (``forward`` → :class:`MatchOutput`, ``loss``,
+  ``transfer``) and the input checks every model runs.
+- :mod:`~actr_core.models.backbones`: timm ViTs by name returning ``[cls]`` + patch tokens for any
+  input whose sides are multiples of the patch size; weights from local files only.
+- :mod:`~actr_core.models.released`: ACTR as released and :func:`load_official_actr`.
+- :mod:`~actr_core.models.registry`: ``register_model`` / ``model_entries`` / ``build_model``.
+
+See docs/models.md.
+"""
+
+from actr_core.models.backbones import (
+    ViTBackbone,
+    WeightsReport,
+    convert_vit_state_dict,
+    create_vit,
+    load_vit_weights,
+    read_checkpoint,
+    resample_pos_embed_bicubic,
+    vit_base16,
+    vit_small16,
+)
+from actr_core.models.base import Matcher, MatchOutput, check_image, check_image_pair, parameter_count
+from actr_core.models.registry import ModelEntry, build_model, get_model_entry, model_entries, register_model
+from actr_core.models.released import (
+    ACTRReleased,
+    ACTRReleasedConfig,
+    OfficialCheckpointError,
+    actr_released,
+    load_official_actr,
+    official_parameter_count,
+    to_official_state_dict,
+)
+
+__all__ = [
+    # interface
+    "Matcher",
+    "MatchOutput",
+    "check_image",
+    "check_image_pair",
+    "parameter_count",
+    # backbones
+    "ViTBackbone",
+    "WeightsReport",
+    "create_vit",
+    "vit_small16",
+    "vit_base16",
+    "load_vit_weights",
+    "convert_vit_state_dict",
+    "read_checkpoint",
+    "resample_pos_embed_bicubic",
+    # ACTR as released
+    "ACTRReleased",
+    "ACTRReleasedConfig",
+    "actr_released",
+    "load_official_actr",
+    "official_parameter_count",
+    "to_official_state_dict",
+    "OfficialCheckpointError",
+    # registry
+    "ModelEntry",
+    "register_model",
+    "model_entries",
+    "get_model_entry",
+    "build_model",
+]

@@ -1,0 +1,433 @@
+"""ACTR as described (paper Sec. 3): a composition of injected blocks, shared by the Baseline and the ablations.
+
+# b batch · H W input frame · hs ws source token grid · ht wt target token grid (equal: both images
+# enter at one size) · h w flow grid (upscale · token grid) · ns nt tokens ([cls] + grid cells)
+# c channels · g heads · m paths · 2 (x, y), channel 0 = x
+
+Composition (:class:`ACTR`)::
+
+    tokens  = backbone([src; trg])                                   Sec. 3.1, [cls] + patches
+    for each block ℓ = 1..M (CorrespondenceBlock):                   Sec. 3.2
+        S      = source_pe(S)                                        learnable PE (source only)
+        T      = target_branch(S, T)                                 Eq. 1 (self-attn, reweight, FFN)
+        S      = source_block(S)                                     standard transformer block [43]
+        S, T, A_ℓ = cross(S, T)                                      biased cross-attention
+    for each path ℓ in path_blocks:
+        C_ℓ    = correlation_from_attention(A_ℓ)                     Eq. 2 ([cls] dropped, head mean)
+        Δc_ℓ   = soft_argmax(C_ℓ, τ)                                 Eq. 3
+    Δf     = upsampler([Δc_ℓ]_ℓ, source feature map)                 Sec. 3.4, all paths in one call
+    flow   = mean_ℓ Δf_ℓ                                             multi-path mean
+
+Every variant (ACTR, Baseline, the Table 4 ablations) is this same class with other blocks
+injected (:mod:`actr_core.models.builders`); ``forward`` has no branches on the variant.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Float
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from actr_core.blocks import (
+    BiasedCrossAttention,
+    MaskedFlowLoss,
+    ReweightedTargetBlock,
+    SoftArgmax,
+    correlation_from_attention,
+)
+from actr_core.blocks._checks import check_divisible
+from actr_core.flow import resize_flow
+from actr_core.models.backbones import PosEmbedResampler, ViTBackbone, resample_pos_embed_bicubic
+from actr_core.models.base import Matcher, MatchOutput, check_image_pair
+from actr_core.models.config import ACTRConfig
+
+__all__ = [
+    "ACTR",
+    "AsymmetricCrossAttention",
+    "BilinearFlowUpsampling",
+    "CorrespondenceBlock",
+    "CrossAttentionMap",
+    "LearnedSourcePE",
+    "NoSourcePE",
+    "PlainTargetBranch",
+    "SalientTargetBranch",
+    "SymmetricCrossAttention",
+    "TransformerBlock",
+]
+
+#: ViTBackbone returns exactly one prefix token ([cls]) before the patch tokens
+NUM_PREFIX_TOKENS = 1
+
+#: keys of the batch schema the loss reads (actr_core.data schema: ground-truth flow and its mask)
+_LOSS_KEYS = ("flow", "valid_flow")
+
+
+# --------------------------------------------------------------------------------------------------
+# source branch: learnable positional encoding (Sec. 3.2) and the standard transformer block
+# --------------------------------------------------------------------------------------------------
+
+
+class LearnedSourcePE(nn.Module):
+    """Learnable positional encoding added to the source tokens only (paper Sec. 3.2), one per block.
+
+    The encoding ``pe`` ``(1, 1 + h0·w0, c)`` is learnt for the training frame's token grid
+    ``(h0, w0)`` (its first entry is the ``[cls]`` token's). For another grid it is resampled
+    like the backbone's position embedding (``resample``, bicubic by default; the ``[cls]`` entry
+    is kept), so any input whose sides are multiples of the patch size works.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        grid: tuple[int, int],
+        *,
+        init_std: float = 0.0,
+        resample: PosEmbedResampler = resample_pos_embed_bicubic,
+    ) -> None:
+        super().__init__()
+        if grid[0] <= 0 or grid[1] <= 0:
+            raise ValueError(f"grid = {grid}: expected positive sides")
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.resample = resample
+        self.pe = nn.Parameter(torch.zeros(1, NUM_PREFIX_TOKENS + grid[0] * grid[1], dim))
+        if init_std > 0:
+            trunc_normal_(self.pe, std=init_std)
+
+    def forward(self, tokens: Float[Tensor, "b n c"], grid: tuple[int, int]) -> Float[Tensor, "b n c"]:
+        return tokens + self.resample(self.pe, grid, self.grid, NUM_PREFIX_TOKENS)
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}"
+
+
+class NoSourcePE(nn.Module):
+    """No source positional encoding (Table 4 ablation, the Baseline): returns the tokens unchanged."""
+
+    def forward(self, tokens: Float[Tensor, "b n c"], grid: tuple[int, int]) -> Float[Tensor, "b n c"]:
+        del grid  # the interface of a source PE; nothing to place here
+        return tokens
+
+
+class TransformerBlock(nn.Module):
+    """Standard pre-norm transformer block [43]: ``x + SA(LN(x))``, then ``x + FFN(LN(x))``.
+
+    Built from injected modules so that the source branch can share them with the target block of
+    Eq. 1 (:class:`ReweightedTargetBlock` has the same four parts): pass that block's ``norm1``,
+    ``attn``, ``norm2`` and ``mlp`` to tie the weights.
+    """
+
+    def __init__(self, norm1: nn.Module, attn: nn.Module, norm2: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.norm1 = norm1
+        self.attn = attn
+        self.norm2 = norm2
+        self.mlp = mlp
+
+    def forward(self, tokens: Float[Tensor, "b n c"]) -> Float[Tensor, "b n c"]:
+        tokens = tokens + self.attn(self.norm1(tokens))
+        return tokens + self.mlp(self.norm2(tokens))
+
+
+# --------------------------------------------------------------------------------------------------
+# target branch: Eq. 1 (salient target reweighting) or a plain transformer block
+# --------------------------------------------------------------------------------------------------
+
+
+class SalientTargetBranch(nn.Module):
+    """Target branch of paper Eq. 1: self-attention, reweighting by the source's attention, FFN.
+
+    The weights ``v`` come from the attention of all source queries on the target keys, computed
+    by the block's cross-attention projections (``cross.attention``) on the block's input tokens
+    (source with its PE), as :class:`ReweightedTargetBlock` expects. Not detached: Eq. 1 has no
+    stop-gradient (the released code detaches).
+    """
+
+    def __init__(self, block: ReweightedTargetBlock) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(
+        self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"], cross: nn.Module
+    ) -> Float[Tensor, "b nt c"]:
+        return self.block(trg, cross.attention(src, trg))
+
+
+class PlainTargetBranch(nn.Module):
+    """Target branch without reweighting (Table 4 ablation, the Baseline): a transformer block."""
+
+    def __init__(self, block: TransformerBlock) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(
+        self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"], cross: nn.Module
+    ) -> Float[Tensor, "b nt c"]:
+        del src, cross  # the interface of a target branch; a plain block looks at the target only
+        return self.block(trg)
+
+
+# --------------------------------------------------------------------------------------------------
+# cross-attention stages: forward(src, trg) -> (src, trg, attention of source queries on target keys)
+# --------------------------------------------------------------------------------------------------
+
+
+class AsymmetricCrossAttention(nn.Module):
+    """Biased cross-attention (paper Sec. 3.2): ``S ← S + Attn(Q = LN(S), K = V = LN(T))``.
+
+    Only the source is updated. Returns the per-head attention ``(b, g, ns, nt)`` of the source
+    queries on all target tokens: Eq. 2's correlation is read from it (one path per block).
+    """
+
+    def __init__(self, attn: BiasedCrossAttention, norm_src: nn.Module, norm_trg: nn.Module) -> None:
+        super().__init__()
+        self.norm_src = norm_src
+        self.norm_trg = norm_trg
+        self.attn = attn
+
+    def attention(self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"]) -> Float[Tensor, "b g ns nt"]:
+        """Per-head attention of the source queries on the target keys (no values, no update)."""
+        return self.attn.attention(self.norm_src(src), self.norm_trg(trg))
+
+    def forward(
+        self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"]
+    ) -> tuple[Float[Tensor, "b ns c"], Float[Tensor, "b nt c"], Float[Tensor, "b g ns nt"]]:
+        update, attn = self.attn(self.norm_src(src), self.norm_trg(trg), need_weights=True)
+        return src + update, trg, attn
+
+
+class SymmetricCrossAttention(nn.Module):
+    """Symmetric cross-attention of the Baseline (paper Sec. 4, [23, 46]): both streams attend to
+    each other with shared weights, ``S ← S + Attn(S, T)`` and ``T ← T + Attn(T, S)`` from the same
+    inputs. Returns the source-to-target attention (the correlation of Eq. 2).
+    """
+
+    def __init__(self, attn: BiasedCrossAttention, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.attn = attn
+
+    def attention(self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"]) -> Float[Tensor, "b g ns nt"]:
+        """Per-head attention of the source queries on the target keys."""
+        return self.attn.attention(self.norm(src), self.norm(trg))
+
+    def forward(
+        self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"]
+    ) -> tuple[Float[Tensor, "b ns c"], Float[Tensor, "b nt c"], Float[Tensor, "b g ns nt"]]:
+        s, t = self.norm(src), self.norm(trg)
+        update_src, attn = self.attn(s, t, need_weights=True)
+        update_trg, _ = self.attn(t, s, need_weights=False)
+        return src + update_src, trg + update_trg, attn
+
+
+class CrossAttentionMap(nn.Module):
+    """The attention map of a cross-attention stage without its update (queries and keys only).
+
+    Used as the last block of compositions whose final tokens nothing reads (no flow
+    super-resolution: the Baseline, the ``no_flow_sr`` ablation): the values and output projection
+    of a full stage would be parameters without gradient. ``qk``: ``Linear(dim, 2 dim)``, rows
+    ``[W^Q; W^K]``; the result equals :class:`AsymmetricCrossAttention` ``.attention`` with the same
+    ``W^Q``, ``W^K`` (tested). Streams are returned unchanged.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, norm_src: nn.Module, norm_trg: nn.Module, *, qkv_bias: bool = True,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        check_divisible("dim", dim, "num_heads", num_heads)
+        self.num_heads = num_heads
+        self.scale = scale
+        self.norm_src = norm_src
+        self.norm_trg = norm_trg
+        self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+
+    def attention(self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"]) -> Float[Tensor, "b g ns nt"]:
+        """Per-head ``softmax(q kᵀ · scale)`` of the source queries on all target keys."""
+        c = src.shape[-1]
+        bias = self.qk.bias
+        q = F.linear(self.norm_src(src), self.qk.weight[:c], None if bias is None else bias[:c])
+        k = F.linear(self.norm_trg(trg), self.qk.weight[c:], None if bias is None else bias[c:])
+        q = rearrange(q, "b ns (g d) -> b g ns d", g=self.num_heads)
+        k = rearrange(k, "b nt (g d) -> b g nt d", g=self.num_heads)
+        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
+        return torch.softmax(torch.einsum("bgsd,bgtd->bgst", q, k) * scale, dim=-1)
+
+    def forward(
+        self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"]
+    ) -> tuple[Float[Tensor, "b ns c"], Float[Tensor, "b nt c"], Float[Tensor, "b g ns nt"]]:
+        return src, trg, self.attention(src, trg)
+
+
+# --------------------------------------------------------------------------------------------------
+# one feature-learning block
+# --------------------------------------------------------------------------------------------------
+
+
+class CorrespondenceBlock(nn.Module):
+    """One feature-learning block of paper Sec. 3.2, assembled from injected parts.
+
+    ACTR: ``LearnedSourcePE``, a ``TransformerBlock`` (source), ``SalientTargetBranch`` (Eq. 1),
+    ``AsymmetricCrossAttention``. The Baseline's block: ``NoSourcePE``, a transformer block on each
+    stream (``PlainTargetBranch``) and ``SymmetricCrossAttention``. Order::
+
+        S = source_pe(S); T = target_branch(S, T); S = source_block(S); S, T, A = cross(S, T)
+
+    The target branch reads the block's input tokens (the reweighting attention of Eq. 1 is taken
+    before either stream is updated); the cross-attention reads both updated streams.
+    """
+
+    def __init__(
+        self, *, source_pe: nn.Module, source_block: nn.Module, target_branch: nn.Module, cross: nn.Module
+    ) -> None:
+        super().__init__()
+        self.source_pe = source_pe
+        self.target_branch = target_branch
+        self.source_block = source_block
+        self.cross = cross
+
+    def forward(
+        self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"], grid: tuple[int, int]
+    ) -> tuple[Float[Tensor, "b ns c"], Float[Tensor, "b nt c"], Float[Tensor, "b g ns nt"]]:
+        src = self.source_pe(src, grid)
+        trg = self.target_branch(src, trg, self.cross)
+        src = self.source_block(src)
+        return self.cross(src, trg)
+
+
+# --------------------------------------------------------------------------------------------------
+# flow upsamplers: forward(coarse flows of all paths (m·b, 2, hs, ws), source features (b, c, hs, ws))
+# --------------------------------------------------------------------------------------------------
+
+
+class BilinearFlowUpsampling(nn.Module):
+    """Bilinear ×``upscale`` upsampling of the coarse flows (the Baseline; ``no_flow_sr`` ablation).
+
+    Same interface as :class:`~actr_core.blocks.DualWindowFlowSR`; the source features, which
+    only super-resolution reads, are not used. Values are rescaled into pixels of the fine grid
+    (:func:`actr_core.flow.resize_flow`, pixel-centre convention).
+    """
+
+    def __init__(self, upscale: int) -> None:
+        super().__init__()
+        if upscale < 1:
+            raise ValueError(f"upscale = {upscale}: expected a positive integer")
+        self.upscale = upscale
+
+    def forward(
+        self, flow: Float[Tensor, "b 2 h w"], features: Float[Tensor, "bf c h w"]
+    ) -> Float[Tensor, "b 2 H W"]:
+        del features  # the interface of a flow upsampler; bilinear upsampling needs no guidance
+        return resize_flow(flow, (self.upscale * flow.shape[-2], self.upscale * flow.shape[-1]))
+
+    def extra_repr(self) -> str:
+        return f"upscale={self.upscale}"
+
+
+# --------------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------------
+
+
+class ACTR(Matcher):
+    """ACTR as described (paper Sec. 3), and by injection the Baseline and the Table 4 ablations.
+
+    Args:
+        backbone: returns ``[cls]`` + patch tokens for any input whose sides are multiples of its
+            patch size (:class:`~actr_core.models.backbones.ViTBackbone`).
+        blocks: the M feature-learning blocks (:class:`CorrespondenceBlock`).
+        upsampler: coarse flows ``(m·b, 2, hs, ws)`` (paths concatenated along the batch,
+            path-major) and the final source feature map ``(b, c, hs, ws)`` → fine flows
+            ``(m·b, 2, upscale·hs, upscale·ws)`` in fine-grid pixels:
+            :class:`~actr_core.blocks.DualWindowFlowSR` or :class:`BilinearFlowUpsampling`.
+        path_blocks: indices of the blocks whose cross-attention gives a path (Sec. 3.4
+            multi-path: all blocks; ``no_multi_path`` and the Baseline: the last only).
+        soft_argmax: Eq. 3 with its temperature.
+        flow_loss: Eq. 4 (:class:`~actr_core.blocks.MaskedFlowLoss`).
+        upscale: fine grid / token grid (4, Sec. 3.4); the flow grid is the input / (patch / upscale).
+        config: the configuration the builder used (kept for the record: ``model.config``).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: ViTBackbone,
+        blocks: Sequence[nn.Module],
+        upsampler: nn.Module,
+        path_blocks: Sequence[int],
+        soft_argmax: SoftArgmax,
+        flow_loss: MaskedFlowLoss,
+        upscale: int,
+        config: ACTRConfig | None = None,
+    ) -> None:
+        super().__init__()
+        paths = tuple(int(i) for i in path_blocks)
+        if not paths or any(not 0 <= i < len(blocks) for i in paths) or len(set(paths)) != len(paths):
+            raise ValueError(f"path_blocks = {path_blocks}: expected distinct indices into {len(blocks)} blocks")
+        check_divisible("patch size", backbone.patch_size, "upscale", upscale)
+        self.backbone = backbone
+        self.blocks = nn.ModuleList(blocks)
+        self.upsampler = upsampler
+        self.soft_argmax = soft_argmax
+        self.flow_loss = flow_loss
+        self.path_blocks = paths
+        self.upscale = upscale
+        self.patch_size = backbone.patch_size
+        self.flow_stride = backbone.patch_size // upscale
+        self.config = config
+
+    @property
+    def num_paths(self) -> int:
+        """Number of paths ``m`` (flows averaged into the output)."""
+        return len(self.path_blocks)
+
+    def forward(self, src: Float[Tensor, "b 3 H W"], trg: Float[Tensor, "b 3 H W"]) -> MatchOutput:
+        """Match ``src`` to ``trg``: ImageNet-normalised ``(b, 3, H, W)``, H and W multiples of 16.
+
+        Returns :class:`MatchOutput` with ``flow`` ``(b, 2, H/4, W/4)`` (the multi-path mean),
+        ``flows_per_path`` ``(b, m, 2, H/4, W/4)``, ``coarse_flows`` ``(b, m, 2, H/16, W/16)`` (token
+        grid cells) and ``correlations`` ``(b, m, hs, ws, ht, wt)`` (Eq. 2).
+        """
+        height, width = check_image_pair(src, trg, multiple=self.patch_size)
+        grid = (height // self.patch_size, width // self.patch_size)
+        tokens = self.backbone(torch.cat((src, trg)))  # one backbone call for both images
+        s, t = tokens.chunk(2)
+        attns = []
+        for block in self.blocks:
+            s, t, attn = block(s, t, grid)
+            attns.append(attn)
+        corr = torch.stack(
+            [
+                correlation_from_attention(
+                    attns[i], src_size=grid, trg_size=grid, num_prefix_tokens=NUM_PREFIX_TOKENS
+                )
+                for i in self.path_blocks
+            ],
+            dim=1,
+        )  # b m hs ws ht wt
+        coarse = self.soft_argmax(rearrange(corr, "b m hs ws ht wt -> (m b) hs ws ht wt"))
+        features = rearrange(s[:, NUM_PREFIX_TOKENS:], "b (hs ws) c -> b c hs ws", hs=grid[0], ws=grid[1])
+        fine = self.upsampler(coarse, features)  # all paths in one call; features shared by the paths
+        m = self.num_paths
+        flows_per_path = rearrange(fine, "(m b) two h w -> b m two h w", m=m)
+        return MatchOutput(
+            flow=flows_per_path.mean(dim=1),
+            flows_per_path=flows_per_path,
+            coarse_flows=rearrange(coarse, "(m b) two hs ws -> b m two hs ws", m=m),
+            correlations=corr,
+        )
+
+    def loss(self, output: MatchOutput, batch: Mapping[str, Any]) -> Float[Tensor, ""]:
+        """Paper Eq. 4: masked end-point error of ``output.flow`` against ``batch["flow"]`` over
+        ``batch["valid_flow"]`` (per-sample mean over valid cells, then mean over samples)."""
+        missing = [key for key in _LOSS_KEYS if key not in batch]
+        if missing:
+            raise ValueError(f"batch has no {missing} (keys: {sorted(batch)}): the flow loss needs {_LOSS_KEYS}")
+        return self.flow_loss(output.flow, batch["flow"], batch["valid_flow"])
+
+    def extra_repr(self) -> str:
+        variant = None if self.config is None else self.config.variant
+        return f"variant={variant!r}, path_blocks={self.path_blocks}, upscale={self.upscale}"

@@ -1,0 +1,118 @@
+"""Configuration of ACTR as described in the paper (CVPR 2023, Sec. 3-4), its Baseline and ablations.
+
+Every number the composition in :mod:`actr_core.models.actr` uses is a field here, commented with
+its source: the paper (section, equation or table), the released code (github YXSUNMADMAX/ACTR,
+facts only), or "our choice" where the paper is silent or inconsistent (docs/models.md, section
+"ACTR as described", gives the reasons). The builders in :mod:`actr_core.models.builders` fill it.
+"""
+
+import dataclasses
+
+from actr_core.blocks import FlowSRConfig
+
+__all__ = ["ACTRConfig", "ABLATIONS", "VARIANTS"]
+
+#: Table 4 ablations, selectable by name in the builders (``actr_base(ablation="no_flow_sr")``).
+ABLATIONS: tuple[str, ...] = (
+    "no_source_pe",  # Table 4 "w/o source branch positional encoding"
+    "no_target_reweighting",  # Table 4 "w/o target branch token reweighting"
+    "no_asymmetric_cross_attention",  # Table 4 "w/o asymmetric cross attention module" (Sec. 4.2)
+    "no_multi_path",  # Table 4 "w/o multi-path super-resolution"
+    "single_window",  # Table 4 "w/o dual window flow refinement"
+    "no_flow_sr",  # Table 4 "w/o flow super-resolution module"
+)
+
+#: every composition a config can describe: the full model, the Baseline, the ablations
+VARIANTS: tuple[str, ...] = ("actr", "baseline", *ABLATIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ACTRConfig:
+    """Hyper-parameters of ACTR as described (the defaults are ACTR with ViT-B/16 at 256 × 256)."""
+
+    # --- which composition ---------------------------------------------------------------------
+    variant: str = "actr"  # one of VARIANTS; recorded so a checkpoint says what it is (our choice)
+
+    # --- backbone (paper Sec. 3.1, Sec. 4) -------------------------------------------------------
+    backbone: str = "vit_base_patch16_224"  # paper Sec. 4: ViT-B/16 (iBOT); Table 3: ViT-S/16 for ACTR-S
+    backbone_depth: int | None = None  # None: the timm model's own depth (12); smaller only for tests
+    patch_size: int = 16  # paper Sec. 3.1: "16×16 patches"; inputs must be multiples of it
+    image_size: tuple[int, int] = (256, 256)  # paper Sec. 4: 256×256 (ACTR) or 512×512 (ACTR_h);
+    #   the training frame: the grid the backbone position embedding and the source PE are learnt
+    #   for; other multiples of patch_size resample both (bicubic, backbones.resample_pos_embed_bicubic)
+    freeze_backbone: bool = False  # paper Sec. 4 trains the backbone (lr 6e-6); released code freezes it
+
+    # --- asymmetric feature learning (paper Sec. 3.2) --------------------------------------------
+    num_blocks: int = 6  # paper Sec. 3.2 / Sec. 4: M = 6 asymmetric blocks
+    decoder_heads: int = 8  # paper Eq. 2: "H (=8)"; released code num_heads=8. Sec. 4 says the blocks
+    #   share the backbone's hyper-parameters (12 heads for ViT-B): we follow Eq. 2 (docs/models.md)
+    mlp_ratio: float = 4.0  # paper Sec. 4: blocks take the backbone's hyper-parameters (ViT mlp ratio 4)
+    qkv_bias: bool = True  # as the ViT/iBOT backbone (paper Sec. 4) and the released code
+    norm_eps: float = 1e-6  # LayerNorm eps of the ViT/iBOT backbone (timm ViT) and of the released code
+    attn_scale: float | None = None  # None: d^-1/2 with d = dim / decoder_heads. Eq. 2 writes 1/√c;
+    #   we read c as the per-head width, as in [43] and the released code (docs/models.md)
+    share_branch_weights: bool = True  # our choice (released code does the same): the source block
+    #   and the target block of Eq. 1 share self-attention, FFN and LayerNorms (Siamese); False
+    #   gives each branch its own weights
+    init_std: float = 0.02  # trunc-normal std of the blocks' Linear weights (biases 0, LayerNorm
+    #   1/0): the ViT/timm init, which the released code also uses; the paper is silent
+    source_pe_init_std: float = 0.0  # learnable source PE initialised to zeros, as in the released
+    #   code (the paper is silent); > 0: truncated normal with this std
+
+    # --- matching flow (paper Sec. 3.3) ----------------------------------------------------------
+    soft_argmax_beta: float = 0.02  # released code: softmax temperature on head-SUMMED attention.
+    #   Eq. 2 averages the heads instead, so the same sharpness is tau = beta / decoder_heads on
+    #   our head-mean correlation (see soft_argmax_tau); the paper gives no value
+
+    # --- matching flow super-resolution (paper Sec. 3.4, Sec. 4) --------------------------------
+    flow_sr: FlowSRConfig = FlowSRConfig()  # dim 96, 8 heads, windows 4 and 8, shift 2, ×4, head
+    #   32 → 2: paper Sec. 3.4 / Sec. 4 (field comments in actr_core.blocks.flow_sr.FlowSRConfig)
+    upscale: int = 4  # paper Sec. 3.4: the final flow is at 4h × 4w (also for models without SR)
+    single_window_size: int = 8  # Table 4 "w/o dual window": the window kept. The paper does not say
+    #   which; our choice: the larger (8×8, more context per token; shift 2 stays valid)
+
+    # --- training objective (paper Eq. 4) -------------------------------------------------------
+    loss_squared: bool = False  # Eq. 4 writes ‖·‖²; the released code (and the paper's "matching
+    #   flow" EPE tradition, CATs [8]) minimises the plain end-point error: we follow the code
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant = {self.variant!r}: expected one of {VARIANTS}")
+        if self.num_blocks < 1:
+            raise ValueError(f"num_blocks = {self.num_blocks}: expected at least 1")
+        if self.decoder_heads < 1 or self.patch_size < 1 or self.upscale < 1:
+            raise ValueError(
+                f"decoder_heads = {self.decoder_heads}, patch_size = {self.patch_size}, "
+                f"upscale = {self.upscale}: expected positive integers"
+            )
+        h, w = self.image_size
+        if h <= 0 or w <= 0 or h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"image_size = {self.image_size}: sides must be positive multiples of "
+                f"patch_size = {self.patch_size}"
+            )
+        if self.patch_size % self.upscale:
+            raise ValueError(
+                f"patch_size = {self.patch_size} is not divisible by upscale = {self.upscale}: the flow "
+                "grid must be a whole fraction of the input frame"
+            )
+        if not self.soft_argmax_beta > 0:
+            raise ValueError(f"soft_argmax_beta = {self.soft_argmax_beta}: expected > 0")
+        if self.flow_sr.upscale != self.upscale:
+            raise ValueError(
+                f"flow_sr.upscale = {self.flow_sr.upscale} but upscale = {self.upscale}: they must agree"
+            )
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """Token grid of the training frame: ``image_size / patch_size`` (16 × 16 at 256)."""
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def soft_argmax_tau(self) -> float:
+        """Temperature of Eq. 3 on the head-MEAN correlation of Eq. 2.
+
+        ``softmax(Σ_h A_h / β) = softmax(mean_h A_h / (β / H))``: the released code's β on the
+        head sum equals ``β / H`` on the head mean (0.02 / 8 = 0.0025 for ACTR).
+        """
+        return self.soft_argmax_beta / self.decoder_heads
