@@ -1,0 +1,475 @@
+"""Synthetic pairs from the colour photos bundled in scikit-image: the embedded default data set.
+
+Axis legend: H W image frame rows, columns · h w flow grid (H/4 × W/4) · n keypoints ·
+2 (x, y), channel 0 = x · k thin-plate-spline control points.
+
+A pair is made of one photo. The **source** is a random square-ish crop of the photo (resized to
+the frame); the **target** shows the same photo seen through a random warp ``W`` that maps each
+target pixel to a source-frame position: a thin-plate spline ``T`` followed by a homography
+``P``, ``W = P ∘ T``, both drawn at random (strengths in :class:`SyntheticConfig`). Target pixels
+whose source position falls outside the crop still show real photo content (outside the crop;
+mirrored at the photo's border), so the images have no black borders. Each image then gets an
+independent photometric jitter (brightness, contrast, saturation).
+
+Ground truth (exact, not interpolated):
+
+- ``flow`` on the ``H/4 × W/4`` source grid: for each source cell centre p, the target position
+  ``q = W⁻¹(p)`` found by Newton's method on the analytic map and Jacobian (residual below
+  ``newton_tol`` pixels), minus p, in pixels of that grid (``docs/conventions.md``);
+- ``valid_flow``: cells whose match lies inside the target frame (and whose Newton solve
+  converged);
+- keypoints: ``n_kps`` source points drawn uniformly in the valid region with their exact matches;
+- object boxes: ``trg_bbox`` is the box (inclusive pixel-centre extremes) of the target pixels that
+  show content of the source frame (``W(q)`` inside the source frame); ``src_bbox`` is the box of
+  the source pixels whose match stays inside the target frame (the region bounded by the image of
+  the target's border under ``W``). Both boxes bound the region where correspondences exist, so a
+  bbox-normalised PCK is defined.
+
+Warps fold nowhere inside the frame: a draw whose Jacobian determinant falls below ``min_det``
+somewhere in the frame (or whose valid region is too small) is redrawn. Everything is
+deterministic per ``(seed, split, index)``, independent of order and process.
+
+Photos (only those inside the scikit-image wheel; none needs a download): train uses astronaut,
+hubble_deep_field, immunohistochemistry, retina and both halves of the motorcycle stereo pair
+(kept together); validation uses chelsea; test uses rocket and coffee.
+"""
+
+import dataclasses
+import functools
+import zlib
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from matplotlib.path import Path
+from PIL import Image
+
+from actr_core.data.errors import DataError
+from actr_core.data.readers import PairReader
+from actr_core.data.records import PairRecord
+from actr_core.data.schema import FLOW_STRIDE
+
+__all__ = [
+    "PHOTOS",
+    "PHOTO_CATEGORY",
+    "DEFAULT_SPLIT_PHOTOS",
+    "SyntheticConfig",
+    "SyntheticPairs",
+    "generate_pair",
+    "load_photo",
+]
+
+
+def _skimage_photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    if name.startswith("motorcycle_"):
+        left, right, _ = skimage.data.stereo_motorcycle()
+        return left if name == "motorcycle_left" else right
+    return getattr(skimage.data, name)()
+
+
+# Colour photos shipped inside the scikit-image wheel (loaded offline, no pooch download).
+PHOTOS: tuple[str, ...] = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "rocket",
+    "motorcycle_left",
+    "motorcycle_right",
+)
+# The category of a synthetic pair is its photo, except the stereo halves, which share one.
+PHOTO_CATEGORY: Mapping[str, str] = {
+    **{name: name for name in PHOTOS},
+    "motorcycle_left": "motorcycle",
+    "motorcycle_right": "motorcycle",
+}
+DEFAULT_SPLIT_PHOTOS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "train",
+        ("astronaut", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle_left", "motorcycle_right"),
+    ),
+    ("val", ("chelsea",)),
+    ("test", ("rocket", "coffee")),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """How synthetic pairs are drawn. Lengths in normalised frame units run from -1 to 1 across the frame."""
+
+    size: tuple[int, int] = (256, 256)  # frame (H, W) of both images: the paper's 256 px model input (Sec. 4.1)
+    flow_stride: int = FLOW_STRIDE  # flow grid = frame / stride, the models' output grid (Sec. 3.4)
+    n_kps: int = 20  # keypoints per pair; SPair-71k pairs have up to ~20 mutually visible ones
+    homography: float = 0.2  # max displacement of each frame corner, normalised units (chosen: mild views)
+    tps: float = 0.06  # max displacement of each spline control point, normalised units (chosen)
+    tps_grid: int = 3  # spline control points per side (3 × 3 grid over the frame; chosen)
+    photo_scale: float = 1.5  # photos are resized to a shorter side of photo_scale × max(H, W) (chosen)
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # source crop side / resized photo's shorter side (chosen)
+    jitter: float = 0.15  # brightness, contrast, saturation factors drawn in 1 ± jitter (chosen)
+    min_det: float = 0.25  # least Jacobian determinant of W inside the frame: no folds (chosen)
+    min_valid: float = 0.3  # least fraction of source cells whose match stays in view (chosen)
+    fold_check_points: int = 17  # points per side of the grid on which the determinant is checked
+    border_points: int = 64  # points per frame edge tracing the valid region's outline
+    kp_candidates: int = 8  # candidate source points drawn per wanted keypoint
+    max_attempts: int = 32  # warps drawn before a pair is reported as impossible
+    newton_steps: int = 30  # Newton iterations inverting W
+    newton_tol: float = 1e-4  # Newton residual, in frame pixels
+    render_stride: int = 4  # W is evaluated exactly every render_stride px and interpolated for rendering
+    splits: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_SPLIT_PHOTOS  # split -> photos (held out)
+
+    def __post_init__(self):
+        h, w = self.size
+        for stride in (self.flow_stride, self.render_stride):
+            if h % stride or w % stride or h <= 0 or w <= 0:
+                raise ValueError(f"size {self.size} must be positive multiples of {stride} (flow and render strides)")
+        if self.n_kps < 1:
+            raise ValueError(f"n_kps must be >= 1, got {self.n_kps}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale {self.crop_scale} must satisfy 0 < low <= high <= 1")
+        if self.tps_grid < 2:
+            raise ValueError(f"tps_grid must be >= 2, got {self.tps_grid}")
+        seen: dict[str, str] = {}
+        for split, photos in self.splits:
+            for photo in photos:
+                if photo not in PHOTOS:
+                    raise ValueError(f"unknown photo {photo!r} in split {split!r}; known: {PHOTOS}")
+                category = PHOTO_CATEGORY[photo]
+                if seen.setdefault(category, split) != split:
+                    raise ValueError(
+                        f"photo group {category!r} appears in splits {seen[category]!r} and {split!r}; "
+                        "a photo (and both halves of the stereo pair) must stay on one side of a split"
+                    )
+
+    def photos(self, split: str) -> tuple[str, ...]:
+        """The photos of ``split``."""
+        for name, photos in self.splits:
+            if name == split:
+                return photos
+        raise ValueError(f"no photos configured for split {split!r}")
+
+
+@functools.lru_cache(maxsize=16)
+def load_photo(name: str, short_side: int) -> Float[torch.Tensor, "3 Hp Wp"]:
+    """Bundled photo ``name`` resized (Lanczos) to a shorter side of ``short_side``, RGB in [0, 1]."""
+    if name not in PHOTOS:
+        raise ValueError(f"unknown photo {name!r}; known: {PHOTOS}")
+    array = _skimage_photo(name)
+    image = Image.fromarray(np.ascontiguousarray(array[..., :3]))
+    scale = short_side / min(image.size)
+    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    resized = np.asarray(image.resize(size, Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The warp W = P ∘ T: target-normalised coordinates -> source-normalised coordinates.
+
+
+_TINY = 1e-300  # floor under r² before the logarithm
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma weights
+
+
+def _radial(r2: np.ndarray) -> np.ndarray:
+    """Thin-plate kernel U = r² log r² (0 at r = 0)."""
+    return r2 * np.log(np.maximum(r2, _TINY))
+
+
+def _homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 3×3 homography taking 4 points ``src`` to ``dst`` (direct linear transform, h33 = 1)."""
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(src, dst, strict=True):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+        rhs.extend([u, v])
+    h = np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64))
+    return np.append(h, 1.0).reshape(3, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Warp:
+    """Thin-plate spline (control points ``ctrl``, kernel weights ``w``, affine part ``a``) then homography ``hom``."""
+
+    ctrl: np.ndarray  # (k, 2)
+    w: np.ndarray  # (k, 2)
+    a: np.ndarray  # (3, 2): rows = constant, x, y
+    hom: np.ndarray  # (3, 3)
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, cfg: SyntheticConfig) -> "_Warp":
+        corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64)
+        moved = corners + rng.uniform(-cfg.homography, cfg.homography, size=corners.shape)
+        axis = np.linspace(-1.0, 1.0, cfg.tps_grid)
+        gx, gy = np.meshgrid(axis, axis, indexing="xy")
+        ctrl = np.stack([gx.ravel(), gy.ravel()], axis=1)
+        shifted = ctrl + rng.uniform(-cfg.tps, cfg.tps, size=ctrl.shape)
+        k = len(ctrl)
+        kernel = _radial(((ctrl[:, None] - ctrl[None]) ** 2).sum(-1))
+        affine = np.concatenate([np.ones((k, 1)), ctrl], axis=1)
+        system = np.zeros((k + 3, k + 3))
+        system[:k, :k] = kernel
+        system[:k, k:] = affine
+        system[k:, :k] = affine.T
+        rhs = np.concatenate([shifted, np.zeros((3, 2))])
+        coef = np.linalg.solve(system, rhs)
+        return cls(ctrl=ctrl, w=coef[:k], a=coef[k:], hom=_homography(corners, moved))
+
+    def __call__(self, u: np.ndarray, jacobian: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """W(u) for points ``u`` (N, 2); returns (W(u), homography denominator, Jacobian (N, 2, 2) or None)."""
+        dx = u[:, 0:1] - self.ctrl[None, :, 0]  # N k
+        dy = u[:, 1:2] - self.ctrl[None, :, 1]
+        r2 = dx * dx + dy * dy
+        log_r2 = np.log(np.maximum(r2, _TINY))  # r2 log r2 -> 0 and its gradient -> 0 as r -> 0
+        t = self.a[0] + u @ self.a[1:] + (r2 * log_r2) @ self.w  # N 2
+        s = t @ self.hom[:, :2].T + self.hom[:, 2]  # N 3
+        out = s[:, :2] / s[:, 2:3]
+        if not jacobian:
+            return out, s[:, 2], None
+        grad = 2.0 * (log_r2 + 1.0)  # d(r2 log r2)/d(dx) = grad * dx
+        gx, gy = (grad * dx) @ self.w, (grad * dy) @ self.w  # N 2 (dT_i/du_x, dT_i/du_y)
+        jt = np.stack([self.a[1] + gx, self.a[2] + gy], axis=-1)  # N 2 2: [i, j] = dT_i/du_j
+        jp = (self.hom[None, :2, :2] - out[:, :, None] * self.hom[None, 2:3, :2]) / s[:, 2, None, None]
+        return out, s[:, 2], jp @ jt
+
+    def inverse(self, p: np.ndarray, steps: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
+        """Solve W(q) = p by Newton's method from the homography's inverse; returns (q, converged)."""
+        h = np.linalg.inv(self.hom)
+        s = p @ h[:, :2].T + h[:, 2]
+        q = s[:, :2] / s[:, 2:3]
+        active = np.arange(len(p))
+        for _ in range(steps):
+            value, _, jac = self(q[active], jacobian=True)
+            residual = value - p[active]
+            moving = np.abs(residual).max(axis=1) >= tol / 4  # iterate a little past the tolerance
+            active, residual, jac = active[moving], residual[moving], jac[moving]
+            if not len(active):
+                break
+            det = jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
+            ok = np.abs(det) > 1e-12
+            safe_det = np.where(ok, det, 1.0)
+            step_x = (jac[:, 1, 1] * residual[:, 0] - jac[:, 0, 1] * residual[:, 1]) / safe_det
+            step_y = (-jac[:, 1, 0] * residual[:, 0] + jac[:, 0, 0] * residual[:, 1]) / safe_det
+            step = np.where(ok[:, None], np.stack([step_x, step_y], axis=1), 0.0)
+            q[active] = np.clip(q[active] - step, -1e3, 1e3)  # diverging points stay finite and fail below
+        value, denom, _ = self(q)
+        converged = (np.abs(value - p).max(axis=1) < tol) & (denom > 0) & np.isfinite(q).all(axis=1)
+        return q, converged
+
+
+def _normalise(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pixel (x, y) -> normalised (2x + 1)/W - 1 (pixel-centre convention)."""
+    wh = np.array([size[1], size[0]], dtype=np.float64)
+    return (2.0 * x + 1.0) / wh - 1.0
+
+
+def _unnormalise(u: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    wh = np.array([size[1], size[0]], dtype=np.float64)
+    return ((u + 1.0) * wh - 1.0) / 2.0
+
+
+def _grid_points(size: tuple[int, int]) -> np.ndarray:
+    """Pixel centres of an (h, w) grid as (h·w, 2) (x, y), row-major."""
+    ys, xs = np.meshgrid(np.arange(size[0], dtype=np.float64), np.arange(size[1], dtype=np.float64), indexing="ij")
+    return np.stack([xs.ravel(), ys.ravel()], axis=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalised_grid(size: tuple[int, int]) -> np.ndarray:
+    """Normalised pixel centres of a frame (read-only, shared between pairs)."""
+    out = _normalise(_grid_points(size), size)
+    out.flags.writeable = False
+    return out
+
+
+def _mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """Inclusive pixel-centre box (x1, y1, x2, y2) of a mask, None when it has no positive area."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if len(rows) < 2 or len(cols) < 2:
+        return None
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float64)
+
+
+def _dense_map(warp: _Warp, size: tuple[int, int], stride: int) -> np.ndarray:
+    """W at every pixel centre of a frame (H·W, 2), normalised: exact on a lattice every ``stride``
+    pixels (from edge to edge), bilinear in between (align_corners=True on that lattice)."""
+    h, w = size
+    lattice_y, lattice_x = np.linspace(-1.0, 1.0, h // stride + 1), np.linspace(-1.0, 1.0, w // stride + 1)
+    gx, gy = np.meshgrid(lattice_x, lattice_y, indexing="xy")
+    values, _, _ = warp(np.stack([gx.ravel(), gy.ravel()], axis=1))
+    coarse = torch.from_numpy(values.T.reshape(1, 2, len(lattice_y), len(lattice_x)))
+    points = torch.from_numpy(_normalised_grid(size).copy()).view(1, h, w, 2)
+    dense = F.grid_sample(coarse, points, mode="bilinear", align_corners=True)
+    return dense[0].reshape(2, -1).T.numpy()
+
+
+def _render(photo: torch.Tensor, photo_coords: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Sample ``photo`` (3, Hp, Wp) bilinearly at photo-normalised coordinates (H·W, 2); mirror outside."""
+    grid = torch.from_numpy(photo_coords.astype(np.float32)).view(1, size[0], size[1], 2)
+    out = F.grid_sample(photo[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return out[0]
+
+
+def _jitter(image: torch.Tensor, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Brightness, contrast and saturation factors in 1 ± strength; returns (H, W, 3) uint8."""
+    bright, contrast, saturation = (np.float32(f) for f in rng.uniform(1.0 - strength, 1.0 + strength, size=3))
+    rgb = image.numpy().transpose(1, 2, 0)  # H W 3, float32 in [0, 1]
+    grey = rgb @ _LUMA
+    out = grey[..., None] + (rgb - grey[..., None]) * saturation
+    mean = np.float32(grey.mean())
+    out = ((out - mean) * contrast + mean) * bright
+    return np.ascontiguousarray(np.clip(np.rint(out * np.float32(255.0)), 0, 255).astype(np.uint8))
+
+
+def _clipped_box(outline: np.ndarray, size: tuple[int, int]) -> np.ndarray | None:
+    """Inclusive pixel-centre box of the frame's pixels inside the closed ``outline`` (frame pixels).
+
+    The extremes of (polygon ∩ frame) lie among the outline's vertices inside the frame, the
+    crossings of its edges with the frame's border lines, and the frame corners inside it.
+    """
+    h, w = size
+    lo, hi = np.array([-0.5, -0.5]), np.array([w - 0.5, h - 0.5])
+    inside = outline[((outline >= lo) & (outline <= hi)).all(axis=1)]
+    start, end = outline, np.roll(outline, -1, axis=0)
+    crossings = [inside]
+    for axis in (0, 1):
+        for line in (lo[axis], hi[axis]):
+            delta = end[:, axis] - start[:, axis]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t = (line - start[:, axis]) / delta
+            hit = (delta != 0) & (t >= 0) & (t <= 1)
+            points = start[hit] + t[hit, None] * (end[hit] - start[hit])
+            other = 1 - axis
+            crossings.append(points[(points[:, other] >= lo[other]) & (points[:, other] <= hi[other])])
+    corners = np.array([[lo[0], lo[1]], [hi[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]]])
+    crossings.append(corners[Path(outline).contains_points(corners)])
+    points = np.concatenate(crossings)
+    if not len(points):
+        return None
+    first = np.clip(np.ceil(points.min(axis=0)), 0, [w - 1, h - 1])
+    last = np.clip(np.floor(points.max(axis=0)), 0, [w - 1, h - 1])
+    if not (last > first).all():
+        return None
+    return np.array([first[0], first[1], last[0], last[1]], dtype=np.float64)
+
+
+def _frame_border(size: tuple[int, int], per_edge: int) -> np.ndarray:
+    """Points along the outer edge of a frame, normalised coordinates, counter-clockwise."""
+    t = np.linspace(-1.0, 1.0, per_edge, endpoint=False)
+    ones = np.ones_like(t)
+    return np.concatenate(
+        [np.stack([t, -ones], 1), np.stack([ones, t], 1), np.stack([-t, ones], 1), np.stack([-ones, -t], 1)]
+    )
+
+
+def _seed(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(split.encode("utf-8")), index])
+
+
+def generate_pair(cfg: SyntheticConfig, split: str, index: int, seed: int = 0) -> PairRecord:
+    """Synthetic pair ``index`` of ``split`` (deterministic in ``(seed, split, index)``)."""
+    rng = _seed(seed, split, index)
+    photos = cfg.photos(split)
+    name = photos[int(rng.integers(len(photos)))]
+    h, w = cfg.size
+    photo = load_photo(name, round(cfg.photo_scale * max(h, w)))
+    hp, wp = photo.shape[-2:]
+    grid = (h // cfg.flow_stride, w // cfg.flow_stride)
+    tol = cfg.newton_tol * 2.0 / max(h, w)
+    frame_points = _normalised_grid(cfg.size)
+    cells = _normalised_grid(grid)  # cell centres, normalised (same frame)
+    checks = np.linspace(-1.0, 1.0, cfg.fold_check_points)
+    check_points = np.stack(np.meshgrid(checks, checks, indexing="xy"), -1).reshape(-1, 2)
+    where = f"synthetic {split} pair {index} (photo {name})"
+
+    for _ in range(cfg.max_attempts):
+        # Source crop: side c (width) of the photo, aspect of the frame, uniformly placed.
+        cw = rng.uniform(*cfg.crop_scale) * min(hp, wp * h / w) * w / h
+        ch = cw * h / w
+        x0, y0 = rng.uniform(0.0, wp - cw), rng.uniform(0.0, hp - ch)
+        warp = _Warp.draw(rng, cfg)
+
+        def to_photo(u: np.ndarray, cw: float = cw, ch: float = ch, x0: float = x0, y0: float = y0) -> np.ndarray:
+            return np.stack([(2 * x0 + (u[:, 0] + 1) * cw) / wp - 1, (2 * y0 + (u[:, 1] + 1) * ch) / hp - 1], 1)
+
+        _, denom, jac = warp(check_points, jacobian=True)
+        det = jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
+        if not ((denom > 0).all() and (det > cfg.min_det).all()):
+            continue
+        # Exact flow on the source grid: q = W^-1(p), both normalised to the same frame.
+        q, ok = warp.inverse(cells, cfg.newton_steps, tol)
+        valid = ok & (np.abs(q) <= 1.0).all(axis=1)
+        if valid.mean() < cfg.min_valid:
+            continue
+        # Keypoints: uniform source points whose match stays inside the target's pixel centres.
+        lo, hi = np.zeros(2), np.array([w - 1.0, h - 1.0])
+        cand = rng.uniform(lo, hi, size=(cfg.n_kps * cfg.kp_candidates, 2))
+        kq, kok = warp.inverse(_normalise(cand, cfg.size), cfg.newton_steps, tol)
+        trg_cand = _unnormalise(kq, cfg.size)
+        keep = kok & (trg_cand >= lo).all(axis=1) & (trg_cand <= hi).all(axis=1)
+        if keep.sum() < cfg.n_kps:
+            continue
+        chosen = np.flatnonzero(keep)[: cfg.n_kps]
+        # Boxes of the regions where correspondences exist.
+        source_pos = _dense_map(warp, cfg.size, cfg.render_stride)
+        trg_box = _mask_box((np.abs(source_pos) <= 1.0).all(axis=1).reshape(h, w))
+        outline, _, _ = warp(_frame_border(cfg.size, cfg.border_points))
+        src_box = _clipped_box(_unnormalise(outline, cfg.size), cfg.size)
+        if trg_box is None or src_box is None:
+            continue
+        break
+    else:
+        raise DataError(where, f"no acceptable warp in {cfg.max_attempts} attempts (min_valid {cfg.min_valid})")
+
+    src_view = _render(photo, to_photo(frame_points), cfg.size)
+    trg_view = _render(photo, to_photo(source_pos), cfg.size)
+    flow = (_unnormalise(q, grid) - _unnormalise(cells, grid)) * valid[:, None]
+    return PairRecord(
+        pair_id=f"synthetic-{split}-{index:06d}",
+        dataset="synthetic",
+        split=split,
+        category=PHOTO_CATEGORY[name],
+        src_image=_jitter(src_view, rng, cfg.jitter),
+        trg_image=_jitter(trg_view, rng, cfg.jitter),
+        src_kps=cand[chosen],
+        trg_kps=trg_cand[chosen],
+        src_bbox=src_box,
+        trg_bbox=trg_box,
+        flow=np.ascontiguousarray(flow.T.reshape(2, *grid).astype(np.float32)),
+        valid_flow=valid.reshape(grid),
+    )
+
+
+class SyntheticPairs(PairReader):
+    """``n_pairs`` synthetic pairs of ``split`` as a reader (see the module docstring)."""
+
+    dataset = "synthetic"
+
+    def __init__(
+        self,
+        split: str,
+        n_pairs: int,
+        *,
+        config: SyntheticConfig = SyntheticConfig(),
+        seed: int = 0,
+        on_error: str = "raise",
+    ):
+        super().__init__(split, on_error=on_error)
+        if n_pairs < 0:
+            raise ValueError(f"n_pairs must be >= 0, got {n_pairs}")
+        config.photos(split)
+        self.n_pairs = n_pairs
+        self.config = config
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.n_pairs
+
+    def load(self, index: int) -> PairRecord:
+        return generate_pair(self.config, self.split, self._check_index(index), self.seed)
+
