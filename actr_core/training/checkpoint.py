@@ -1,0 +1,268 @@
+"""Self-describing, atomically written training checkpoints.
+
+A checkpoint is one ``torch.save`` file holding only plain containers, numbers, strings and
+tensors, so it loads with ``torch.load(weights_only=True)`` (no pickled code runs). Its keys:
+
+``format``             :data:`CHECKPOINT_FORMAT`, so a foreign file is rejected with a clear error
+``schema_version``     :data:`SCHEMA_VERSION` of this layout
+``library_version``    ``actr_core.__version__`` that wrote it
+``data_schema_version`` the batch schema version the model was trained on (None if unknown)
+``builder``            the model builder's name (:func:`actr_core.training.build_model`)
+``builder_kwargs``     the builder's keyword overrides
+``config``             the full training configuration (a plain dict)
+``model``              the model's ``state_dict`` (never a DDP-prefixed one)
+``optimizer`` / ``scheduler`` / ``scaler``  their ``state_dict`` (or None)
+``epoch`` / ``step``   completed epochs and optimiser steps
+``rng``                RNG states per rank: ``{rank: {"torch", "cuda", "numpy", "python"}}``
+``history``            per-epoch metric rows so far (list of dicts)
+
+Writes are atomic: the file is written to a temporary name in the destination folder, flushed
+to disk, then renamed over the destination (``os.replace``), so a reader sees the old file or the
+new one, never half of one, whatever kills the writer.
+"""
+
+import dataclasses
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import actr_core
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "SCHEMA_VERSION",
+    "CHECKPOINT_NAME",
+    "CheckpointError",
+    "TrainingCheckpoint",
+    "atomic_save",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model_from_checkpoint",
+    "resolve_checkpoint_path",
+    "rng_state",
+    "set_rng_state",
+]
+
+CHECKPOINT_FORMAT = "actr_core.training.checkpoint"
+SCHEMA_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"  # file name inside a checkpoint folder (Ray Train checkpoints)
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable actr_core training checkpoint (foreign, truncated, too new)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingCheckpoint:
+    """The loaded content of a checkpoint file (see the module docstring for each field)."""
+
+    builder: str
+    builder_kwargs: dict[str, Any]
+    config: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    scheduler: dict[str, Any] | None
+    scaler: dict[str, Any] | None
+    epoch: int
+    step: int
+    rng: dict[int, dict[str, Any]]
+    history: list[dict[str, Any]]
+    library_version: str
+    schema_version: int
+    data_schema_version: int | None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, CUDA when present, NumPy global, Python ``random``), checkpoint-safe."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, mt_state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": {"version": version, "state": list(mt_state), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned (CUDA states only when as many devices are visible)."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` that never leaves a half-written ``path``.
+
+    Writes ``.<name>.<random>.tmp`` in the same folder (same file system, so the rename is atomic),
+    flushes and fsyncs it, renames it over ``path`` and fsyncs the folder. On any error the
+    temporary file is removed and ``path`` keeps its previous content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    builder: str,
+    builder_kwargs: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    epoch: int = 0,
+    step: int = 0,
+    rng: Mapping[int, Mapping[str, Any]] | None = None,
+    history: list[Mapping[str, Any]] | None = None,
+    data_schema_version: int | None = None,
+) -> Path:
+    """Write a self-describing checkpoint atomically (see the module docstring); returns the path.
+
+    ``model`` may be DDP-wrapped: the inner model's ``state_dict`` is stored. ``rng`` defaults to
+    this process's state as rank 0.
+    """
+    from actr_core.training.optim import unwrap_model
+
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "library_version": actr_core.__version__,
+        "data_schema_version": data_schema_version,
+        "builder": builder,
+        "builder_kwargs": dict(builder_kwargs or {}),
+        "config": dict(config or {}),
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "scaler": None if scaler is None else scaler.state_dict(),
+        "epoch": int(epoch),
+        "step": int(step),
+        "rng": {int(k): dict(v) for k, v in (rng if rng is not None else {0: rng_state()}).items()},
+        "history": [dict(row) for row in (history or [])],
+    }
+    return atomic_save(payload, path)
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a folder holding :data:`CHECKPOINT_NAME` (a Ray Train checkpoint folder)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> TrainingCheckpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises :class:`CheckpointError` (a ``ValueError``) for a missing, truncated or foreign file
+    (another program's ``.pt``/``.pth``, a bare ``state_dict``) or one from a newer schema.
+    """
+    path = resolve_checkpoint_path(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or pickled-code files
+        raise CheckpointError(
+            f"{path} is not a readable actr_core training checkpoint ({type(error).__name__}: {error})"
+        ) from error
+    if not isinstance(payload, Mapping) or payload.get("format") != CHECKPOINT_FORMAT:
+        keys = sorted(payload)[:8] if isinstance(payload, Mapping) else type(payload).__name__
+        raise CheckpointError(
+            f"{path} is not an actr_core training checkpoint: expected format {CHECKPOINT_FORMAT!r}, "
+            f"found {payload.get('format') if isinstance(payload, Mapping) else None!r} (content: {keys})"
+        )
+    version = payload.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint schema version {version!r}; this actr_core "
+            f"({actr_core.__version__}) reads versions up to {SCHEMA_VERSION}"
+        )
+    return TrainingCheckpoint(
+        builder=payload["builder"],
+        builder_kwargs=dict(payload["builder_kwargs"]),
+        config=dict(payload["config"]),
+        model=payload["model"],
+        optimizer=payload["optimizer"],
+        scheduler=payload["scheduler"],
+        scaler=payload["scaler"],
+        epoch=int(payload["epoch"]),
+        step=int(payload["step"]),
+        rng={int(k): v for k, v in payload["rng"].items()},
+        history=list(payload["history"]),
+        library_version=str(payload["library_version"]),
+        schema_version=version,
+        data_schema_version=payload.get("data_schema_version"),
+    )
+
+
+def load_model_from_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained as, with its weights, in eval mode.
+
+    Returns ``(model, info)``; ``info`` holds ``builder``, ``builder_kwargs``, ``config``,
+    ``epoch``, ``step``, ``library_version`` and ``input_size`` = ``(image_size, image_size)``.
+    """
+    from actr_core.training.registry import build_model
+
+    ckpt = load_checkpoint(path, map_location=map_location)
+    model = build_model(ckpt.builder, **ckpt.builder_kwargs)
+    model.load_state_dict(ckpt.model)
+    model.to(map_location).eval()
+    side = int(ckpt.config.get("image_size", 256))
+    info = {
+        "builder": ckpt.builder,
+        "builder_kwargs": ckpt.builder_kwargs,
+        "config": ckpt.config,
+        "epoch": ckpt.epoch,
+        "step": ckpt.step,
+        "library_version": ckpt.library_version,
+        "input_size": (side, side),
+    }
+    return model, info

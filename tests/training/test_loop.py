@@ -1,0 +1,147 @@
+"""train_step / train_epoch / validate on a stand-in matcher: learning, clipping, freeze, errors, DDP."""
+
+import math
+
+import pytest
+import torch
+from training_toys import ToyMatcher, make_batch
+
+from actr_core.training import (
+    StepSettings,
+    all_reduce_sum,
+    build_optimizer,
+    build_scheduler,
+    precision_settings,
+    train_epoch,
+    train_step,
+    validate,
+)
+
+CPU = torch.device("cpu")
+
+
+def _optimizer(model, **kw):
+    args = dict(backbone_lr=1e-2, head_lr=5e-2, weight_decay=0.0) | kw
+    return build_optimizer(model, **args)
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = ToyMatcher()
+    opt = _optimizer(model)
+    batch = make_batch(b=3, size=(32, 48))
+    batch["flow"][:] = batch["flow"][:1].clone()  # one shift for the whole batch: learnable by the bias
+    losses = [train_step(model, batch, opt).loss for _ in range(20)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert model.training
+
+
+def test_clipping_reports_the_norm_and_bounds_the_update():
+    torch.manual_seed(0)
+    model = ToyMatcher()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    result = train_step(model, make_batch(), opt, settings=StepSettings(clip_grad_norm=1e-3))
+    assert result.grad_norm is not None and result.grad_norm > 1e-3
+    change = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    assert change.item() == pytest.approx(1e-3, rel=1e-3)  # lr 1 x clipped norm
+    assert train_step(model, make_batch(), opt).grad_norm is None
+
+
+def test_frozen_backbone_does_not_move():
+    model = ToyMatcher()
+    opt = _optimizer(model, freeze_backbone=True)
+    backbone = [p.detach().clone() for p in model.backbone.parameters()]
+    head = [p.detach().clone() for p in model.head.parameters()]
+    train_step(model, make_batch(), opt)
+    assert all(torch.equal(a, b) for a, b in zip(backbone, model.backbone.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(head, model.head.parameters()))
+
+
+def test_non_finite_loss_raises_and_leaves_parameters():
+    model = ToyMatcher()
+    opt = _optimizer(model)
+    model.loss = lambda output, batch: output.flow.mean() * float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="not taken"):
+        train_step(model, make_batch(), opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_grad_scaler_path_runs_and_skips_on_inf():
+    model = ToyMatcher()
+    opt = _optimizer(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    assert not train_step(model, make_batch(), opt, scaler=scaler).skipped
+    model.loss = lambda output, batch: output.flow.mean() * float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    assert train_step(model, make_batch(), opt, scaler=scaler).skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_precision_settings():
+    assert precision_settings("bf16", CPU) == (None, False)  # CPU always runs float32
+    assert precision_settings("fp16", torch.device("cuda")) == (torch.float16, True)
+    assert precision_settings("bf16", torch.device("cuda")) == (torch.bfloat16, False)
+    with pytest.raises(ValueError, match="precision"):
+        precision_settings("fp8", CPU)
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        StepSettings(clip_grad_norm=-1.0)
+
+
+def test_train_epoch_takes_exactly_the_steps_and_steps_the_schedule():
+    model = ToyMatcher()
+    opt = _optimizer(model)
+    sched = build_scheduler(opt, total_steps=10, warmup_steps=5, schedule="constant")
+    batches = (make_batch(seed=i) for i in range(100))
+    seen = []
+    losses = train_epoch(model, batches, opt, sched, steps=4, device=CPU, on_step=lambda i, r: seen.append(i))
+    assert len(losses) == 4 and seen == [0, 1, 2, 3] and sched.last_epoch == 4
+    assert all(math.isfinite(x) for x in losses)
+
+
+def test_train_epoch_fails_clearly_when_data_runs_out():
+    model = ToyMatcher()
+    with pytest.raises(RuntimeError, match="after 2 of 3 batches"):
+        train_epoch(model, [make_batch(), make_batch()], _optimizer(model), None, steps=3, device=CPU)
+
+
+def test_validate_perfect_model_scores_one_and_loss_zero():
+    model = ToyMatcher()
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)
+    batch = make_batch(b=3)
+    batch["flow"].zero_()
+    batch["trg_kps"] = batch["src_kps"].clone()
+    batch["trg_kps_orig"] = batch["src_kps_orig"].clone()
+    model.train()
+    result = validate(model, [batch, batch], device=CPU, alpha=0.1)
+    assert result.pck == pytest.approx(1.0) and result.loss == pytest.approx(0.0)
+    assert (result.batches, result.pairs) == (2, 6)
+    assert model.training  # mode restored
+
+
+def test_validate_max_batches_and_untrained_model():
+    model = ToyMatcher()
+    result = validate(model, [make_batch(seed=i) for i in range(5)], device=CPU, alpha=0.1, max_batches=2)
+    assert result.batches == 2 and 0.0 <= result.pck <= 1.0 and math.isfinite(result.loss)
+
+
+def test_validate_skips_pairs_without_keypoints():
+    batch = make_batch(b=2)
+    batch["valid_kps"][1] = False
+    result = validate(ToyMatcher(), [batch], device=CPU, alpha=0.1)
+    assert result.pairs == 1
+
+
+def test_single_process_ddp(tmp_path):
+    """train_step and validate through a DistributedDataParallel wrapper (gloo, world size 1)."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(ToyMatcher())
+        opt = _optimizer(model)
+        assert math.isfinite(train_step(model, make_batch(), opt).loss)
+        assert validate(model, [make_batch()], device=CPU, alpha=0.1).pairs == 2
+        torch.testing.assert_close(all_reduce_sum(torch.tensor([1.0, 2.0])), torch.tensor([1.0, 2.0]))
+    finally:
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,71 @@
+"""A tiny stand-in matcher and batches of the data schema, for the training tests.
+
+Axis legend: b batch · H W input frame · h w flow grid (H/4, W/4) · n keypoints · c channels.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from actr_core.blocks import masked_flow_loss
+from actr_core.models.base import Matcher, MatchOutput
+
+STRIDE = 4  # the matcher interface's flow stride
+
+
+class ToyMatcher(Matcher):
+    """``backbone``: a stride-4 patch conv; head: a 1x1 conv from both feature maps to a flow."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.backbone = nn.Conv2d(3, channels, kernel_size=STRIDE, stride=STRIDE)
+        self.head = nn.Conv2d(2 * channels, 2, kernel_size=1)
+
+    def forward(self, src: Float[Tensor, "b 3 H W"], trg: Float[Tensor, "b 3 H W"]) -> MatchOutput:
+        features = torch.cat([self.backbone(src), self.backbone(trg)], dim=1)
+        return MatchOutput(flow=self.head(features))
+
+    def loss(self, output: MatchOutput, batch: Mapping[str, Any]) -> Float[Tensor, ""]:
+        return masked_flow_loss(output.flow, batch["flow"], batch["valid_flow"])
+
+
+def toy_matcher(channels: int = 8) -> ToyMatcher:
+    """Builder used by the registry tests (``"training_toys:toy_matcher"``)."""
+    return ToyMatcher(channels)
+
+
+def make_batch(b: int = 2, size: tuple[int, int] = (32, 48), n: int = 5, seed: int = 0) -> dict[str, Any]:
+    """A batch of the schema whose ground-truth flow is a constant shift per pair (H != W by default)."""
+    g = torch.Generator().manual_seed(seed)
+    H, W = size
+    h, w = H // STRIDE, W // STRIDE
+    shift = torch.randn(b, 2, generator=g) * 2
+    src_kps = torch.rand(b, n, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0])
+    trg_kps = src_kps + shift[:, None] * STRIDE
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[-1, -1] = False
+    src_kps[~valid] = 0
+    trg_kps[~valid] = 0
+    orig = torch.tensor([[H * 2, W * 2]] * b)
+    to_orig = torch.tensor([2.0, 2.0])
+    return {
+        "src_image": torch.randn(b, 3, H, W, generator=g),
+        "trg_image": torch.randn(b, 3, H, W, generator=g),
+        "src_kps": src_kps,
+        "trg_kps": trg_kps,
+        "valid_kps": valid,
+        "flow": shift[:, :, None, None].expand(b, 2, h, w).clone(),
+        "valid_flow": torch.ones(b, h, w, dtype=torch.bool),
+        "src_kps_orig": (src_kps + 0.5) * to_orig - 0.5,
+        "trg_kps_orig": (trg_kps + 0.5) * to_orig - 0.5,
+        "src_size": orig,
+        "trg_size": orig.clone(),
+        "src_bbox": torch.tensor([[0.0, 0.0, W * 2 - 1.0, H * 2 - 1.0]] * b),
+        "trg_bbox": torch.tensor([[0.0, 0.0, W * 2 - 1.0, H * 2 - 1.0]] * b),
+        "category": ["toy"] * b,
+        "pair_id": [f"p{seed}_{i}" for i in range(b)],
+        "dataset": ["synthetic"] * b,
+    }
