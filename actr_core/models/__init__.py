@@ -6,6 +6,9 @@ are built on the same pieces), and a registry of builders.
 - :mod:`~actr_core.models.backbones`: timm ViTs by name returning ``[cls]`` + patch tokens for any
   input whose sides are multiples of the patch size; weights from local files only.
 - :mod:`~actr_core.models.released`: ACTR as released and :func:`load_official_actr`.
+- :mod:`~actr_core.models.actr`, :mod:`~actr_core.models.builders`, :mod:`~actr_core.models.config`:
+  ACTR as described (the default), the Baseline and the Table 4 ablations (``actr_base()``,
+  ``actr_base(ablation="no_flow_sr")``, ``baseline()``, ...).
 - :mod:`~actr_core.models.registry`: ``register_model`` / ``model_entries`` / ``build_model``.
 
 See docs/models.md.
@@ -22,7 +25,19 @@ from actr_core.models.backbones import (
     vit_base16,
     vit_small16,
 )
+from actr_core.models.actr import ACTR
 from actr_core.models.base import Matcher, MatchOutput, check_image, check_image_pair, parameter_count
+from actr_core.models.builders import (
+    actr_base,
+    actr_base_512,
+    actr_small,
+    actr_small_512,
+    actr_tiny,
+    baseline,
+    baseline_512,
+    build_actr,
+)
+from actr_core.models.config import ABLATIONS, ACTRConfig
 from actr_core.models.registry import ModelEntry, build_model, get_model_entry, model_entries, register_model
 from actr_core.models.released import (
     ACTRReleased,
@@ -59,6 +74,18 @@ __all__ = [
     "official_parameter_count",
     "to_official_state_dict",
     "OfficialCheckpointError",
+    # ACTR as described, the Baseline, the Table 4 ablations
+    "ACTR",
+    "ACTRConfig",
+    "ABLATIONS",
+    "build_actr",
+    "actr_base",
+    "actr_small",
+    "actr_base_512",
+    "actr_small_512",
+    "actr_tiny",
+    "baseline",
+    "baseline_512",
     # registry
     "ModelEntry",
     "register_model",

@@ -31,6 +31,7 @@ from actr_core.models.actr import (
 )
 from actr_core.models.backbones import VIT_BASE_16, VIT_SMALL_16, create_vit
 from actr_core.models.config import ABLATIONS, ACTRConfig
+from actr_core.models.registry import register_model
 
 __all__ = [
     "ACTR_BASE_CONFIG",
@@ -61,14 +62,14 @@ ACTR_BASE_512_CONFIG = dataclasses.replace(ACTR_BASE_CONFIG, image_size=(512, 51
 #: ACTR_h-S (Table 3): ViT-S/16 at 512 × 512
 ACTR_SMALL_512_CONFIG = dataclasses.replace(ACTR_SMALL_CONFIG, image_size=(512, 512))
 #: a tiny model for tests and CPU training (our choice; every part of ACTR, small): ViT-Ti/16 cut to
-#: 4 blocks, 2 decoder blocks with 4 heads, super-resolution 32 wide with 4 heads and a 16-wide head
+#: 4 blocks, 2 decoder blocks with 4 heads, super-resolution 16 wide with 2 heads and a 16-wide head
 ACTR_TINY_CONFIG = dataclasses.replace(
     ACTR_BASE_CONFIG,
     backbone=VIT_TINY_16,
     backbone_depth=4,
     num_blocks=2,
     decoder_heads=4,
-    flow_sr=FlowSRConfig(dim=32, num_heads=4, head_hidden=16),
+    flow_sr=FlowSRConfig(dim=16, num_heads=2, head_hidden=16),
 )
 
 
@@ -314,26 +315,31 @@ _BUILDER_ARGS = """
 """
 
 
+@register_model("actr_base", paper_row="ACTR", paper_params_m=172.8)
 def actr_base(*, ablation: str | None = None, **kwargs: Any) -> ACTR:
     """ACTR (paper Sec. 3-4, Table 3): ViT-B/16, 256 × 256 training frame."""
     return _build(ACTR_BASE_CONFIG, ablation, **kwargs)
 
 
+@register_model("actr_small", paper_row="ACTR-S", paper_params_m=44.2)
 def actr_small(*, ablation: str | None = None, **kwargs: Any) -> ACTR:
     """ACTR-S (paper Table 3): ViT-S/16, 256 × 256."""
     return _build(ACTR_SMALL_CONFIG, ablation, **kwargs)
 
 
+@register_model("actr_base_512", paper_row="ACTR_h", paper_params_m=176.9)
 def actr_base_512(*, ablation: str | None = None, **kwargs: Any) -> ACTR:
     """ACTR_h (paper Tables 1 and 3): ViT-B/16, 512 × 512."""
     return _build(ACTR_BASE_512_CONFIG, ablation, **kwargs)
 
 
+@register_model("actr_small_512", paper_row="ACTR_h-S", paper_params_m=46.2)
 def actr_small_512(*, ablation: str | None = None, **kwargs: Any) -> ACTR:
     """ACTR_h-S (paper Table 3): ViT-S/16, 512 × 512."""
     return _build(ACTR_SMALL_512_CONFIG, ablation, **kwargs)
 
 
+@register_model("actr_tiny")
 def actr_tiny(*, ablation: str | None = None, **kwargs: Any) -> ACTR:
     """A tiny ACTR for tests and CPU training: ViT-Ti/16 cut to 4 blocks, 2 decoder blocks."""
     return _build(ACTR_TINY_CONFIG, ablation, **kwargs)
@@ -344,6 +350,7 @@ for _builder in (actr_base, actr_small, actr_base_512, actr_small_512, actr_tiny
 del _builder
 
 
+@register_model("baseline", paper_row="Baseline", paper_params_m=171.13)
 def baseline(
     config: ACTRConfig = ACTR_BASE_CONFIG,
     *,
@@ -366,6 +373,7 @@ def baseline(
     )
 
 
+@register_model("baseline_512", paper_row="Baseline_h")
 def baseline_512(**kwargs: Any) -> ACTR:
     """Baseline_h (paper Table 1): the Baseline at 512 × 512."""
     return baseline(ACTR_BASE_512_CONFIG, **kwargs)

@@ -1,0 +1,262 @@
+"""ACTR as described: shapes at 256², 512², 256×384, batch > 1, no_grad, gradients, state dict,
+loss (Eq. 4), temperature (Eq. 3), tied branch weights, bad input. Tiny configs except one ViT-B
+smoke test."""
+
+import dataclasses
+import io
+
+import pytest
+import torch
+
+from actr_core.blocks import BiasedCrossAttention, masked_flow_loss, soft_argmax
+from actr_core.flow import resize_flow
+from actr_core.models import ACTR, ACTRConfig, MatchOutput, actr_base, actr_tiny, parameter_count
+from actr_core.models.actr import AsymmetricCrossAttention, CrossAttentionMap, LearnedSourcePE
+from actr_core.models.builders import ACTR_BASE_CONFIG, ACTR_TINY_CONFIG, build_actr
+
+SMALL = (64, 96)  # a non-square frame: 4 × 6 tokens, 16 × 24 flow grid; keeps CPU tests fast
+
+
+def _tiny(**overrides) -> ACTR:
+    torch.manual_seed(0)
+    return actr_tiny(warn_random_init=False, **overrides)
+
+
+def _images(batch: int, size: tuple[int, int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *size, generator=gen), torch.randn(batch, 3, *size, generator=gen)
+
+
+def _batch(output: MatchOutput, seed: int = 2) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    flow = output.flow.detach()
+    valid = torch.rand(flow.shape[0], *flow.shape[2:], generator=gen) < 0.3
+    target = torch.randn(flow.shape, generator=gen) * 3.0
+    target = torch.where(valid.unsqueeze(1), target, torch.nan)  # NaN in invalid cells must not leak
+    return {"flow": target, "valid_flow": valid}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ACTR:
+    return _tiny().eval()
+
+
+@pytest.mark.parametrize(("size", "batch"), [((256, 256), 2), ((512, 512), 1), ((256, 384), 2)])
+def test_shapes(tiny: ACTR, size: tuple[int, int], batch: int) -> None:
+    src, trg = _images(batch, size)
+    with torch.no_grad():
+        out = tiny(src, trg)
+    h, w = size[0] // 16, size[1] // 16
+    m = tiny.num_paths
+    assert m == ACTR_TINY_CONFIG.num_blocks
+    assert out.flow.shape == (batch, 2, 4 * h, 4 * w)
+    assert out.flows_per_path.shape == (batch, m, 2, 4 * h, 4 * w)
+    assert out.coarse_flows.shape == (batch, m, 2, h, w)
+    assert out.correlations.shape == (batch, m, h, w, h, w)
+    for field in dataclasses.fields(out):
+        assert torch.isfinite(getattr(out, field.name)).all(), field.name
+    assert not out.flow.requires_grad  # no graph under no_grad
+
+
+def test_output_is_frozen_dataclass(tiny: ACTR) -> None:
+    src, trg = _images(1, SMALL)
+    with torch.no_grad():
+        out = tiny(src, trg)
+    assert isinstance(out, MatchOutput)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.flow = out.flow  # type: ignore[misc]
+
+
+def test_flow_is_mean_of_paths_and_paths_read_correlations(tiny: ACTR) -> None:
+    src, trg = _images(2, SMALL)
+    with torch.no_grad():
+        out = tiny(src, trg)
+    torch.testing.assert_close(out.flow, out.flows_per_path.mean(dim=1))
+    # Eq. 3 on every path's correlation with the configured temperature
+    for path in range(tiny.num_paths):
+        expected = soft_argmax(out.correlations[:, path], tiny.config.soft_argmax_tau)
+        torch.testing.assert_close(out.coarse_flows[:, path], expected)
+    # Eq. 2: every source cell's correlation is a distribution over the target cells
+    sums = out.correlations.sum(dim=(-2, -1))
+    torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+def test_batch_members_are_independent(tiny: ACTR) -> None:
+    src, trg = _images(2, SMALL)
+    with torch.no_grad():
+        both = tiny(src, trg).flow
+        first = tiny(src[:1], trg[:1]).flow
+        second = tiny(src[1:], trg[1:]).flow
+    torch.testing.assert_close(both, torch.cat((first, second)), atol=1e-4, rtol=1e-4)
+
+
+def test_every_trainable_parameter_gets_a_finite_gradient() -> None:
+    model = _tiny().train()
+    src, trg = _images(2, SMALL)
+    out = model(src, trg)
+    loss = model.loss(out, _batch(out))
+    assert torch.isfinite(loss)
+    loss.backward()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert params
+    missing = [n for n, p in params if p.grad is None]
+    assert not missing, f"no gradient: {missing}"
+    bad = [n for n, p in params if not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradient: {bad}"
+    zero = [n for n, p in params if not p.grad.abs().sum() > 0]
+    assert not zero, f"identically zero gradient: {zero}"
+
+
+def test_loss_is_eq4_masked_flow_loss(tiny: ACTR) -> None:
+    src, trg = _images(2, SMALL)
+    with torch.no_grad():
+        out = tiny(src, trg)
+    batch = _batch(out)
+    loss = tiny.loss(out, batch)
+    assert loss.shape == ()
+    torch.testing.assert_close(loss, masked_flow_loss(out.flow, batch["flow"], batch["valid_flow"]))
+    assert torch.isfinite(loss)
+
+
+def test_loss_errors_name_the_problem(tiny: ACTR, no_typecheck: None) -> None:
+    src, trg = _images(1, SMALL)
+    with torch.no_grad():
+        out = tiny(src, trg)
+    with pytest.raises(ValueError, match="valid_flow"):
+        tiny.loss(out, {"flow": out.flow})
+    wrong = torch.zeros(1, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"\(1, 2, 8, 8\)"):
+        tiny.loss(out, {"flow": wrong, "valid_flow": torch.ones(1, 8, 8, dtype=torch.bool)})
+
+
+def test_transfer_moves_keypoints_by_the_flow(tiny: ACTR) -> None:
+    src, trg = _images(1, SMALL)
+    with torch.no_grad():
+        out = tiny(src, trg)
+    const = torch.tensor([1.5, -2.0]).view(1, 2, 1, 1).expand_as(out.flow)
+    out = dataclasses.replace(out, flow=const.contiguous())
+    kps = torch.tensor([[[10.0, 20.0], [40.0, 33.0]]])
+    moved = tiny.transfer(out, kps)
+    # a constant flow of d grid pixels is d · stride input pixels (stride = 16 / 4 = 4)
+    torch.testing.assert_close(moved, kps + torch.tensor([1.5, -2.0]) * tiny.flow_stride)
+
+
+def test_state_dict_round_trip() -> None:
+    a = _tiny().eval()
+    torch.manual_seed(123)
+    b = actr_tiny(warn_random_init=False).eval()
+    src, trg = _images(1, SMALL)
+    with torch.no_grad():
+        assert not torch.allclose(a(src, trg).flow, b(src, trg).flow)
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    b.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(a(src, trg).flow, b(src, trg).flow)
+
+
+def test_temperature_matches_released_head_sum() -> None:
+    """β on head-summed attention equals β / H on the head mean (Eq. 2 averages the heads)."""
+    assert ACTR_BASE_CONFIG.soft_argmax_tau == pytest.approx(0.02 / 8)
+    gen = torch.Generator().manual_seed(0)
+    heads = torch.softmax(torch.randn(1, 8, 3, 4, 3, 4, generator=gen).flatten(-2) * 4, -1).view(1, 8, 3, 4, 3, 4)
+    released = soft_argmax(heads.sum(1), ACTR_BASE_CONFIG.soft_argmax_beta)
+    ours = soft_argmax(heads.mean(1), ACTR_BASE_CONFIG.soft_argmax_tau)
+    torch.testing.assert_close(ours, released)
+
+
+def test_branch_weights_tied_or_separate() -> None:
+    tied = _tiny()
+    block = tied.blocks[0]
+    assert block.source_block.attn is block.target_branch.block.attn
+    assert block.source_block.mlp is block.target_branch.block.mlp
+    separate = _tiny(share_branch_weights=False)
+    block = separate.blocks[0]
+    assert block.source_block.attn is not block.target_branch.block.attn
+    c = ACTR_TINY_CONFIG
+    dim = tied.backbone.embed_dim
+    attn = dim * 3 * dim + 3 * dim + dim * dim + dim
+    mlp = 2 * dim * int(dim * c.mlp_ratio) + int(dim * c.mlp_ratio) + dim
+    extra = c.num_blocks * (attn + mlp + 4 * dim)  # one more self-attention, FFN and two LayerNorms
+    assert parameter_count(separate) - parameter_count(tied) == extra
+    # tied tensors appear once among the parameters
+    assert len(list(tied.parameters())) < len(tied.state_dict())
+
+
+def test_source_pe_follows_the_grid() -> None:
+    pe = LearnedSourcePE(8, (4, 6), init_std=0.02)
+    tokens = torch.zeros(2, 1 + 24, 8)
+    torch.testing.assert_close(pe(tokens, (4, 6)), pe.pe.expand(2, -1, -1))  # native grid: added as is
+    assert pe(torch.zeros(2, 1 + 35, 8), (5, 7)).shape == (2, 36, 8)
+
+
+def test_attention_map_only_equals_full_cross_attention() -> None:
+    torch.manual_seed(0)
+    dim, heads = 16, 4
+    full = AsymmetricCrossAttention(BiasedCrossAttention(dim, heads), torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim))
+    only = CrossAttentionMap(dim, heads, torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim))
+    with torch.no_grad():
+        only.qk.weight.copy_(full.attn.qkv.weight[: 2 * dim])
+        only.qk.bias.copy_(full.attn.qkv.bias[: 2 * dim])
+        for a, b in ((only.norm_src, full.norm_src), (only.norm_trg, full.norm_trg)):
+            a.weight.normal_()
+            b.weight.copy_(a.weight)
+    src, trg = torch.randn(2, 7, dim), torch.randn(2, 5, dim)
+    expected = full(src, trg)[2]
+    s, t, attn = only(src, trg)
+    torch.testing.assert_close(attn, expected)
+    torch.testing.assert_close(only.attention(src, trg), full.attention(src, trg))
+    assert s is src and t is trg
+
+
+@pytest.mark.parametrize(
+    ("src_shape", "trg_shape", "dtype", "match"),
+    [
+        ((1, 3, 64, 90), (1, 3, 64, 90), torch.float32, r"\(1, 3, 64, 90\).*multiples of 16"),
+        ((2, 3, 64, 96), (1, 3, 64, 96), torch.float32, "batch size 2.*batch size 1"),
+        ((1, 1, 64, 96), (1, 1, 64, 96), torch.float32, "3 channels, got 1"),
+        ((1, 4, 64, 96), (1, 3, 64, 96), torch.float32, "3 channels, got 4"),
+        ((1, 3, 64, 96), (1, 3, 64, 96), torch.uint8, "dtype torch.uint8"),
+        ((1, 3, 64, 96), (1, 3, 64, 96), torch.int64, "dtype torch.int64"),
+    ],
+)
+def test_bad_input_raises_value_error(
+    tiny: ACTR, no_typecheck: None, src_shape: tuple, trg_shape: tuple, dtype: torch.dtype, match: str
+) -> None:
+    src = torch.zeros(src_shape, dtype=dtype)
+    trg = torch.zeros(trg_shape, dtype=dtype)
+    with pytest.raises(ValueError, match=match):
+        tiny(src, trg)
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="image_size"):
+        ACTRConfig(image_size=(250, 256))
+    with pytest.raises(ValueError, match="variant"):
+        ACTRConfig(variant="nope")
+    with pytest.raises(ValueError, match="upscale"):
+        dataclasses.replace(ACTR_TINY_CONFIG, upscale=2)  # the super-resolution says 4
+    with pytest.raises(ValueError, match="ablation"):
+        actr_tiny(ablation="no_such_thing")
+
+
+def test_frozen_backbone_trains_the_rest() -> None:
+    model = build_actr(dataclasses.replace(ACTR_TINY_CONFIG, freeze_backbone=True), warn_random_init=False)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.blocks.parameters())
+
+
+@pytest.mark.slow
+def test_vit_base_smoke_256() -> None:
+    """The full-size model: builds, runs a 256×256 pair, and has the parameter count docs/models.md reports."""
+    torch.manual_seed(0)
+    model = actr_base(warn_random_init=False).eval()
+    assert parameter_count(model) == 144_633_120
+    src, trg = _images(1, (256, 256))
+    with torch.no_grad():
+        out = model(src, trg)
+    assert out.flow.shape == (1, 2, 64, 64)
+    assert out.flows_per_path.shape == (1, 6, 2, 64, 64)
+    assert out.coarse_flows.shape == (1, 6, 2, 16, 16)
+    assert torch.isfinite(out.flow).all()
