@@ -12,7 +12,7 @@ blurred one-hot map at the matching target keypoint. Pieces, each reusable:
 - :func:`softmax_bce`: BCE between ``softmax(logits)`` and a target, per keypoint.
 - :func:`correlation_keypoint_loss` / :class:`CorrelationKeypointLoss`: the three composed.
 - :func:`argmax_transfer` and :func:`soft_argmax_transfer`: keypoint transfer through a
-  correlation.
+  correlation; :func:`argmax_flow`: the dense hard counterpart of ``soft_argmax``.
 
 Convention:
     Keypoints given to these functions are in cells of the grid they index (pixel centres at
@@ -31,10 +31,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from actr_core.blocks._checks import check_bool, check_positive, check_rank
-from actr_core.flow import coords_grid
+from actr_core.flow import coords_grid, rescale_coords
 
 __all__ = [
     "CorrelationKeypointLoss",
+    "argmax_flow",
     "argmax_transfer",
     "correlation_keypoint_loss",
     "gaussian_kernel2d",
@@ -69,12 +70,15 @@ def _check_valid(valid: Tensor, kps: Tensor) -> None:
 def _four_neighbours(
     kps: Tensor, size: tuple[int, int]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Clamp ``kps`` onto the grid and return the corner cells ``x0, x1, y0, y1`` (long) and offsets ``fx, fy``."""
+    """Clamp ``kps`` onto the grid and return the corner cells ``x0, x1, y0, y1`` (long) and offsets ``fx, fy``.
+
+    ``x0 = floor(x)``; on the last column ``x1 = x0`` (and ``fx = 0``), likewise for rows.
+    """
     h, w = size
     x = kps[..., 0].clamp(0, w - 1)
     y = kps[..., 1].clamp(0, h - 1)
-    x0 = x.detach().floor().clamp(max=max(w - 2, 0))
-    y0 = y.detach().floor().clamp(max=max(h - 2, 0))
+    x0 = x.detach().floor()
+    y0 = y.detach().floor()
     fx, fy = x - x0, y - y0
     x0, y0 = x0.long(), y0.long()
     x1 = (x0 + 1).clamp(max=w - 1)
@@ -97,12 +101,12 @@ def sample_correlation(
     b, hs, ws, ht, wt = corr.shape
     _check_keypoints("kps", kps, b)
     x0, x1, y0, y1, fx, fy = _four_neighbours(kps, (hs, ws))
-    batch = torch.arange(b, device=corr.device).view(b, 1)
-    wx = fx[..., None, None].to(corr.dtype)
-    wy = fy[..., None, None].to(corr.dtype)
-    top = corr[batch, y0, x0] * (1 - wx) + corr[batch, y0, x1] * wx
-    bottom = corr[batch, y1, x0] * (1 - wx) + corr[batch, y1, x1] * wx
-    return top * (1 - wy) + bottom * wy
+    rows_y = torch.stack((y0, y0, y1, y1), dim=-1)  # b n 4
+    cols_x = torch.stack((x0, x1, x0, x1), dim=-1)
+    weights = torch.stack(((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy), dim=-1).to(corr.dtype)
+    batch = torch.arange(b, device=corr.device).view(b, 1, 1)
+    corners = corr[batch, rows_y, cols_x]  # b n 4 ht wt: one gather, so one scatter in the backward pass
+    return torch.einsum("bnk,bnkxy->bnxy", weights, corners)
 
 
 def gaussian_kernel2d(
@@ -126,14 +130,17 @@ def keypoint_target_map(
 ) -> Float[Tensor, "b n h w"]:
     """A soft one-hot map per keypoint: its four neighbouring cells weighted, then blurred by ``kernel``.
 
-    ``weighting="inverse_distance"`` (the released code) gives each of the four cells around the
-    point a weight ∝ 1 / max(distance, 1e-5), normalised to sum 1; ``"bilinear"`` uses the bilinear
-    weights (also summing to 1, and continuous in the point's position). Cells repeated at the
-    border (the point on the last row or column) accumulate. The blur is a "same" convolution with
+    ``weighting="inverse_distance"`` (the released code) gives each of the four cells
+    ``(floor(x) + {0, 1}, floor(y) + {0, 1})`` that exist a weight ∝ 1 / max(distance, 1e-5),
+    normalised to sum 1 (on the last row or column only two cells exist, as released);
+    ``"bilinear"`` uses the bilinear weights (also summing to 1, and continuous in the point's
+    position; the released weights jump where ``floor`` changes). The blur is a "same" convolution with
     zero padding, so mass leaving the grid is lost, as in the released code.
 
     Convention:
-        ``kps`` in cells of the ``size = (h, w)`` grid, centres at integers, clamped onto the grid.
+        ``kps`` in cells of the ``size = (h, w)`` grid, centres at integers, clamped onto the grid
+        ``[0, w − 1] × [0, h − 1]`` first. The released code does not clamp: a point in the outer
+        half of a border cell keeps its distance to the border cells. Inside the grid both agree.
     """
     check_rank("kps", kps, 3, "b n 2")
     h, w = int(size[0]), int(size[1])
@@ -148,6 +155,10 @@ def keypoint_target_map(
         dx = torch.stack((fx, 1 - fx, fx, 1 - fx), dim=-1)
         dy = torch.stack((fy, fy, 1 - fy, 1 - fy), dim=-1)
         inv = 1.0 / torch.sqrt(dx**2 + dy**2).clamp(min=MIN_DISTANCE)
+        # on the last column (row) there is no x0 + 1 (y0 + 1) cell: drop it, as released
+        has_x1, has_y1 = x1 > x0, y1 > y0
+        exists = torch.stack((torch.ones_like(has_x1), has_x1, has_y1, has_x1 & has_y1), dim=-1)
+        inv = torch.where(exists, inv, torch.zeros_like(inv))
         weights = inv / inv.sum(dim=-1, keepdim=True)
     else:
         raise ValueError(f"weighting = {weighting!r}: expected 'inverse_distance' or 'bilinear'")
@@ -267,6 +278,22 @@ def argmax_transfer(
     """
     rows = sample_correlation(corr, kps).flatten(2)
     return _cell_positions(rows.argmax(dim=-1), corr.shape[-1], kps.dtype)
+
+
+def argmax_flow(corr: Float[Tensor, "b hs ws ht wt"]) -> Float[Tensor, "b 2 hs ws"]:
+    """The hard counterpart of :func:`actr_core.blocks.soft_argmax`: flow to each source cell's best target cell.
+
+    Convention:
+        As ``soft_argmax``: ``(b, 2, hs, ws)``, channel 0 = x, in target-grid cells; the source cell
+        ``x_s`` sits at ``(x_s + 0.5) · wt / ws − 0.5`` on the target grid. Not differentiable.
+    """
+    check_rank("corr", corr, 5, "b hs ws ht wt")
+    b, hs, ws, ht, wt = corr.shape
+    index = corr.reshape(b, hs * ws, ht * wt).argmax(dim=-1)  # b (hs ws)
+    dtype = corr.dtype if corr.is_floating_point() else torch.float32
+    best = _cell_positions(index, wt, dtype)  # b (hs ws) 2
+    src = rescale_coords(coords_grid(hs, ws, device=corr.device, dtype=dtype).flatten(1).T, (hs, ws), (ht, wt))
+    return (best - src).transpose(1, 2).reshape(b, 2, hs, ws)
 
 
 def soft_argmax_transfer(
