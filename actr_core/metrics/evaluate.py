@@ -15,6 +15,7 @@ average over all pairs (``*_overall``) and a macro average over categories (``*_
 """
 
 import dataclasses
+import importlib.metadata
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,6 @@ import xarray as xr
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-import actr_core
 from actr_core.metrics.pck import keypoint_distances, pck_per_keypoint
 from actr_core.metrics.protocols import (
     ScoringProtocol,
@@ -41,6 +41,7 @@ __all__ = [
     "THRESHOLD_DEFINITIONS",
     "evaluate",
     "format_table",
+    "keypoint_correctness",
     "load_results",
     "pck_curve",
     "save_results",
@@ -235,6 +236,13 @@ def _pad(arrays: list[np.ndarray], n: int, fill: Any) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _library_version() -> str:
+    try:
+        return importlib.metadata.version("actr_core")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _definition(kind: str, protocol: ScoringProtocol) -> str:
     text = f"{kind} = " + THRESHOLD_DEFINITIONS[kind].format(side=protocol.threshold_side)
     if kind == "bkp" and protocol.bkp_padding_value is not None:
@@ -343,13 +351,34 @@ def summarise(
         "average_category_mean": "unweighted mean over categories",
         "unscored_pairs": "pairs without a valid keypoint are counted in n_pairs and skipped by every PCK",
         "model": model_name,
-        "actr_core_version": actr_core.__version__,
+        "actr_core_version": _library_version(),
     }
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
 # ---------------------------------------------------------------------------------------------
 # Curves, tables, files
+
+
+def _stored(results: xr.Dataset) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    pred = torch.from_numpy(np.asarray(results["pred_kps"].values, dtype=np.float64))
+    gt = torch.from_numpy(np.asarray(results["gt_kps"].values, dtype=np.float64))
+    valid = torch.from_numpy(np.asarray(results["keypoint_valid"].values, dtype=bool))
+    threshold = torch.from_numpy(np.asarray(results["threshold"].values, dtype=np.float64))
+    return pred, gt, threshold, valid
+
+
+def keypoint_correctness(results: xr.Dataset, alpha: float) -> xr.DataArray:
+    """Per-keypoint correctness (pair, keypoint) at ``alpha``, from the stored keypoints (False where invalid)."""
+    pred, gt, threshold, valid = _stored(results)
+    correct, _ = pck_per_keypoint(pred, gt, threshold, float(alpha), valid)
+    return xr.DataArray(
+        correct.numpy(),
+        dims=("pair", "keypoint"),
+        coords={"pair": results["pair"].values, "keypoint": results["keypoint"].values},
+        name="correct",
+        attrs={"alpha": float(alpha)},
+    )
 
 
 def pck_curve(results: xr.Dataset, alphas: Alphas, average: str = "image") -> xr.DataArray:
@@ -359,10 +388,7 @@ def pck_curve(results: xr.Dataset, alphas: Alphas, average: str = "image") -> xr
     """
     if average not in ("image", "keypoint"):
         raise ValueError(f"average must be 'image' or 'keypoint', got {average!r}")
-    pred = torch.from_numpy(np.asarray(results["pred_kps"].values, dtype=np.float64))
-    gt = torch.from_numpy(np.asarray(results["gt_kps"].values, dtype=np.float64))
-    valid = torch.from_numpy(np.asarray(results["keypoint_valid"].values, dtype=bool))
-    threshold = torch.from_numpy(np.asarray(results["threshold"].values, dtype=np.float64))
+    pred, gt, threshold, valid = _stored(results)
     out = []
     for a in alphas:
         correct, _ = pck_per_keypoint(pred, gt, threshold, float(a), valid)
@@ -387,7 +413,7 @@ def format_table(results: xr.Dataset, average: str = "image", percent: bool = Tr
     scale, unit = (100.0, "%") if percent else (1.0, "")
     table = results[f"pck_{average}"]
     alphas = [float(a) for a in results["alpha"].values]
-    head = f"{'category':<20}{'pairs':>7}{'kps':>8}" + "".join(f"{f'a={a:g}':>9}" for a in alphas)
+    head = f"{'category':<20}{'pairs':>7}{'kps':>8}" + "".join(f"{f'α={a:g}':>9}" for a in alphas)
     rule = "-" * len(head)
     lines = [
         f"PCK per {average} ({results.attrs.get(f'average_{average}', '')}){' in %' if percent else ''}",

@@ -46,7 +46,7 @@ def plot_path_flows(
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
     axes[-1].imshow(flow_legend())
-    axes[-1].set_title(f"key (|flow| = {scale:.3g})", fontsize=8)
+    axes[-1].set_title(f"key: full colour at |flow| = {scale:.3g} px", fontsize=8)
     axes[-1].set_axis_off()
     if title:
         fig.suptitle(title, fontsize=10)
