@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from actr_core.metrics import evaluate, format_table, load_results, pck_curve, save_results
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from actr_core.metrics import keypoint_distances, pck, pck_per_keypoint
 
 
-def test_boundary_distance_exactly_alpha_d_counts():
+def test_convention_boundary_distance_exactly_alpha_d_counts():
     # 3-4-5 triangle: distance 5 exactly; alpha * d = 0.125 * 40 = 5 exactly (powers of two).
     pred = torch.tensor([[[0.0, 0.0]]])
     gt = torch.tensor([[[3.0, 4.0]]])

@@ -31,7 +31,7 @@ def _score(protocol, matcher, batch, alpha):
     return pck(pred, gt, threshold, alpha, batch["valid_kps"]), threshold, kinds, pred
 
 
-def test_source_and_target_box_disagree(batch_factory, shift_matcher):
+def test_convention_standard_uses_target_box_released_uses_source_box(batch_factory, shift_matcher):
     # SPair pair: source box 100 px wide, target box 200 px. Prediction = src + (32, 0);
     # ground truth = prediction + (9, 12): error 15. alpha = 0.1: target d = 200 -> radius 20 (correct),
     # released source d = 100 -> radius 10 (wrong).
@@ -46,7 +46,7 @@ def test_source_and_target_box_disagree(batch_factory, shift_matcher):
     assert std.tolist() == [1.0] and rel.tolist() == [0.0]
 
 
-def test_pfwillow_padding_standard_vs_released(batch_factory, shift_matcher):
+def test_convention_pfwillow_bkp_ignores_padding_released_inflates(batch_factory, shift_matcher):
     # Source kps (100,100), (300,200); predictions (132,100), (332,200); ground truth (132,100), (341,212):
     # errors 0 and 15.
     # standard: target kp box 209 x 112 -> d = 209, alpha 0.05 -> radius 10.45 -> PCK 1/2.
