@@ -1,0 +1,223 @@
+"""MMNet behind the Matcher interface: shapes, loss, transfer, weights, error paths."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from actr_core.blocks.coarse_to_fine import reverse_correlation
+from actr_core.models.base import Matcher, parameter_count
+from actr_core.models.mmnet import (
+    MMNet,
+    MMNetConfig,
+    MMNetOutput,
+    load_resnet_weights,
+    mmnet_resnet50,
+    mmnet_resnet101,
+    mmnet_tiny,
+)
+
+H, W = 64, 96  # H != W, multiples of 32
+
+
+@pytest.fixture(scope="module")
+def tiny() -> MMNet:
+    torch.manual_seed(0)
+    return mmnet_tiny()
+
+
+def _batch(b: int, n: int = 5) -> dict:
+    g = torch.Generator().manual_seed(1)
+    src = torch.rand(b, n, 2, generator=g) * torch.tensor([W - 1, H - 1])
+    trg = torch.rand(b, n, 2, generator=g) * torch.tensor([W - 1, H - 1])
+    valid = torch.rand(b, n, generator=g) > 0.3
+    valid[:, 0] = True
+    return {"src_kps": src, "trg_kps": trg, "valid_kps": valid}
+
+
+def test_is_a_matcher(tiny):
+    assert isinstance(tiny, Matcher)
+
+
+def test_shapes_h_ne_w_batch_2(tiny):
+    out = tiny(torch.randn(2, 3, H, W), torch.randn(2, 3, H, W))
+    assert isinstance(out, MMNetOutput)
+    assert out.flow.shape == (2, 2, H // 4, W // 4)
+    sizes = [(H // 32, W // 32), (H // 16, W // 16), (H // 8, W // 8), (H // 4, W // 4)]
+    assert [tuple(c.shape) for c in out.pyramid] == [(2, *s, *s) for s in sizes]
+    assert out.correlations.shape == (2, 1, H // 4, W // 4, H // 4, W // 4)
+    assert out.reverse(1).shape == (2, *sizes[1], *sizes[1])
+    assert out.image_size == (H, W)
+
+
+def test_loss_backward_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = mmnet_tiny().train()
+    out = model(torch.randn(2, 3, H, W), torch.randn(2, 3, H, W))
+    loss = model.loss(out, _batch(2))
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_loss_is_sum_over_levels_and_directions(tiny):
+    out = tiny(torch.randn(1, 3, H, W), torch.randn(1, 3, H, W))
+    batch = _batch(1)
+    total = torch.zeros(())
+    for corr in out.pyramid:
+        grid = corr.shape[1:3]
+        scale = torch.tensor([grid[1] / W, grid[0] / H])
+        src = (batch["src_kps"] + 0.5) * scale - 0.5
+        trg = (batch["trg_kps"] + 0.5) * scale - 0.5
+        total = total + tiny.criterion(corr, src, trg, batch["valid_kps"])
+        total = total + tiny.criterion(reverse_correlation(corr), trg, src, batch["valid_kps"])
+    torch.testing.assert_close(tiny.loss(out, batch), total)
+
+
+def test_convention_swapping_images_reverses_the_pyramid(tiny):
+    tiny.eval()
+    a, b = torch.randn(1, 3, H, W), torch.randn(1, 3, H, W)
+    with torch.no_grad():
+        ab, ba = tiny(a, b), tiny(b, a)
+    for level in range(4):
+        torch.testing.assert_close(ab.reverse(level), ba.pyramid[level], rtol=1e-4, atol=1e-5)
+
+
+def test_coarser_levels_reach_finer_ones_detached(tiny):
+    tiny.eval()
+    out = tiny(torch.randn(1, 3, H, W), torch.randn(1, 3, H, W))
+    # the finest level depends on the coarsest descriptors only through the forward value, not the graph
+    coarse_params = list(tiny.attention[0].parameters())
+    grads = torch.autograd.grad(out.pyramid[-1].sum(), coarse_params, allow_unused=True)
+    # the coarsest attention still reaches the finest level through the top-down fusion path
+    assert any(g is not None for g in grads)
+
+
+def test_channels_last_changes_no_value():
+    torch.manual_seed(0)
+    a = mmnet_tiny(channels_last=True).eval()
+    b = mmnet_tiny(channels_last=False).eval()
+    b.load_state_dict(a.state_dict())
+    x, y = torch.randn(1, 3, H, W), torch.randn(1, 3, H, W)
+    with torch.no_grad():
+        for ca, cb in zip(a(x, y).pyramid, b(x, y).pyramid):
+            torch.testing.assert_close(ca, cb, rtol=1e-4, atol=1e-4)
+
+
+def _one_hot_output(match: torch.Tensor, size: tuple[int, int], levels: int = 4) -> MMNetOutput:
+    """An output whose every level is a one-hot correlation (b, h, w, h, w) given flat target indices."""
+    b, h, w = match.shape
+    corr = F.one_hot(match, h * w).float().view(b, h, w, h, w)
+    return MMNetOutput(flow=torch.zeros(b, 2, size[0] // 4, size[1] // 4), pyramid=(corr,) * levels, image_size=size)
+
+
+def test_transfer_through_one_hot_correlation(tiny):
+    # a 4 x 6 level in a 32 x 48 frame: cells are 8 px; cell (i, j) has its centre at 8 i + 3.5
+    match = torch.randint(0, 24, (2, 4, 6))
+    out = _one_hot_output(match, (32, 48))
+    cell = torch.tensor([[[2.0, 1.0], [5.0, 3.0], [0.0, 0.0]]]).expand(2, 3, 2)
+    src = cell * 8 + 3.5  # the centres of those cells, in frame pixels
+    valid = torch.tensor([[True, True, False], [True, False, True]])
+    got = tiny.transfer(out, src, valid)
+    flat = match[torch.arange(2)[:, None], cell[..., 1].long(), cell[..., 0].long()]
+    expected = torch.stack((flat % 6, flat // 6), dim=-1).float() * 8 + 3.5
+    torch.testing.assert_close(got[valid], expected[valid])
+    assert torch.isnan(got[~valid]).all()
+    # the released read-out (x·w/W in, corner i·W/w out) would answer half a cell up-left
+    assert not torch.allclose(got[valid], (expected[valid] - 3.5))
+
+
+def test_soft_transfer_tends_to_argmax():
+    model = mmnet_tiny(transfer_readout="soft_argmax", soft_argmax_tau=1e-3)
+    match = torch.randint(0, 24, (1, 4, 6))
+    out = _one_hot_output(match, (32, 48))
+    src = torch.tensor([[[19.5, 11.5], [43.5, 27.5]]])
+    torch.testing.assert_close(model.transfer(out, src), mmnet_tiny().transfer(out, src))
+
+
+def test_soft_flow_readout_shapes():
+    model = mmnet_tiny(flow_readout="soft_argmax")
+    out = model(torch.randn(1, 3, H, W), torch.randn(1, 3, H, W))
+    assert out.flow.shape == (1, 2, H // 4, W // 4) and out.flow.requires_grad
+
+
+def test_flow_is_argmax_of_finest_level(tiny):
+    out = tiny(torch.randn(1, 3, H, W), torch.randn(1, 3, H, W))
+    h, w = H // 4, W // 4
+    best = out.pyramid[-1].reshape(1, h * w, h * w).argmax(-1).view(h, w)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    torch.testing.assert_close(out.flow[0], torch.stack((best % w - xs, best // w - ys)).float())
+
+
+def test_backbone_weights_from_local_file(tmp_path):
+    torch.manual_seed(0)
+    donor = mmnet_tiny()
+    # torchvision/timm names: layerK.* for stages.{K-1}.*, plus a classifier to be ignored
+    state = {}
+    for key, value in donor.backbone.state_dict().items():
+        if key.startswith("stages."):
+            _, k, rest = key.split(".", 2)
+            key = f"layer{int(k) + 1}.{rest}"
+        state[key] = value.clone()
+    state["fc.weight"] = torch.zeros(10, 64)
+    path = tmp_path / "resnet.pth"
+    torch.save(state, path)
+    model = mmnet_tiny(backbone_weights=str(path))
+    for (name, a), b in zip(donor.backbone.state_dict().items(), model.backbone.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    del state["conv1.weight"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="missing"):
+        load_resnet_weights(model.backbone, path)
+
+
+def test_parameter_counts_hold_only_used_modules():
+    model = mmnet_resnet50()
+    # ResNet-50 without its classifier: 23.5 M
+    assert parameter_count(model.backbone) == 23_508_032
+    assert not hasattr(model.backbone, "fc")
+
+
+@pytest.mark.slow
+def test_resnet101_forward_backward_smoke():
+    model = mmnet_resnet101().train()
+    out = model(torch.randn(1, 3, 32, 64), torch.randn(1, 3, 32, 64))
+    assert out.flow.shape == (1, 2, 8, 16)
+    model.loss(out, {"src_kps": torch.tensor([[[10.0, 20.0]]]), "trg_kps": torch.tensor([[[50.0, 40.0]]]),
+                     "valid_kps": torch.ones(1, 1, dtype=torch.bool)}).backward()
+    assert model.multiscale[2][22].conv.weight.grad is not None
+    assert parameter_count(model) == 52_851_702
+
+
+class TestErrors:
+    def test_input_must_be_multiple_of_32(self, tiny, no_typecheck):
+        with pytest.raises(ValueError, match="multiples of 32"):
+            tiny(torch.randn(1, 3, 48, 64), torch.randn(1, 3, 48, 64))
+
+    def test_pair_sizes_must_match(self, tiny, no_typecheck):
+        with pytest.raises(ValueError, match="same size"):
+            tiny(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 96))
+
+    def test_loss_and_transfer_need_an_mmnet_output(self, tiny, no_typecheck):
+        from actr_core.models.base import MatchOutput
+
+        plain = MatchOutput(flow=torch.zeros(1, 2, 16, 24))
+        with pytest.raises(ValueError, match="MMNetOutput"):
+            tiny.loss(plain, _batch(1))
+        with pytest.raises(ValueError, match="MMNetOutput"):
+            tiny.transfer(plain, torch.zeros(1, 2, 2))
+
+    def test_bad_config(self, no_typecheck):
+        with pytest.raises(ValueError, match="same length"):
+            MMNetConfig(layers=(1, 1), widths=(4,))
+        with pytest.raises(ValueError, match="transfer_level"):
+            MMNetConfig(transfer_level=4)
+        with pytest.raises(ValueError, match="flow_readout"):
+            MMNetConfig(flow_readout="mean")  # type: ignore[arg-type]
+
+    def test_config_is_frozen(self):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            MMNetConfig().feature_channels = 3  # type: ignore[misc]
