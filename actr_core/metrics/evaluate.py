@@ -93,8 +93,10 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_batch(batch: Mapping[str, Any]) -> None:
-    required = ("src_image", "trg_image", "src_kps", "trg_kps", "valid_kps", "src_size", "trg_size")
+def _check_batch(batch: Mapping[str, Any], protocol: ScoringProtocol) -> None:
+    required = ["src_image", "trg_image", "src_kps", "trg_kps", "valid_kps", "src_size", "trg_size"]
+    if protocol.frame != "input":
+        required += ["src_kps_orig", "trg_kps_orig"]
     missing = [k for k in required if k not in batch]
     if missing:
         raise ValueError(f"batch lacks {missing}; it must follow the batch schema of actr_core.data")
@@ -119,7 +121,7 @@ def score_batch(
     output: Any = None,
 ) -> BatchScores:
     """Run ``model`` on one batch (unless ``output`` is given) and score it under ``protocol``."""
-    _check_batch(batch)
+    _check_batch(batch, protocol)
     if output is None:
         output = model(batch["src_image"], batch["trg_image"])
     valid = batch["valid_kps"]
@@ -188,6 +190,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     scores: list[BatchScores] = []
+    n_pairs = 0
     input_size: tuple[int, int] | None = None
     try:
         with torch.no_grad():
@@ -196,7 +199,8 @@ def evaluate(
                 batch = _to_device(batch, device)
                 input_size = tuple(batch["src_image"].shape[-2:])  # type: ignore[assignment]
                 scores.append(score_batch(model, batch, protocol, alphas))
-                bar.set_postfix(pairs=sum(len(s.threshold) for s in scores))
+                n_pairs += len(scores[-1].threshold)
+                bar.set_postfix(pairs=n_pairs)
     finally:
         model.train(was_training)
     if not scores:

@@ -136,3 +136,16 @@ def test_protocol_validation_and_lookup():
     attrs = RELEASED.describe((64, 64))
     assert attrs["threshold_image"] == "source" and "512x512" in attrs["coordinate_frame"]
     assert all(isinstance(v, str) for v in attrs.values())
+
+
+def test_helper_errors(no_typecheck):
+    with pytest.raises(ValueError, match="flow must have shape"):
+        nearest_transfer(torch.zeros(1, 3, 4, 4), torch.zeros(1, 2, 2), torch.ones(1, 2, dtype=torch.bool), (8, 8))
+    with pytest.raises(ValueError, match="kps must have shape"):
+        nearest_transfer(torch.zeros(2, 2, 4, 4), torch.zeros(1, 2, 2), torch.ones(1, 2, dtype=torch.bool), (8, 8))
+    with pytest.raises(ValueError, match="rounding"):
+        nearest_transfer(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 2), torch.ones(1, 2, dtype=torch.bool), (8, 8), "floor")
+    with pytest.raises(ValueError, match="padded_length"):
+        padded_bkp_threshold(torch.zeros(1, 5, 2), torch.ones(1, 5, dtype=torch.bool), -1.0, 4)
+    with pytest.raises(ValueError, match="kps must have shape"):
+        corner_rescale(torch.zeros(3), (4, 4), (8, 8))
