@@ -38,7 +38,7 @@ def test_samples_without_valid_cells_are_left_out():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("squared", [False, True])
-def test_non_finite_targets_in_invalid_cells_reach_neither_value_nor_gradient(bad, squared):
+def test_convention_non_finite_targets_in_invalid_cells_reach_neither_value_nor_gradient(bad, squared):
     torch.manual_seed(0)
     pred = torch.randn(2, 2, 5, 7, requires_grad=True)
     target = torch.randn(2, 2, 5, 7)
