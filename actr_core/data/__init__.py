@@ -2,3 +2,72 @@
 
 See ``docs/data.md``. The batch schema lives in :mod:`actr_core.data.schema`.
 """
+
+from actr_core.data.errors import DataError, SkipLog
+from actr_core.data.pipeline import (
+    EpochPlan,
+    ShardDataset,
+    collate,
+    plan_epoch,
+    register_fsspec_opener,
+    split_by_node,
+    split_by_worker,
+)
+from actr_core.data.readers import READERS, PairReader, PFPascalReader, PFWillowReader, SPairReader, open_reader
+from actr_core.data.records import PairRecord
+from actr_core.data.samples import PairSample, PseudoFlow, build_sample, decode_sample, encode_sample, pseudo_flow
+from actr_core.data.schema import BATCH_KEYS, SCHEMA_VERSION
+from actr_core.data.shards import ShardSettings, VerifyReport, make_shards, read_manifest, verify_shards
+from actr_core.data.synthetic import PHOTOS, SyntheticConfig, SyntheticPairs, generate_pair
+from actr_core.data.transforms import (
+    BoxPreservingCrop,
+    Compose,
+    Photometric,
+    PhotometricConfig,
+    Resize,
+    reframe,
+    train_transforms,
+)
+
+__all__ = [
+    "BATCH_KEYS",
+    "PHOTOS",
+    "READERS",
+    "SCHEMA_VERSION",
+    "BoxPreservingCrop",
+    "Compose",
+    "DataError",
+    "EpochPlan",
+    "PairReader",
+    "PairRecord",
+    "PairSample",
+    "PFPascalReader",
+    "PFWillowReader",
+    "Photometric",
+    "PhotometricConfig",
+    "PseudoFlow",
+    "Resize",
+    "SPairReader",
+    "ShardDataset",
+    "ShardSettings",
+    "SkipLog",
+    "SyntheticConfig",
+    "SyntheticPairs",
+    "VerifyReport",
+    "build_sample",
+    "collate",
+    "decode_sample",
+    "encode_sample",
+    "generate_pair",
+    "make_shards",
+    "open_reader",
+    "plan_epoch",
+    "pseudo_flow",
+    "read_manifest",
+    "reframe",
+    "register_fsspec_opener",
+    "split_by_node",
+    "split_by_worker",
+    "train_transforms",
+    "verify_shards",
+]

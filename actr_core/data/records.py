@@ -118,7 +118,7 @@ def load_image(fs: fsspec.AbstractFileSystem, path: str) -> UInt8[np.ndarray, "H
     return image_to_rgb(image, path)
 
 
-def check_keypoints(src_kps: np.ndarray, trg_kps: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+def check_keypoints(src_kps: Any, trg_kps: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Both keypoint arrays as float64 ``(n, 2)`` with equal n ≥ 1 and finite values, else :class:`DataError`."""
     src = np.asarray(src_kps, dtype=np.float64)
     trg = np.asarray(trg_kps, dtype=np.float64)
