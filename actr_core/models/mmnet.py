@@ -55,6 +55,7 @@ __all__ = [
     "MMNetConfig",
     "MMNetOutput",
     "ResNetBottlenecks",
+    "convert_released_state_dict",
     "load_resnet_weights",
     "mmnet_resnet101",
     "mmnet_resnet50",
@@ -193,6 +194,60 @@ def load_resnet_weights(backbone: ResNetBottlenecks, path: str | os.PathLike) ->
     report = WeightsReport(source=str(path), matched=tuple(own), missing=(), unexpected=unexpected)
     _log.info("ResNet weights: %s", report)
     return report
+
+
+_RELEASED_UNUSED = ("upsample_", "feature_upsample_", "msblock0.", "conv0_", "backbone.fc.")
+
+
+def convert_released_state_dict(state: Mapping[str, Tensor], num_levels: int = 4) -> dict[str, Tensor]:
+    """Rename a released MMNet state dict (``models/Model.py``, ResNet backbones) to this model's names.
+
+    ``backbone.layerK.*`` → ``backbone.stages.{K-1}.*``; ``msblockS_J.conv`` / ``.conv1..3`` →
+    ``multiscale.{S-1}.{J-1}.conv`` / ``.branches.0..2``; ``convS_J_down`` → ``...proj``;
+    ``wa_S.conv_theta|phi|g`` → ``attention.{S-1}.qkv`` (stacked in that order), ``wa_S.conv_back``
+    → ``attention.{S-1}.proj``; ``feat_upsample_S`` and ``conv{S-1}_scale`` → ``fusion.{L-S}.up`` and
+    ``.fuse``. Modules the released forward never calls (``upsample_*``, ``feature_upsample_*``,
+    ``conv*_kernel``, ``msblock0``, ``conv0_*``, ``fc``) are dropped. The released ``fcn-resnet101``
+    backbone (gluoncv's dilated FCN) has another structure and is not supported.
+    """
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.startswith(_RELEASED_UNUSED) or "_kernel." in key:
+            continue
+        head, _, rest = key.partition(".")
+        if head == "backbone":
+            if rest.startswith("layer"):
+                stage, tail = rest[len("layer") :].split(".", 1)
+                rest = f"stages.{int(stage) - 1}.{tail}"
+            out[f"backbone.{rest}"] = value
+        elif head.startswith("msblock"):
+            s, j = (int(v) for v in head[len("msblock") :].split("_"))
+            name, _, param = rest.partition(".")
+            target = "conv" if name == "conv" else f"branches.{int(name[len('conv'):]) - 1}"
+            out[f"multiscale.{s - 1}.{j - 1}.{target}.{param}"] = value
+        elif head.startswith("conv") and head.endswith("_down"):
+            s, j = (int(v) for v in head[len("conv") : -len("_down")].split("_"))
+            out[f"multiscale.{s - 1}.{j - 1}.proj.{rest}"] = value
+        elif head.startswith("wa_"):
+            s = int(head[len("wa_") :])
+            name, _, param = rest.partition(".")
+            if name == "conv_back":
+                out[f"attention.{s - 1}.proj.{param}"] = value
+            else:
+                qkv.setdefault((s, param), {})[name] = value
+        elif head.startswith("feat_upsample_"):
+            s = int(head[len("feat_upsample_") :])
+            out[f"fusion.{num_levels - s}.up.{rest}"] = value
+        elif head.startswith("conv") and head.endswith("_scale"):
+            s = int(head[len("conv") : -len("_scale")])
+            out[f"fusion.{num_levels - 1 - s}.fuse.{rest}"] = value
+        else:
+            raise ValueError(f"unknown key {key!r} in the released MMNet state dict")
+    for (s, param), parts in qkv.items():
+        out[f"attention.{s - 1}.qkv.{param}"] = torch.cat([parts[n] for n in ("conv_theta", "conv_phi", "conv_g")])
+    return out
 
 
 class MMNet(Matcher):

@@ -12,6 +12,7 @@ from actr_core.models.mmnet import (
     MMNet,
     MMNetConfig,
     MMNetOutput,
+    convert_released_state_dict,
     load_resnet_weights,
     mmnet_resnet50,
     mmnet_resnet101,
@@ -221,3 +222,51 @@ class TestErrors:
     def test_config_is_frozen(self):
         with pytest.raises(dataclasses.FrozenInstanceError):
             MMNetConfig().feature_channels = 3  # type: ignore[misc]
+
+
+def _released_names(model: MMNet) -> dict[str, torch.Tensor]:
+    """Our weights under the released module names (models/Model.py), plus modules it never calls."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.backbone.state_dict().items():
+        if key.startswith("stages."):
+            _, k, rest = key.split(".", 2)
+            key = f"layer{int(k) + 1}.{rest}"
+        out[f"backbone.{key}"] = value
+    levels = len(model.config.layers)
+    for i, depth in enumerate(model.config.layers):
+        for j in range(depth):
+            block = model.multiscale[i][j]
+            for p in ("weight", "bias"):
+                out[f"msblock{i + 1}_{j + 1}.conv.{p}"] = getattr(block.conv, p)
+                for r, branch in enumerate(block.branches):
+                    out[f"msblock{i + 1}_{j + 1}.conv{r + 1}.{p}"] = getattr(branch, p)
+                out[f"conv{i + 1}_{j + 1}_down.{p}"] = getattr(block.proj, p)
+        for p in ("weight", "bias"):
+            theta, phi, g = getattr(model.attention[i].qkv, p).chunk(3)
+            out[f"wa_{i + 1}.conv_theta.{p}"], out[f"wa_{i + 1}.conv_phi.{p}"], out[f"wa_{i + 1}.conv_g.{p}"] = theta, phi, g
+            out[f"wa_{i + 1}.conv_back.{p}"] = getattr(model.attention[i].proj, p)
+            if i != levels - 1:
+                out[f"conv{i + 1}_scale.{p}"] = getattr(model.fusion[levels - 2 - i].fuse, p)
+        if i != 0:
+            out[f"feat_upsample_{i + 1}.weight"] = model.fusion[levels - 1 - i].up.weight
+        out[f"conv{i + 1}_kernel.weight"] = torch.zeros(1)
+    for unused in ("upsample_4.weight", "feature_upsample_2.weight", "msblock0.conv.weight", "conv0_down.bias",
+                   "backbone.fc.weight"):
+        out[unused] = torch.zeros(1)
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def test_released_state_dict_converts_to_the_same_network():
+    torch.manual_seed(0)
+    donor = mmnet_tiny().eval()
+    model = mmnet_tiny().eval()
+    model.load_state_dict(convert_released_state_dict(_released_names(donor)), strict=True)
+    x, y = torch.randn(1, 3, H, W), torch.randn(1, 3, H, W)
+    with torch.no_grad():
+        for a, b in zip(donor(x, y).pyramid, model(x, y).pyramid):
+            torch.testing.assert_close(a, b)
+
+
+def test_released_state_dict_unknown_key(no_typecheck):
+    with pytest.raises(ValueError, match="unknown key"):
+        convert_released_state_dict({"head.weight": torch.zeros(1)})
