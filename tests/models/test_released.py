@@ -1,0 +1,430 @@
+"""ACTR as released: blocks, composition, checkpoint key mapping and strict loading.
+
+Equality with the released code itself needs a checkout of it and is shown by
+``pipelines/compare_released.py --actr-repo PATH`` (see docs/models.md); here the released key
+names and shapes come from ``tests/fixtures/actr_released_keys.json``, which that script writes.
+"""
+
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from actr_core.blocks.released import (
+    arf,
+    channel_attention,
+    dino_pos_embed_interpolation,
+    head_summed_cross_attention,
+    nearest_upsample_flow,
+    released_epe_loss,
+    released_soft_argmax,
+    released_target_reweighting,
+)
+from actr_core.models import (
+    ACTRReleased,
+    ACTRReleasedConfig,
+    MatchOutput,
+    OfficialCheckpointError,
+    build_model,
+    load_official_actr,
+    official_parameter_count,
+    parameter_count,
+    to_official_state_dict,
+)
+from actr_core.models.released import (
+    official_key_to_ours,
+    official_state_dict_shapes,
+    our_key_to_official,
+)
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "actr_released_keys.json"
+
+# A tiny released composition: 48-px native ViT (3×3 grid) resampled to 64-px input (4×4 tokens),
+# 2 blocks, 16×16 flow; windows 8 and 4 as released.
+TINY = ACTRReleasedConfig(
+    backbone="vit_small_patch16_224",
+    backbone_kwargs=(("depth", 1), ("embed_dim", 32), ("num_heads", 2), ("img_size", 48)),
+    image_size=64,
+    depth=2,
+    num_heads=2,
+    guidance_dim=14,
+    sr_heads=2,
+    sr_hidden=8,
+    channel_reduction=4,
+)
+
+
+def tiny_model(**changes) -> ACTRReleased:
+    config = ACTRReleasedConfig(**{**TINY.__dict__, **changes})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return ACTRReleased(config)
+
+
+def released_table() -> dict[str, tuple[tuple[int, ...], str, bool]]:
+    raw = json.loads(FIXTURE.read_text())
+    return {k: (tuple(shape), dtype, is_param) for k, (shape, dtype, is_param) in raw.items()}
+
+
+def meta_state_dict() -> dict[str, torch.Tensor]:
+    """A released state dict with the released names and shapes (no memory: meta tensors)."""
+    return {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for k, (shape, dtype, _) in released_table().items()}
+
+
+# ------------------------------------------------------------------------------------- the blocks
+
+
+def naive_arf(x):
+    """The released arithmetic, as written there (overflows for large |x|)."""
+    tmp = (torch.exp(x) - torch.exp(-x)) / (torch.exp(x) + torch.exp(-x - 4))
+    return torch.where(tmp < 0, torch.zeros_like(tmp), tmp)
+
+
+def test_arf_equals_the_released_form_where_that_is_finite():
+    x = torch.linspace(-300, 300, 60001, dtype=torch.float64)
+    ref = naive_arf(x)
+    finite = torch.isfinite(ref)
+    assert finite[torch.abs(x) < 300].all()
+    assert torch.allclose(arf(x)[finite], ref[finite], rtol=1e-12, atol=1e-15)
+    x32 = torch.linspace(-80, 80, 16001)
+    assert torch.allclose(arf(x32), naive_arf(x32), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_arf_is_stable_for_large_inputs(dtype):
+    x = torch.tensor([-1e4, -1e3, -100.0, 100.0, 1e3, 1e4, 3e4], dtype=dtype, requires_grad=True)
+    y = arf(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert (y[:3] == 0).all() and torch.allclose(y[3:].float(), torch.ones(4))
+    assert torch.isnan(naive_arf(torch.tensor([100.0]))).all()  # what the released form gives in float32
+
+
+def test_arf_known_values_and_slope():
+    assert arf(torch.tensor(0.0)) == 0
+    x = torch.tensor([1e-4], dtype=torch.float64, requires_grad=True)
+    arf(x).backward()
+    assert math.isclose(x.grad.item(), 2 / (1 + math.exp(-4)), rel_tol=1e-3)
+
+
+def test_arf_gradcheck():
+    x = torch.tensor([-2.0, -0.3, 0.2, 1.5, 40.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(arf, (x,))
+
+
+def reference_cross_attention(x, y, w, b, pw, pb, heads):
+    """The released arithmetic: one qkv projection of each stream, q from x, k and v from y."""
+    bsz, n, c = x.shape
+    qx = F.linear(x, w, b).reshape(bsz, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)[0]
+    kv = F.linear(y, w, b).reshape(bsz, y.shape[1], 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    attn = ((qx @ kv[1].transpose(-2, -1)) * (c // heads) ** -0.5).softmax(-1)
+    out = (attn @ kv[2]).transpose(1, 2).reshape(bsz, n, c)
+    return F.linear(out, pw, pb), attn.sum(1)
+
+
+def test_head_summed_cross_attention_equals_reference_and_rows_sum_to_heads():
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 5, 12), torch.randn(2, 7, 12)
+    w, b, pw, pb = torch.randn(36, 12), torch.randn(36), torch.randn(12, 12), torch.randn(12)
+    out, attn = head_summed_cross_attention(x, y, w, b, pw, pb, num_heads=3)
+    ref_out, ref_attn = reference_cross_attention(x, y, w, b, pw, pb, 3)
+    assert attn.shape == (2, 5, 7)
+    assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(attn, ref_attn, atol=1e-6)
+    assert torch.allclose(attn.sum(-1), torch.full((2, 5), 3.0))
+
+
+def test_head_summed_cross_attention_gradcheck():
+    torch.manual_seed(0)
+    args = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(1, 3, 4), (1, 2, 4), (12, 4), (12,), (4, 4), (4,)]]
+    assert torch.autograd.gradcheck(lambda *a: head_summed_cross_attention(*a, num_heads=2), args)
+
+
+def test_target_reweighting_adds_weighted_target_and_stops_gradient():
+    t = torch.randn(2, 3, 4, requires_grad=True)
+    attention = torch.rand(2, 5, 3, requires_grad=True)
+    w = torch.randn(1, 1, 4)
+    out = released_target_reweighting(t, attention, w)
+    h = attention.detach().mean(1).unsqueeze(-1)
+    assert torch.allclose(out, t + t * w * torch.sigmoid(h))
+    out.sum().backward()
+    assert attention.grad is None  # h is a stop-gradient input
+
+
+def test_convention_released_soft_argmax_align_corners_true():
+    """A one-hot correlation gives target − source index (align_corners=True grid: cell i at i);
+    reading the linspace grid with the pixel-centre unnormalisation ((x+1)W − 1)/2 would not."""
+    ht, wt = 3, 5
+    corr = torch.zeros(1, 2, 4, ht, wt)
+    corr[0, 1, 3, 2, 0] = 1.0  # source (x=3, y=1) matches target (x=0, y=2)
+    grid_x, grid_y = torch.linspace(-1, 1, wt), torch.linspace(-1, 1, ht)
+    flow = released_soft_argmax(corr, grid_x, grid_y, beta=1e-3)
+    assert torch.allclose(flow[0, :, 1, 3], torch.tensor([-3.0, 1.0]), atol=1e-4)
+    misread_x = ((grid_x[0] + 1) * wt - 1) / 2 - 3
+    assert not math.isclose(misread_x.item(), -3.0, abs_tol=0.1)
+
+
+def test_released_soft_argmax_uniform_known_value_and_gradcheck():
+    corr = torch.zeros(1, 2, 2, 3, 4)
+    flow = released_soft_argmax(corr, torch.linspace(-1, 1, 4), torch.linspace(-1, 1, 3), beta=0.02)
+    assert torch.allclose(flow[0, 0], torch.tensor([[1.5, 0.5], [1.5, 0.5]]))  # E[x_t] = 1.5 minus x_s
+    assert torch.allclose(flow[0, 1], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    c = torch.randn(1, 2, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    gx, gy = torch.linspace(-1, 1, 3, dtype=torch.float64), torch.linspace(-1, 1, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda v: released_soft_argmax(v, gx, gy, beta=0.5), (c,))
+
+
+def test_nearest_upsample_flow_known_values():
+    flow = torch.arange(8.0).view(1, 2, 2, 2)
+    up = nearest_upsample_flow(flow, 4)
+    assert up.shape == (1, 2, 8, 8)
+    assert torch.equal(up[0, 0, :4, :4], torch.full((4, 4), 0.0)) and torch.equal(up[0, 1, 4:, 4:], torch.full((4, 4), 28.0))
+
+
+def cubic_resample_1d(values: torch.Tensor, positions: torch.Tensor, a: float = -0.75) -> torch.Tensor:
+    """Cubic convolution (PyTorch's bicubic kernel, a = −0.75, border taps clamped) at ``positions``."""
+
+    def kernel(d):
+        d = d.abs()
+        near = (a + 2) * d**3 - (a + 3) * d**2 + 1
+        far = a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a
+        return torch.where(d <= 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
+
+    base = positions.floor()
+    out = torch.zeros_like(positions)
+    for k in (-1, 0, 1, 2):
+        index = (base + k).clamp(0, len(values) - 1).long()
+        out = out + kernel(positions - (base + k)) * values[index]
+    return out
+
+
+def test_convention_dino_pos_embed_samples_at_the_scale_factor_positions():
+    """DINO passes a scale factor (grid + 0.1)/native: it samples at x0 = (x + 0.5)·w0/(w + 0.1) − 0.5,
+    not at timm's size-based (x + 0.5)·w0/w − 0.5."""
+    h0, w0, h, w = 6, 8, 6, 12
+    torch.manual_seed(0)
+    row = torch.randn(w0, dtype=torch.float64)
+    pos = torch.cat((torch.full((1,), -7.0, dtype=torch.float64), row.repeat(h0))).view(1, -1, 1)
+    out = dino_pos_embed_interpolation(pos, (h, w), (h0, w0), 1)
+    assert out.shape == (1, 1 + h * w, 1) and out[0, 0, 0] == -7.0  # [cls] kept
+    values = out[0, 1:, 0].view(h, w)[2]  # rows are constant copies: any row
+    x = torch.arange(w, dtype=torch.float64)
+    dino = cubic_resample_1d(row, (x + 0.5) * w0 / (w + 0.1) - 0.5)
+    timm_like = cubic_resample_1d(row, (x + 0.5) * w0 / w - 0.5)
+    assert torch.allclose(values, dino, atol=1e-9)
+    assert not torch.allclose(values, timm_like, atol=1e-3)
+    assert dino_pos_embed_interpolation(pos, (h0, w0), (h0, w0), 1) is pos
+
+
+def test_channel_attention_known_value():
+    x = torch.ones(1, 4, 2, 2)
+    zero = torch.zeros(2, 4, 1, 1)
+    assert torch.allclose(channel_attention(x, zero, torch.zeros(4, 2, 1, 1)), 1.5 * x)  # x + x·σ(0)
+
+
+def test_released_epe_loss_pools_valid_cells_and_ignores_nan():
+    pred = torch.zeros(2, 2, 2, 2, requires_grad=True)
+    target = torch.zeros(2, 2, 2, 2)
+    target[0, 0, 0, 0] = 3.0
+    target[0, 1, 0, 0] = 4.0  # EPE 5 in one cell of pair 0
+    target[1] = float("nan")
+    valid = torch.zeros(2, 2, 2, dtype=torch.bool)
+    valid[0] = True  # pair 0: 4 valid cells, pair 1 none
+    loss = released_epe_loss(pred, target, valid)
+    assert torch.isclose(loss, torch.tensor(5.0 / 4))  # pooled over the batch's valid cells
+    loss.backward()
+    assert torch.isfinite(pred.grad).all() and (pred.grad[1] == 0).all()
+    assert released_epe_loss(pred, target, torch.zeros_like(valid)) == 0
+
+
+# ------------------------------------------------------------------------------------- the model
+
+
+def test_shapes_batch_two():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64))
+    assert isinstance(out, MatchOutput)
+    assert out.flow.shape == (2, 2, 16, 16)
+    assert out.flows_per_path.shape == (2, 2, 2, 16, 16)
+    assert out.coarse_flows.shape == (2, 2, 2, 4, 4)
+    assert out.correlations.shape == (2, 2, 4, 4, 4, 4)
+    assert torch.allclose(out.flow, out.flows_per_path.mean(1))
+    rows = out.correlations.sum((-1, -2))  # head-summed rows sum to 2 heads, less the dropped [cls] column
+    assert ((rows > 1.0) & (rows < 2.0)).all()
+
+
+def test_batch_elements_are_independent():
+    model = tiny_model().eval()
+    src, trg = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        both = model(src, trg).flow
+        one = model(src[1:], trg[1:]).flow
+    assert torch.allclose(both[1:], one, atol=1e-5)
+
+
+def test_every_trainable_parameter_gets_a_gradient_and_backbone_is_frozen():
+    torch.manual_seed(0)
+    model = tiny_model(freeze_backbone=False).train()
+    out = model(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64))
+    batch = {"flow": torch.randn(2, 2, 16, 16), "valid_flow": torch.rand(2, 16, 16) > 0.5}
+    loss = model.loss(out, batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    frozen = tiny_model()
+    assert not any(p.requires_grad for p in frozen.backbone.parameters())
+    assert all(p.requires_grad for n, p in frozen.named_parameters() if not n.startswith("backbone."))
+
+
+def test_soft_argmax_grids_are_buffers_not_parameters():
+    model = tiny_model()
+    names = {n for n, _ in model.named_parameters()}
+    assert not any("grid" in n for n in names)
+    assert {"soft_argmax.x_grid", "soft_argmax.y_grid"} <= set(model.state_dict())
+
+
+def test_transfer_and_loss_use_the_matcher_interface():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64))
+    kps = torch.tensor([[[10.0, 20.0], [63.0, 0.0]]])
+    moved = model.transfer(out, kps)
+    assert moved.shape == (1, 2, 2) and torch.isfinite(moved).all()
+    with pytest.raises(ValueError, match="has shape"):
+        model.loss(out, {"flow": torch.zeros(1, 2, 8, 8), "valid_flow": torch.ones(1, 8, 8, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize(
+    ("src_shape", "trg_shape", "dtype", "match"),
+    [
+        ((1, 3, 64, 72), (1, 3, 64, 72), torch.float32, "multiples of 16"),
+        ((2, 3, 64, 64), (1, 3, 64, 64), torch.float32, "batch size 2 but trg has batch size 1"),
+        ((1, 1, 64, 64), (1, 1, 64, 64), torch.float32, "expected 3 channels"),
+        ((1, 3, 64, 64), (1, 3, 64, 64), torch.int32, "dtype torch.int32"),
+        ((1, 3, 128, 128), (1, 3, 128, 128), torch.float32, "takes 64x64 input only"),
+    ],
+)
+def test_bad_input_raises_value_error(no_typecheck, src_shape, trg_shape, dtype, match):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=match):
+        model(torch.zeros(src_shape, dtype=dtype), torch.zeros(trg_shape, dtype=dtype))
+
+
+# ---------------------------------------------------------------------------- checkpoint mapping
+
+
+def test_key_mapping_round_trip_and_outputs():
+    """ours → released names → load_official_actr gives the same keys, values and outputs."""
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    official = to_official_state_dict(model)
+    for key in model.state_dict():
+        assert official_key_to_ours(our_key_to_official(key, TINY), TINY) == key
+    loaded = load_official_actr({"state_dict": {f"module.{k}": v for k, v in official.items()}}, config=TINY).eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    src, trg = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(src, trg).flow, loaded(src, trg).flow)
+    assert not loaded.soft_argmax.x_grid.requires_grad
+    assert not any(p.requires_grad for p in loaded.backbone.parameters())
+
+
+def test_load_from_file(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "model_best.pth"
+    torch.save({"epoch": 3, "state_dict": to_official_state_dict(model), "best_loss": 1.0}, path)
+    loaded = load_official_actr(path, config=TINY)
+    assert torch.equal(loaded.refiner.head[0].weight, model.refiner.head[0].weight)
+
+
+def test_released_key_table_matches_our_mapping():
+    """The released names/shapes (fixture written from the released code) are exactly what our
+    ViT-B model maps to, and a state dict with those names loads strictly."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = ACTRReleased()
+    table = released_table()
+    assert official_state_dict_shapes(model) == {k: v[0] for k, v in table.items()}
+    assert official_parameter_count(model) == 172_810_369 == sum(math.prod(s) for s, _, p in table.values() if p)
+    assert parameter_count(model) == 144_245_856
+    loaded = load_official_actr(meta_state_dict())
+    assert isinstance(loaded, ACTRReleased)
+
+
+def test_dropped_released_keys_are_exactly_the_unused_ones():
+    dropped = {k for k in released_table() if official_key_to_ours(k) is None}
+    pattern = re.compile(
+        r"decoder\.(blocks\.[0-4]|last_block\.0)\.(mlp2\.fc[12]\.(weight|bias)|norm[34]\.(weight|bias))"
+        r"|decoder\.last_block\.0\.spatial_attention\.weight|decoder\.pos_embed_[xy]|decoder\.(proj|norm)\.(weight|bias)"
+        r"|learn_parm|refine_swin_decoder_[12]_[12]\.0\.transformer\.layers\.0\.blocks\.0\.attn\.relative_position_index"
+    )
+    assert all(pattern.fullmatch(k) for k in dropped)
+    assert len(dropped) == 6 * 8 + 1 + 2 + 4 + 1 + 4  # per block: mlp2 (4), norm3 (2), norm4 (2)
+    assert "x_normal" not in dropped and "y_normal" not in dropped  # loaded into the grid buffers
+
+
+def test_trained_soft_argmax_grids_are_loaded_into_buffers():
+    model = tiny_model()
+    official = to_official_state_dict(model)
+    official["x_normal"] = official["x_normal"] * 0.9
+    loaded = load_official_actr(official, config=TINY)
+    assert torch.equal(loaded.soft_argmax.x_grid, official["x_normal"])
+    assert "soft_argmax.x_grid" in dict(loaded.named_buffers())
+
+
+def test_unknown_key_is_an_error():
+    state = meta_state_dict()
+    state["decoder.blocks.0.extra.weight"] = torch.empty(3, device="meta")
+    with pytest.raises(OfficialCheckpointError, match=r"1 keys are not keys of the released ACTR.*extra\.weight"):
+        load_official_actr(state)
+
+
+def test_missing_key_is_an_error_naming_the_released_key():
+    state = meta_state_dict()
+    del state["refine_swin_decoder_2_1.1.fc.0.weight"]
+    with pytest.raises(OfficialCheckpointError, match=r"1 released keys are missing.*refine_swin_decoder_2_1\.1\.fc\.0\.weight"):
+        load_official_actr(state)
+
+
+def test_wrong_shapes_list_the_first_mismatched_keys():
+    state = meta_state_dict()
+    state["decoder.blocks.0.pos_embed"] = torch.empty(1, 197, 768, device="meta")
+    state["refine2.2.weight"] = torch.empty(3, 32, 3, 3, device="meta")
+    with pytest.raises(OfficialCheckpointError, match=r"2 keys have wrong shapes, first: decoder\.blocks\.0\.pos_embed: checkpoint \(1, 197, 768\) vs model \(1, 257, 768\)"):
+        load_official_actr(state)
+
+
+def test_wrong_derived_buffer_is_an_error():
+    model = tiny_model()
+    official = to_official_state_dict(model)
+    key = "refine_swin_decoder_1_1.0.transformer.layers.0.blocks.0.attn.relative_position_index"
+    official[key] = official[key].flip(0)
+    with pytest.raises(OfficialCheckpointError, match="derived buffers differ"):
+        load_official_actr(official, config=TINY)
+
+
+def test_registry_builds_the_released_model():
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = build_model("actr_released")
+    assert isinstance(model, ACTRReleased)
+
+
+@pytest.mark.slow
+def test_vit_b_smoke_256():
+    """The one full-size test: released sizes, 256 × 256 → (1, 2, 64, 64)."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        model = ACTRReleased().eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 256, 256), torch.randn(1, 3, 256, 256))
+    assert out.flow.shape == (1, 2, 64, 64) and torch.isfinite(out.flow).all()
+    assert out.flows_per_path.shape == (1, 6, 2, 64, 64) and out.coarse_flows.shape == (1, 6, 2, 16, 16)
