@@ -10,6 +10,7 @@ from actr_core.training.checkpoint import (
     CheckpointError,
     TrainingCheckpoint,
     atomic_save,
+    export_model,
     load_checkpoint,
     load_model_from_checkpoint,
     resolve_checkpoint_path,
@@ -20,7 +21,6 @@ from actr_core.training.checkpoint import (
 from actr_core.training.config import TrainConfig, config_from_args, load_config, parse_overrides
 from actr_core.training.loop import ValidationResult, all_reduce_sum, train_epoch, validate
 from actr_core.training.optim import build_optimizer, build_scheduler, lr_multiplier, parameter_groups, unwrap_model
-from actr_core.training.registry import available_models, build_model, register_model
 from actr_core.training.step import StepResult, StepSettings, move_batch, precision_settings, train_step
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "CheckpointError",
     "TrainingCheckpoint",
     "atomic_save",
+    "export_model",
     "load_checkpoint",
     "load_model_from_checkpoint",
     "resolve_checkpoint_path",
@@ -49,9 +50,6 @@ __all__ = [
     "lr_multiplier",
     "parameter_groups",
     "unwrap_model",
-    "available_models",
-    "build_model",
-    "register_model",
     "StepResult",
     "StepSettings",
     "move_batch",

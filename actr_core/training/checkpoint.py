@@ -7,7 +7,7 @@ tensors, so it loads with ``torch.load(weights_only=True)`` (no pickled code run
 ``schema_version``     :data:`SCHEMA_VERSION` of this layout
 ``library_version``    ``actr_core.__version__`` that wrote it
 ``data_schema_version`` the batch schema version the model was trained on (None if unknown)
-``builder``            the model builder's name (:func:`actr_core.training.build_model`)
+``builder``            the model builder's registered name (:func:`actr_core.models.build_model`)
 ``builder_kwargs``     the builder's keyword overrides
 ``config``             the full training configuration (a plain dict)
 ``model``              the model's ``state_dict`` (never a DDP-prefixed one)
@@ -45,6 +45,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model_from_checkpoint",
+    "export_model",
     "resolve_checkpoint_path",
     "rng_state",
     "set_rng_state",
@@ -241,6 +242,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     )
 
 
+def export_model(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a copy of checkpoint ``path`` without optimiser, scheduler, scaler and RNG states (atomically).
+
+    The copy is still a self-describing checkpoint (builder, config, versions, history), so
+    :func:`load_model_from_checkpoint` rebuilds the model from it; it is only smaller.
+    """
+    source = resolve_checkpoint_path(path)
+    load_checkpoint(source)  # rejects foreign files with the usual error
+    payload = torch.load(source, map_location="cpu", weights_only=True)
+    payload.update(optimizer=None, scheduler=None, scaler=None, rng={})
+    return atomic_save(payload, out)
+
+
 def load_model_from_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -249,7 +263,7 @@ def load_model_from_checkpoint(
     Returns ``(model, info)``; ``info`` holds ``builder``, ``builder_kwargs``, ``config``,
     ``epoch``, ``step``, ``library_version`` and ``input_size`` = ``(image_size, image_size)``.
     """
-    from actr_core.training.registry import build_model
+    from actr_core.models import build_model
 
     ckpt = load_checkpoint(path, map_location=map_location)
     model = build_model(ckpt.builder, **ckpt.builder_kwargs)

@@ -30,20 +30,23 @@ class TrainConfig:
     name: str = "run"  # the run folder is <runs_dir>/<name>
     runs_dir: str = "runs"  # parent of run folders; Ray's RunConfig.storage_path
     # --- model ------------------------------------------------------------------------------
-    model: str = "actr_small"  # builder name (actr_core.training.build_model) or "module:callable"
+    model: str = "actr_small"  # registered builder name (actr_core.models.build_model)
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # builder overrides
-    # --- data (shard URLs: any fsspec URL, brace patterns allowed) --------------------------
-    train_shards: str = "shards/synthetic/train-{000000..000003}.tar"  # pipelines/make_shards.py default
-    val_shards: str = "shards/synthetic/val-{000000..000000}.tar"  # model selection split, never test
-    image_size: int = 256  # model input side H = W (paper Sec. 4.1: 256; ACTR_h 512)
+    # --- data: a shard set written by pipelines/make_shards.py (local path or any fsspec URL) --
+    shards: str = "shards/synthetic"  # the shard set's folder, holding manifest.json
+    train_split: str = "train"
+    val_split: str = "val"  # model selection happens on this split, never on "test"
+    image_size: int = 256  # model input side H = W; shards are resized to it (paper Sec. 4.1: 256; ACTR_h 512)
+    augment: bool = True  # the released code's training augmentation (photometric set + box-preserving crop)
     batch_size: int = 8  # per Ray worker (paper: 8 at 256, 6 at 512)
     val_batch_size: int = 8  # per Ray worker during validation
-    shuffle_buffer: int = 256  # WebDataset sample shuffle buffer (training only)
+    shuffle_buffer: int = 256  # training samples in the shuffle buffer (per loader worker)
     loader_workers: int = 0  # DataLoader processes per Ray worker; 0 = read in the training process
     # --- schedule ---------------------------------------------------------------------------
     epochs: int = 10
-    steps_per_epoch: int = 0  # optimiser steps per epoch and worker; 0 = from the shard manifest
-    val_steps: int = 0  # validation batches per worker; 0 = the whole validation split
+    steps_per_epoch: int = 0  # cap on optimiser steps per epoch (each worker); 0 = all the full batches of the split
+    val_steps: int = 0  # cap on validation batches per worker; 0 = the whole validation split
+    validate_before_training: bool = True  # score the untrained model first (row "epoch 0" of metrics.csv)
     # --- optimiser (paper Sec. 4.1: AdamW, backbone 6e-6, heads 6e-5, weight decay 0.05) ----
     backbone_lr: float = 6e-6
     head_lr: float = 6e-5
@@ -61,7 +64,7 @@ class TrainConfig:
     # --- Ray Train / resources --------------------------------------------------------------
     num_workers: int = 2  # Ray Train workers (DDP ranks)
     use_gpu: bool = False  # one GPU per worker; backend nccl instead of gloo
-    cpus_per_worker: int = 1  # Ray CPU resource per worker; also the worker's torch thread count
+    cpus_per_worker: int = 1  # Ray CPU resource per worker = torch threads + loader_workers (docs/training.md)
     find_unused_parameters: bool = False  # DDP option for models with branches unused in a step
     ray_address: str = ""  # "" = RAY_ADDRESS if set, else Ray started in-process
     ray_num_cpus: int = 0  # in-process Ray only; 0 = num_workers * cpus_per_worker

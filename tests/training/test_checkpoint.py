@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from training_toys import ToyMatcher, make_batch
+from training_toys import TOY_NAME, ToyMatcher, make_batch
 
 import actr_core
 from actr_core.training import (
@@ -18,6 +18,7 @@ from actr_core.training import (
     SCHEMA_VERSION,
     CheckpointError,
     atomic_save,
+    export_model,
     build_optimizer,
     build_scheduler,
     load_checkpoint,
@@ -29,7 +30,7 @@ from actr_core.training import (
 )
 from actr_core.training import checkpoint as checkpoint_module
 
-BUILDER = "training_toys:toy_matcher"
+BUILDER = TOY_NAME
 
 
 def _trained(tmp_path: Path):
@@ -205,3 +206,15 @@ def test_killed_writer_never_leaves_a_half_written_file(tmp_path):
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "ckpt.pt"]
     # a killed writer may leave its temporary file (never under the checkpoint's name); it is never read
     assert all(name.startswith(".ckpt.pt.") and name.endswith(".tmp") for name in leftovers)
+
+
+def test_export_model_drops_training_state_and_still_rebuilds(tmp_path):
+    model, _, _, path = _trained(tmp_path)
+    out = export_model(path, tmp_path / "model_final.pt")
+    ckpt = load_checkpoint(out)
+    assert ckpt.optimizer is None and ckpt.scheduler is None and ckpt.rng == {}
+    assert ckpt.builder == BUILDER and ckpt.step == 3
+    rebuilt, _ = load_model_from_checkpoint(out)
+    for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert out.stat().st_size < path.stat().st_size

@@ -11,7 +11,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from actr_core.blocks import masked_flow_loss
-from actr_core.models.base import Matcher, MatchOutput
+from actr_core.models import Matcher, MatchOutput, model_entries, register_model
 
 STRIDE = 4  # the matcher interface's flow stride
 
@@ -32,9 +32,16 @@ class ToyMatcher(Matcher):
         return masked_flow_loss(output.flow, batch["flow"], batch["valid_flow"])
 
 
+TOY_NAME = "training_toy"  # registered in actr_core.models' registry for the checkpoint tests
+
+
 def toy_matcher(channels: int = 8) -> ToyMatcher:
-    """Builder used by the registry tests (``"training_toys:toy_matcher"``)."""
+    """Builder of the stand-in, registered as :data:`TOY_NAME`."""
     return ToyMatcher(channels)
+
+
+if TOY_NAME not in {entry.name for entry in model_entries()}:
+    register_model(TOY_NAME)(toy_matcher)
 
 
 def make_batch(b: int = 2, size: tuple[int, int] = (32, 48), n: int = 5, seed: int = 0) -> dict[str, Any]:

@@ -1,0 +1,131 @@
+"""pipelines/train.py: configuration files, run outputs, the fault hook, and a Ray run killed mid-way.
+
+The Ray test (marked ``slow``, about 1-2 minutes on 2 cores) trains a tiny ACTR with 2 gloo workers
+on a tiny synthetic shard set, SIGKILLs one worker through the fault-injection hook in the second
+epoch, and checks that Ray restarts from the last checkpoint and finishes with the expected steps.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from actr_core.training import TrainConfig, config_from_args, load_checkpoint, load_config, load_model_from_checkpoint
+from pipelines import train
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_file_is_valid(path):
+    cfg = TrainConfig.from_dict(load_config(path))
+    assert cfg.name == path.stem
+
+
+def test_small_cpu_config_with_overrides():
+    cfg = config_from_args([str(ROOT / "configs" / "small_cpu.yaml"), "--epochs", "1", "--num_workers", "1"])
+    assert (cfg.epochs, cfg.num_workers, cfg.use_gpu) == (1, 1, False)
+
+
+def test_thread_budget():
+    assert train._threads(TrainConfig(cpus_per_worker=1)) == 1
+    assert train._threads(TrainConfig(cpus_per_worker=6, loader_workers=4)) == 2
+    assert train._threads(TrainConfig(cpus_per_worker=2, loader_workers=4)) == 1
+
+
+def test_fault_hook_fires_once_on_the_chosen_rank_and_step(tmp_path, monkeypatch):
+    kills = []
+    monkeypatch.setattr(train.os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    fault = {"step": 3, "rank": 1, "marker": str(tmp_path / ".fault")}
+    train._maybe_inject_fault(fault, rank=0, step=3)
+    train._maybe_inject_fault(fault, rank=1, step=2)
+    assert kills == []
+    train._maybe_inject_fault(fault, rank=1, step=3)
+    train._maybe_inject_fault(fault, rank=1, step=3)  # the marker exists: no second kill
+    assert len(kills) == 1 and (tmp_path / ".fault").exists()
+    train._maybe_inject_fault({"step": 0, "rank": 0, "marker": str(tmp_path / "x")}, rank=0, step=0)
+    assert len(kills) == 1
+
+
+def test_fault_settings_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(train.FAULT_STEP_ENV, "7")
+    monkeypatch.setenv(train.FAULT_RANK_ENV, "1")
+    assert train._fault_settings(tmp_path) == {"step": 7, "rank": 1, "marker": str(tmp_path / train.FAULT_MARKER)}
+    monkeypatch.delenv(train.FAULT_STEP_ENV)
+    assert train._fault_settings(tmp_path)["step"] == 0
+
+
+def test_help_lists_the_settings(capsys):
+    assert train.cli(["--help"]) == {}
+    assert "head_lr" in capsys.readouterr().out
+
+
+def _tiny_shards(path: Path) -> Path:
+    from actr_core.data import ShardSettings, make_shards
+
+    settings = ShardSettings(
+        source="synthetic",
+        splits=("train", "val"),
+        pairs=(("train", 16), ("val", 4)),
+        size=(64, 64),
+        samples_per_shard=4,
+    )
+    make_shards(str(path), settings, progress=False)
+    return path
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_ray_run_survives_a_killed_worker_and_resumes_from_the_last_checkpoint(tmp_path):
+    shards = _tiny_shards(tmp_path / "shards")
+    epochs, steps_per_epoch, kill_after = 3, 2, 3  # the kill lands in epoch 2, after epoch 1's checkpoint
+    args = [
+        "--name", "fault", "--runs_dir", str(tmp_path / "runs"), "--shards", str(shards),
+        "--model", "actr_tiny", "--model_kwargs", "{image_size: [64, 64], warn_random_init: false}",
+        "--image_size", "64", "--batch_size", "2", "--val_batch_size", "4", "--epochs", str(epochs),
+        "--steps_per_epoch", str(steps_per_epoch), "--head_lr", "3e-4", "--backbone_lr", "1e-4",
+        "--augment", "false", "--num_workers", "2", "--max_failures", "1", "--progress", "false",
+        "--checkpoints_to_keep", "1",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({train.FAULT_STEP_ENV: str(kill_after), train.FAULT_RANK_ENV: "1", "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "train.py"), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    run = tmp_path / "runs" / "fault"
+    assert (run / train.FAULT_MARKER).read_text().startswith("killed rank 1 after step 3")
+    assert "resumed from epoch 1, step 2" in log
+    # the run finished with the expected number of steps, each epoch recorded once
+    metrics = _rows(run / "metrics.csv")
+    assert [int(r["epoch"]) for r in metrics] == [0, 1, 2, 3]
+    assert [int(r["step"]) for r in metrics] == [0, 2, 4, 6]
+    assert [int(r["step"]) for r in _rows(run / "steps.csv")] == list(range(1, 7))
+    final = load_checkpoint(run / "model_final.pt")
+    assert (final.epoch, final.step) == (epochs, epochs * steps_per_epoch)
+    assert sorted(final.rng) == [] and final.config["name"] == "fault"
+    # every checkpoint file left in the run folder is complete and self-describing
+    files = sorted(run.glob("checkpoints/*/checkpoint.pt"))
+    assert files and all(load_checkpoint(p).builder == "actr_tiny" for p in files)
+    assert sorted(load_checkpoint(files[-1]).rng) == [0, 1]  # both ranks' RNG states
+    assert not list(run.rglob("*.tmp"))
+    # the best model is chosen on the validation split and rebuilds from its file alone
+    best_pck = max(float(r["val_pck"]) for r in metrics if int(r["epoch"]) > 0)
+    best_epochs = {int(r["epoch"]) for r in metrics if int(r["epoch"]) > 0 and float(r["val_pck"]) == best_pck}
+    model, info = load_model_from_checkpoint(run / "model_best.pt")
+    assert info["epoch"] in best_epochs and info["input_size"] == (64, 64)
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64))
+    assert out.flow.shape == (1, 2, 16, 16)
+    assert (run / "config.yaml").exists()
