@@ -6,10 +6,14 @@
 the coarser level's accumulated correlation, nearest-upsampled on both grids and cut from the graph
 (no gradient flows from a finer level into a coarser one).
 
-Two paths compute the same thing: the reference (:func:`dot_product_correlation`,
-:func:`upsample_correlation`, an addition) and the fused :func:`coarse_to_fine_correlation`, which
-adds the coarser level in place through a broadcast view instead of materialising the upsampled
-tensor (at 56 × 80 cells both are ``(hs ws)² = 2 · 10⁷`` values). They are tested equal.
+Three paths compute the same thing, tested equal: the reference (:func:`dot_product_correlation`,
+:func:`upsample_correlation`, an addition); :func:`coarse_to_fine_correlation`, which adds the
+coarser level in place through a broadcast view instead of materialising the upsampled tensor (at
+56 × 80 cells both are ``(hs ws)² = 2 · 10⁷`` values); and :func:`correlation_pyramid`, which
+never adds correlations at all. Nearest upsampling commutes with the dot product,
+``up(⟨F^s, F^t⟩) = ⟨up F^s, up F^t⟩``, so ``C_l = ⟨[F_l, up G_{l-1}], [F_l, up G_{l-1}]⟩`` with
+``G_{l-1} = [F_{l-1}, up G_{l-2}]`` the (detached) channel stack of the coarser levels: one matrix
+product per level with ``c · (l + 1)`` channels, and no pass over the big tensor besides writing it.
 
 Convention:
     The reverse direction needs no second product: for raw dot products ``C^BA[t, s] = C^AB[s, t]``,
@@ -17,7 +21,10 @@ Convention:
     level is :func:`reverse_correlation` of the source → target one (a permuted view, no copy).
 """
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
@@ -25,6 +32,7 @@ from actr_core.blocks._checks import check_rank
 
 __all__ = [
     "coarse_to_fine_correlation",
+    "correlation_pyramid",
     "dot_product_correlation",
     "reverse_correlation",
     "upsample_correlation",
@@ -50,8 +58,10 @@ def dot_product_correlation(
     _check_features(f_src, f_trg)
     b, c, hs, ws = f_src.shape
     ht, wt = f_trg.shape[-2:]
-    corr = torch.bmm(f_src.reshape(b, c, hs * ws).transpose(1, 2), f_trg.reshape(b, c, ht * wt))
-    return corr.view(b, hs, ws, ht, wt)
+    # cells-major views: free for channels-last features, a small copy otherwise
+    cells_src = f_src.permute(0, 2, 3, 1).reshape(b, hs * ws, c)
+    cells_trg = f_trg.permute(0, 2, 3, 1).reshape(b, ht * wt, c)
+    return torch.bmm(cells_src, cells_trg.transpose(1, 2)).view(b, hs, ws, ht, wt)
 
 
 def _factor(name: str, fine: int, coarse: int) -> int:
@@ -112,6 +122,42 @@ def coarse_to_fine_correlation(
     blocks = corr.view(b, hc, f, wc, f, htc, f, wtc, f)
     blocks.add_(coarse[:, :, None, :, None, :, None, :, None])
     return corr
+
+
+def correlation_pyramid(
+    f_src: Sequence[Float[Tensor, "b c _ _"]], f_trg: Sequence[Float[Tensor, "b c _ _"]]
+) -> list[Float[Tensor, "b _ _ _ _"]]:
+    """Every level of the coarse-to-fine pyramid, coarsest first, by stacking upsampled features.
+
+    Equal to chaining :func:`coarse_to_fine_correlation` from the coarsest level, values and
+    gradients (the coarser features enter each finer product detached), up to float rounding.
+    Each level must be one integer factor finer than the previous on both axes.
+    """
+    if len(f_src) != len(f_trg) or not f_src:
+        raise ValueError(f"got {len(f_src)} source and {len(f_trg)} target levels: expected the same number >= 1")
+    pyramid: list[Tensor] = []
+    stack_src: Tensor | None = None
+    stack_trg: Tensor | None = None
+    for level, (s, t) in enumerate(zip(f_src, f_trg, strict=True)):
+        _check_features(s, t)
+        if s.shape[-2:] != t.shape[-2:]:
+            raise ValueError(f"level {level}: source {tuple(s.shape)} and target {tuple(t.shape)} grids differ")
+        if stack_src is not None and stack_trg is not None:
+            (h, w), (hc, wc) = s.shape[-2:], stack_src.shape[-2:]
+            f = _factor(f"level {level} height", h, hc)
+            if _factor(f"level {level} width", w, wc) != f:
+                raise ValueError(f"level {level} is {h}x{w} but the coarser one is {hc}x{wc}: expected one factor")
+            s = torch.cat((s, _upsample_nearest(stack_src.detach(), f)), dim=1)
+            t = torch.cat((t, _upsample_nearest(stack_trg.detach(), f)), dim=1)
+        stack_src, stack_trg = s, t
+        pyramid.append(dot_product_correlation(s, t))
+    return pyramid
+
+
+def _upsample_nearest(x: Tensor, factor: int) -> Tensor:
+    if factor == 1:
+        return x
+    return F.interpolate(x, scale_factor=factor, mode="nearest")
 
 
 def reverse_correlation(corr: Float[Tensor, "b hs ws ht wt"]) -> Float[Tensor, "b ht wt hs ws"]:

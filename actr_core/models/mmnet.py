@@ -15,9 +15,10 @@ Pipeline (shapes at a 224 × 320 input, ResNet-101, 21 descriptor channels):
    descriptors ``(2b, 21, h_l, w_l)`` at 7×10, 14×20, 28×40, 56×80.
 3. Top-down :class:`~actr_core.blocks.multiscale.TopDownFusion` (transposed conv ×2, concatenation,
    3×3 conv) from the coarsest level to the finest.
-4. Per level, :func:`~actr_core.blocks.coarse_to_fine.coarse_to_fine_correlation`:
-   ``C_l = ⟨F^src_l, F^trg_l⟩ + up(C_{l-1}).detach()``, ``(b, h_l, w_l, h_l, w_l)``. The target →
-   source correlations are permuted views of these (the dot product is symmetric).
+4. Per level, ``C_l = ⟨F^src_l, F^trg_l⟩ + up(C_{l-1}).detach()``, ``(b, h_l, w_l, h_l, w_l)``,
+   computed by :func:`~actr_core.blocks.coarse_to_fine.correlation_pyramid` as one product of
+   stacked (detached, upsampled) features per level. The target → source correlations are
+   permuted views of these (the dot product is symmetric).
 5. ``flow`` ``(b, 2, H/4, W/4)`` from the finest correlation (argmax, or soft-argmax), in pixels of
    that grid.
 
@@ -37,7 +38,7 @@ from jaxtyping import Bool, Float
 from timm.models.resnet import Bottleneck, ResNet
 from torch import Tensor, nn
 
-from actr_core.blocks.coarse_to_fine import coarse_to_fine_correlation, reverse_correlation
+from actr_core.blocks.coarse_to_fine import correlation_pyramid, reverse_correlation
 from actr_core.blocks.correlation_keypoints import (
     CorrelationKeypointLoss,
     argmax_flow,
@@ -323,9 +324,8 @@ class MMNet(Matcher):
     def forward(self, src: Float[Tensor, "b 3 H W"], trg: Float[Tensor, "b 3 H W"]) -> MMNetOutput:
         size = check_image_pair(src, trg, multiple=self.config.input_multiple)
         b = src.shape[0]
-        pyramid: list[Tensor] = []
-        for feats in self.descriptors(torch.cat((src, trg), dim=0)):
-            pyramid.append(coarse_to_fine_correlation(feats[:b], feats[b:], pyramid[-1] if pyramid else None))
+        feats = self.descriptors(torch.cat((src, trg), dim=0))
+        pyramid = correlation_pyramid([f[:b] for f in feats], [f[b:] for f in feats])
         finest = pyramid[-1]
         if self.config.flow_readout == "argmax":
             flow = argmax_flow(finest.detach())

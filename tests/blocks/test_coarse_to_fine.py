@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from actr_core.blocks.coarse_to_fine import (
     coarse_to_fine_correlation,
+    correlation_pyramid,
     dot_product_correlation,
     reverse_correlation,
     upsample_correlation,
@@ -109,3 +110,30 @@ class TestErrors:
     def test_upsample_factor(self, no_typecheck):
         with pytest.raises(ValueError, match="factor"):
             upsample_correlation(torch.randn(1, 2, 2, 2, 2), 0)
+
+
+def test_pyramid_equals_chained_coarse_to_fine_values_and_gradients():
+    torch.manual_seed(0)
+    sizes = [(1, 2), (2, 4), (4, 8)]
+    f_src = [torch.randn(2, 3, *s, requires_grad=True) for s in sizes]
+    f_trg = [torch.randn(2, 3, *s, requires_grad=True) for s in sizes]
+    fast = correlation_pyramid(f_src, f_trg)
+    chained = []
+    for s, t in zip(f_src, f_trg):
+        chained.append(coarse_to_fine_correlation(s, t, chained[-1] if chained else None))
+    weights = [torch.randn_like(c) for c in chained]
+    for a, b in zip(fast, chained):
+        torch.testing.assert_close(a, b)
+    inputs = (*f_src, *f_trg)
+    g_fast = torch.autograd.grad(sum((c * w).sum() for c, w in zip(fast, weights)), inputs)
+    g_chain = torch.autograd.grad(sum((c * w).sum() for c, w in zip(chained, weights)), inputs)
+    for a, b in zip(g_fast, g_chain):
+        torch.testing.assert_close(a, b)
+
+
+def test_pyramid_level_factor_must_match(no_typecheck):
+    f = [torch.randn(1, 2, 2, 3), torch.randn(1, 2, 4, 9)]
+    with pytest.raises(ValueError, match="one factor"):
+        correlation_pyramid(f, f)
+    with pytest.raises(ValueError, match="same number"):
+        correlation_pyramid(f, f[:1])
