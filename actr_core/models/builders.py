@@ -359,9 +359,10 @@ def baseline(
     warn_random_init: bool = True,
     **overrides: Any,
 ) -> ACTR:
-    """The paper's Baseline (Sec. 4, Tables 1 and 4): M blocks with symmetric cross-attention,
-    multi-head correlation from the last block, bilinear flow upsampling. ``config`` gives the
-    sizes (default ViT-B/16 at 256; ``ACTR_TINY_CONFIG`` for tests); other keyword arguments
+    """The paper's Baseline (Sec. 4): symmetric cross-attention blocks, bilinear upsampling.
+
+    M blocks with symmetric cross-attention, multi-head correlation from the last block, bilinear
+    flow upsampling (Sec. 4, Tables 1 and 4). ``config`` gives the sizes (default ViT-B/16 at 256; ``ACTR_TINY_CONFIG`` for tests); other keyword arguments
     override its fields."""
     if "variant" in overrides:
         raise ValueError("baseline() builds variant 'baseline'; do not pass variant=...")
