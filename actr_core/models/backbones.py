@@ -50,6 +50,8 @@ __all__ = [
     "read_checkpoint",
     "load_vit_weights",
     "resample_pos_embed_bicubic",
+    "VIT_SMALL_16",
+    "VIT_BASE_16",
 ]
 
 _log = logging.getLogger(__name__)
