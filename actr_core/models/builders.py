@@ -49,6 +49,7 @@ __all__ = [
     "baseline",
     "baseline_512",
     "build_actr",
+    "config_overrides",
 ]
 
 VIT_TINY_16 = "vit_tiny_patch16_224"  # ViT-Ti/16 (192 channels, 3 heads): the test model's backbone
@@ -285,6 +286,22 @@ def build_actr(
     )
 
 
+def config_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword overrides as :class:`ACTRConfig` declares them: configs read from YAML/JSON give
+    lists and mappings (``image_size: [128, 128]``, ``flow_sr: {dim: 16}``); a single
+    ``image_size`` side means a square frame."""
+    out = dict(overrides)
+    size = out.get("image_size")
+    if isinstance(size, int):
+        out["image_size"] = (size, size)
+    elif isinstance(size, list):
+        out["image_size"] = tuple(int(v) for v in size)
+    sr = out.get("flow_sr")
+    if isinstance(sr, Mapping):
+        out["flow_sr"] = FlowSRConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in sr.items()})
+    return out
+
+
 def _build(
     base: ACTRConfig,
     ablation: str | None,
@@ -298,7 +315,7 @@ def _build(
         raise ValueError(f"ablation = {ablation!r}: expected None or one of {ABLATIONS}")
     if "variant" in overrides:
         raise ValueError("choose the variant with ablation=... (or baseline()), not variant=...")
-    config = dataclasses.replace(base, variant=ablation or "actr", **overrides)
+    config = dataclasses.replace(base, variant=ablation or "actr", **config_overrides(overrides))
     return build_actr(
         config, backbone_weights=backbone_weights, checkpoint_key=checkpoint_key, warn_random_init=warn_random_init
     )
@@ -367,7 +384,7 @@ def baseline(
     if "variant" in overrides:
         raise ValueError("baseline() builds variant 'baseline'; do not pass variant=...")
     return build_actr(
-        dataclasses.replace(config, variant="baseline", **overrides),
+        dataclasses.replace(config, variant="baseline", **config_overrides(overrides)),
         backbone_weights=backbone_weights,
         checkpoint_key=checkpoint_key,
         warn_random_init=warn_random_init,

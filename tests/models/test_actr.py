@@ -22,7 +22,7 @@ from actr_core.models import (
     parameter_count,
 )
 from actr_core.models.actr import AsymmetricCrossAttention, CrossAttentionMap, LearnedSourcePE
-from actr_core.models.builders import ACTR_BASE_CONFIG, ACTR_TINY_CONFIG, build_actr
+from actr_core.models.builders import ACTR_BASE_CONFIG, ACTR_TINY_CONFIG, build_actr, config_overrides
 
 SMALL = (64, 96)  # a non-square frame: 4 × 6 tokens, 16 × 24 flow grid; keeps CPU tests fast
 
@@ -249,6 +249,18 @@ def test_config_rejects_bad_values() -> None:
         dataclasses.replace(ACTR_TINY_CONFIG, upscale=2)  # the super-resolution says 4
     with pytest.raises(ValueError, match="ablation"):
         actr_tiny(ablation="no_such_thing")
+
+
+def test_builders_accept_yaml_overrides() -> None:
+    """Training configs come from YAML: lists, mappings and a single side become the declared types."""
+    overrides = config_overrides({"image_size": [128, 96], "flow_sr": {"dim": 16, "num_heads": 2, "window_sizes": [4, 8]}})
+    config = dataclasses.replace(ACTR_TINY_CONFIG, **overrides)
+    assert config.image_size == (128, 96) and config.token_grid == (8, 6)
+    assert config.flow_sr.window_sizes == (4, 8)
+    assert config_overrides({"image_size": 128})["image_size"] == (128, 128)
+    model = actr_tiny(image_size=[128, 128], warn_random_init=False)
+    assert model.config.image_size == (128, 128)
+    assert model.blocks[0].source_pe.grid == (8, 8)
 
 
 def test_frozen_backbone_trains_the_rest() -> None:
