@@ -25,7 +25,7 @@ def plot_matches(
     trg_image: Float[Tensor, "3 ht wt"] | Shaped[np.ndarray, "ht wt 3"],
     src_kps: Float[Tensor, "n 2"] | Float[np.ndarray, "n 2"],
     pred_kps: Float[Tensor, "n 2"] | Float[np.ndarray, "n 2"],
-    gt_kps: Float[Tensor, "n 2"] | Float[np.ndarray, "n 2"],
+    gt_kps: Float[Tensor, "n 2"] | Float[np.ndarray, "n 2"] | None,
     correct: Bool[Tensor, " n"] | Bool[np.ndarray, " n"],
     path: str | Path,
     valid: Bool[Tensor, " n"] | Bool[np.ndarray, " n"] | None = None,
@@ -34,11 +34,16 @@ def plot_matches(
     """Source and target side by side; a line from each source keypoint to its predicted match,
     green when correct and red when not; ground-truth targets as crosses. Writes a PNG.
 
-    Keypoints are in pixels of the image they belong to (source / target), as drawn.
+    Keypoints are in pixels of the image they belong to (source / target), as drawn. Without
+    ground truth (``gt_kps=None``) no crosses are drawn and ``correct`` is whatever the caller
+    judges good (e.g. cycle-consistent); say so in ``title``.
     """
     src = to_display_image(src_image)
     trg = to_display_image(trg_image)
-    src_kps, pred_kps, gt_kps = (to_numpy(k).astype(np.float64) for k in (src_kps, pred_kps, gt_kps))
+    has_gt = gt_kps is not None
+    src_kps, pred_kps, gt_kps = (
+        to_numpy(k).astype(np.float64) for k in (src_kps, pred_kps, gt_kps if has_gt else pred_kps)
+    )
     n = src_kps.shape[0]
     if pred_kps.shape != (n, 2) or gt_kps.shape != (n, 2) or src_kps.shape != (n, 2):
         raise ValueError(f"src/pred/gt keypoints must all be (n, 2); got {src_kps.shape}, {pred_kps.shape}, {gt_kps.shape}")
@@ -62,7 +67,8 @@ def plot_matches(
         ax.plot([start[0], end[0]], [start[1], end[1]], "-", color=colour, linewidth=1.2)
         ax.plot(*start, "o", color=colour, markersize=4)
         ax.plot(*end, "o", color=colour, markersize=4)
-        ax.plot(*(gt_kps[i] + offset), "x", color=GT_COLOUR, markersize=6, markeredgewidth=1.5)
+        if has_gt:
+            ax.plot(*(gt_kps[i] + offset), "x", color=GT_COLOUR, markersize=6, markeredgewidth=1.5)
     n_valid = int(valid.sum())
     n_correct = int((correct & valid).sum())
     ax.set_title(title or f"{n_correct}/{n_valid} correct (green), wrong (red), ground truth (x)", fontsize=9)
