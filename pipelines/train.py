@@ -192,17 +192,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     settings = StepSettings(autocast_dtype=autocast_dtype, clip_grad_norm=cfg.clip_grad_norm)
 
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step, history, restarts = 0, 0, [], 0
     if resume_from is not None:
         optimizer.load_state_dict(resume_from.optimizer)
         scheduler.load_state_dict(resume_from.scheduler)
         if scaler is not None and resume_from.scaler is not None:
             scaler.load_state_dict(resume_from.scaler)
         start_epoch, step, history = resume_from.epoch, resume_from.step, list(resume_from.history)
+        restarts = (history[-1].get("restarts", 0) if history else 0) + int(ray_checkpoint is not None)
         if rank in resume_from.rng:
             set_rng_state(resume_from.rng[rank])
         if rank == 0:
-            print(f"resumed from epoch {start_epoch}, step {step}", flush=True)
+            print(f"resumed from epoch {start_epoch}, step {step} (restart {restarts} of this run)", flush=True)
 
     def val_scores() -> Any:
         return validate(
@@ -228,6 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             "lr_backbone": 0.0,
             "lr_heads": 0.0,
             "epoch_seconds": time.perf_counter() - started,
+            "restarts": 0,
             "step_losses": [],
         }
         history.append(row)
@@ -278,6 +280,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             "lr_backbone": lrs.get("backbone", 0.0),
             "lr_heads": lrs.get("heads", 0.0),
             "epoch_seconds": time.perf_counter() - started,
+            "restarts": restarts,  # times the workers were restarted from this run's checkpoints so far
             "step_losses": step_losses,
         }
         history.append(row)
