@@ -234,7 +234,13 @@ class CrossAttentionMap(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int, norm_src: nn.Module, norm_trg: nn.Module, *, qkv_bias: bool = True,
+        self,
+        dim: int,
+        num_heads: int,
+        norm_src: nn.Module,
+        norm_trg: nn.Module,
+        *,
+        qkv_bias: bool = True,
         scale: float | None = None,
     ) -> None:
         super().__init__()

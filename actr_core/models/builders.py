@@ -15,7 +15,14 @@ from typing import Any
 from timm.layers import Attention, Mlp, trunc_normal_
 from torch import nn
 
-from actr_core.blocks import BiasedCrossAttention, DualWindowFlowSR, FlowSRConfig, MaskedFlowLoss, ReweightedTargetBlock, SoftArgmax
+from actr_core.blocks import (
+    BiasedCrossAttention,
+    DualWindowFlowSR,
+    FlowSRConfig,
+    MaskedFlowLoss,
+    ReweightedTargetBlock,
+    SoftArgmax,
+)
 from actr_core.models.actr import (
     ACTR,
     AsymmetricCrossAttention,
@@ -142,10 +149,8 @@ def symmetric_cross(config: ACTRConfig, dim: int) -> nn.Module:
 
 def cross_attention_map(config: ACTRConfig, dim: int) -> nn.Module:
     """The last block's cross-attention when nothing reads the final tokens: the map only."""
-    return CrossAttentionMap(
-        dim, config.decoder_heads, _norm(config, dim), _norm(config, dim), qkv_bias=config.qkv_bias,
-        scale=config.attn_scale,
-    )
+    norms = (_norm(config, dim), _norm(config, dim))
+    return CrossAttentionMap(dim, config.decoder_heads, *norms, qkv_bias=config.qkv_bias, scale=config.attn_scale)
 
 
 def dual_window_sr(config: ACTRConfig, dim: int) -> nn.Module:
@@ -379,8 +384,9 @@ def baseline(
     """The paper's Baseline (Sec. 4): symmetric cross-attention blocks, bilinear upsampling.
 
     M blocks with symmetric cross-attention, multi-head correlation from the last block, bilinear
-    flow upsampling (Sec. 4, Tables 1 and 4). ``config`` gives the sizes (default ViT-B/16 at 256; ``ACTR_TINY_CONFIG`` for tests); other keyword arguments
-    override its fields."""
+    flow upsampling (Sec. 4, Tables 1 and 4). ``config`` gives the sizes (default ViT-B/16 at 256;
+    ``ACTR_TINY_CONFIG`` for tests); other keyword arguments override its fields.
+    """
     if "variant" in overrides:
         raise ValueError("baseline() builds variant 'baseline'; do not pass variant=...")
     return build_actr(

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from actr_core.blocks import BiasedCrossAttention, masked_flow_loss, soft_argmax
-from actr_core.flow import resize_flow
 from actr_core.models import (
     ACTR,
     ACTRConfig,
@@ -253,7 +252,8 @@ def test_config_rejects_bad_values() -> None:
 
 def test_builders_accept_yaml_overrides() -> None:
     """Training configs come from YAML: lists, mappings and a single side become the declared types."""
-    overrides = config_overrides({"image_size": [128, 96], "flow_sr": {"dim": 16, "num_heads": 2, "window_sizes": [4, 8]}})
+    sr = {"dim": 16, "num_heads": 2, "window_sizes": [4, 8]}
+    overrides = config_overrides({"image_size": [128, 96], "flow_sr": sr})
     config = dataclasses.replace(ACTR_TINY_CONFIG, **overrides)
     assert config.image_size == (128, 96) and config.token_grid == (8, 6)
     assert config.flow_sr.window_sizes == (4, 8)
