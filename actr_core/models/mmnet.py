@@ -50,6 +50,7 @@ from actr_core.blocks.soft_argmax import soft_argmax
 from actr_core.flow import rescale_keypoints, resize_flow
 from actr_core.models.backbones import WeightsReport, read_checkpoint
 from actr_core.models.base import MatchOutput, Matcher, check_image_pair
+from actr_core.models.registry import register_model
 
 __all__ = [
     "MMNet",
@@ -106,6 +107,8 @@ class MMNetConfig:
     channels_last: bool = True  # NHWC convolutions (oneDNN on CPU); no effect on values
 
     def __post_init__(self) -> None:
+        for name in ("layers", "widths"):  # YAML/JSON overrides arrive as lists
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         if len(self.layers) != len(self.widths) or len(self.layers) < 2:
             raise ValueError(f"layers {self.layers} and widths {self.widths} must have the same length >= 2")
         if not 0 <= self.transfer_level < len(self.layers) and not -len(self.layers) <= self.transfer_level < 0:
@@ -392,16 +395,24 @@ def _as_mmnet_output(output: MatchOutput) -> MMNetOutput:
     return output
 
 
+@register_model(
+    "mmnet_resnet101",
+    description="MMNet, ResNet-101 (released default); the paper's row uses gluoncv's FCN-ResNet-101 backbone",
+    paper_row="MMNet-FCN",
+    paper_params_m=64.7,
+)
 def mmnet_resnet101(**overrides: Any) -> MMNet:
     """MMNet with ResNet-101 (the released default): 53.7 M parameters, 10.4 M of them outside the backbone."""
     return MMNet(MMNetConfig(**overrides))
 
 
+@register_model("mmnet_resnet50")
 def mmnet_resnet50(**overrides: Any) -> MMNet:
     """MMNet with ResNet-50 (the released ``backbone_name='resnet50'`` option)."""
     return MMNet(MMNetConfig(**{"layers": (3, 4, 6, 3), **overrides}))
 
 
+@register_model("mmnet_tiny")
 def mmnet_tiny(**overrides: Any) -> MMNet:
     """A tiny MMNet for tests and examples: one narrow bottleneck per stage, 4 descriptor channels."""
     defaults = {
