@@ -207,13 +207,28 @@ def _eval_used(counts: Sequence[int], shards: Sequence, batches: Sequence, batch
 # Collation into the batch schema.
 
 
+def _empty(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """An uninitialised tensor; inside a loader worker it lives in shared memory, so that handing the batch
+    to the main process copies nothing (the allocation ``default_collate`` makes)."""
+    if get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    numel = 1
+    for side in shape:
+        numel *= int(side)
+    like = torch.empty(0, dtype=dtype)
+    storage = like._typed_storage()._new_shared(numel, device="cpu")  # noqa: SLF001 (as default_collate)
+    return like.new(storage).view(tuple(shape))
+
+
 def _normalised_images(images: Sequence[Tensor]) -> Tensor:
-    """uint8 (3, H, W) images -> ImageNet-normalised float batch, (x/255 - mean)/std fused in two passes."""
-    out = torch.stack(images).float()
+    """uint8 (3, H, W) images -> ImageNet-normalised float batch: (x/255 - mean)/std as x·a - c with
+    a = 1/(255 std), c = mean/std (equal to ``actr_core.imaging.normalise_image`` to float rounding)."""
+    h, w = images[0].shape[-2:]
+    hwc = torch.stack([image.permute(1, 2, 0) for image in images])  # b H W 3; a plain copy for HWC decodes
+    out = _empty((len(images), 3, h, w), torch.float32)
+    out.copy_(hwc.permute(0, 3, 1, 2))
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    scale = 1.0 / (255.0 * std)
-    shift = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / std
-    return out.mul_(scale).sub_(shift)
+    return out.mul_(1.0 / (255.0 * std)).sub_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / std)
 
 
 def _padded(rows: Sequence[Tensor], n: int, fill: float | bool, dtype: torch.dtype) -> Tensor:
@@ -246,7 +261,7 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None) -> dic
         "src_kps": _padded([s.src_kps for s in samples], n, 0.0, torch.float32),
         "trg_kps": _padded([s.trg_kps for s in samples], n, 0.0, torch.float32),
         "valid_kps": _padded([s.valid_kps for s in samples], n, False, torch.bool),
-        "flow": torch.stack([s.flow.float() for s in samples]),
+        "flow": torch.stack([s.flow.float() for s in samples], out=_empty((len(samples), *samples[0].flow.shape), torch.float32)),
         "valid_flow": torch.stack([s.valid_flow for s in samples]),
         "src_kps_orig": _padded([s.src_kps_orig for s in samples], n, 0.0, torch.float32),
         "trg_kps_orig": _padded([s.trg_kps_orig for s in samples], n, 0.0, torch.float32),

@@ -13,16 +13,17 @@ neighbourhoods at 512 px) for benchmark pairs, or the exact flow of a synthetic 
 """
 
 import dataclasses
+import functools
 import io
 import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import simplejpeg
 import torch
 from jaxtyping import Bool, Float, UInt8
 from PIL import Image
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 
 from actr_core.data.errors import DataError
 from actr_core.data.records import PairRecord
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 _KPS_DECIMALS = 4  # keypoints are stored to 1e-4 px
+_JPEG_MAGIC = b"\xff\xd8"  # start-of-image marker
 JPEG_QUALITY = 90  # default JPEG quality of stored images (chosen: visually lossless at 256 px)
 
 
@@ -262,16 +264,49 @@ def encode_sample(sample: PairSample, image_format: str = "jpg", quality: int = 
 
 
 def _decode_image(data: bytes, where: str) -> Tensor:
+    """RGB uint8 (3, H, W) view of an (H, W, 3) array: JPEG through libjpeg-turbo (simplejpeg), else Pillow.
+
+    Both decoders give identical pixels for baseline JPEGs (libjpeg-turbo with the same settings);
+    anything simplejpeg declines (CMYK, PNG, corrupt data) goes through Pillow, which converts any
+    mode to RGB or reports the file.
+    """
+    if data[:2] == _JPEG_MAGIC:
+        try:
+            return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
+        except ValueError:
+            pass  # Pillow decides: convert or report
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as error:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow's signals for truncated / corrupt data
         raise DataError(where, f"cannot decode image: {error}") from error
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, data offset) of an .npy header (version 1.0); shards repeat a few headers."""
+    stream = io.BytesIO(header)
+    np.lib.format.read_magic(stream)
+    shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    if fortran or dtype.hasobject:
+        raise ValueError("only C-ordered, plain-dtype arrays are stored in shards")
+    return dtype, shape, stream.tell()
 
 
 def _load_npy(data: bytes, where: str) -> np.ndarray:
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+        if data[:6] != b"\x93NUMPY" or data[6] != 1:
+            raise ValueError("not a version 1.0 .npy file")
+        header_len = int.from_bytes(data[8:10], "little")
+        dtype, shape, offset = _npy_header(bytes(data[: 10 + header_len]))
+        count = int(np.prod(shape))
+        if len(data) - offset != count * dtype.itemsize:
+            raise ValueError(f"{len(data) - offset} data bytes for shape {shape} {dtype}")
+        return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    except (ValueError, OSError, EOFError, SyntaxError) as error:
         raise DataError(where, f"cannot read .npy: {error}") from error
 
 
@@ -282,15 +317,15 @@ def _load_json(data: bytes, where: str) -> dict:
         raise DataError(where, f"invalid JSON: {error}") from error
 
 
-def _kps_tensor(values: list, where: str, name: str) -> Tensor:
-    out = torch.tensor(values, dtype=torch.float32).reshape(-1, 2)
-    if not torch.isfinite(out).all():
-        raise DataError(where, f"NaN or inf in keypoints {name!r}")
-    return out
-
-
 def decode_sample(members: Mapping[str, bytes], where: str = "sample") -> PairSample:
     """Inverse of :func:`encode_sample`; a missing member, undecodable image, NaN or size mismatch raises :class:`DataError`."""
+    try:
+        return _decode(members, where)
+    except (KeyError, TypeError) as error:  # a field missing from or mistyped in meta.json
+        raise DataError(where, f"malformed sample metadata: {error!r}") from error
+
+
+def _decode(members: Mapping[str, bytes], where: str) -> PairSample:
     image_format = next((fmt for fmt in IMAGE_FORMATS if f"src.{fmt}" in members), None)
     required = ["flow.npy", "valid.npy", "kps.json", "meta.json"]
     if image_format is None or f"trg.{image_format}" not in members:
@@ -308,30 +343,38 @@ def decode_sample(members: Mapping[str, bytes], where: str = "sample") -> PairSa
     trg_image = _decode_image(members[f"trg.{image_format}"], f"{where} trg.{image_format}")
     if src_image.shape != trg_image.shape:
         raise DataError(where, f"source {tuple(src_image.shape)} and target {tuple(trg_image.shape)} sizes differ")
-    flow = torch.from_numpy(_load_npy(members["flow.npy"], f"{where} flow.npy").astype(np.float32))
-    valid_flow = torch.from_numpy(_load_npy(members["valid.npy"], f"{where} valid.npy").astype(bool))
+    flow = _load_npy(members["flow.npy"], f"{where} flow.npy")
+    valid_flow = _load_npy(members["valid.npy"], f"{where} valid.npy")
     size = (int(src_image.shape[-2]), int(src_image.shape[-1]))
     pseudo = PseudoFlow(**meta["pseudo"])
     grid = (size[0] // pseudo.stride, size[1] // pseudo.stride)
-    if tuple(flow.shape) != (2, *grid) or tuple(valid_flow.shape) != grid:
-        raise DataError(where, f"flow {tuple(flow.shape)} / mask {tuple(valid_flow.shape)} do not fit the frame {size}")
-    if not torch.isfinite(flow).all():
+    if flow.shape != (2, *grid) or valid_flow.shape != grid or valid_flow.dtype != np.bool_:
+        raise DataError(
+            where, f"flow {flow.shape} / bool mask {valid_flow.shape} {valid_flow.dtype} do not fit the frame {size}"
+        )
+    if not np.isfinite(flow).all():
         raise DataError(where, "NaN or inf in the stored flow")
     try:
-        src_kps = _kps_tensor(kps["src"], where, "src")
-        trg_kps = _kps_tensor(kps["trg"], where, "trg")
-        src_orig = _kps_tensor(kps["src_orig"], where, "src_orig")
-        trg_orig = _kps_tensor(kps["trg_orig"], where, "trg_orig")
+        rows = [kps["src"], kps["trg"], kps["src_orig"], kps["trg_orig"]]
         valid_kps = torch.tensor(kps["valid"], dtype=torch.bool).reshape(-1)
     except KeyError as error:
         raise DataError(where, f"kps.json lacks {error}") from error
-    counts = {len(src_kps), len(trg_kps), len(src_orig), len(trg_orig), len(valid_kps)}
+    counts = sorted({len(row) for row in rows} | {len(valid_kps)})
     if len(counts) != 1:
-        raise DataError(where, f"keypoint count mismatch between src/trg/orig/valid: {sorted(counts)}")
-    src_size = tuple(int(v) for v in meta["src_size"])
-    trg_size = tuple(int(v) for v in meta["trg_size"])
-    src_bbox = torch.tensor(meta["src_bbox"], dtype=torch.float32)
-    trg_bbox = torch.tensor(meta["trg_bbox"], dtype=torch.float32)
+        raise DataError(where, f"keypoint count mismatch between src/trg/src_orig/trg_orig/valid: {counts}")
+    try:
+        points = np.asarray(rows, dtype=np.float32).reshape(4, -1, 2)
+    except (ValueError, TypeError) as error:
+        raise DataError(where, f"keypoints are not lists of (x, y): {error}") from error
+    if not np.isfinite(points).all():
+        raise DataError(where, "NaN or inf in keypoints")
+    src_kps, trg_kps, src_orig, trg_orig = torch.from_numpy(points).unbind(0)
+    src_size = (int(meta["src_size"][0]), int(meta["src_size"][1]))
+    trg_size = (int(meta["trg_size"][0]), int(meta["trg_size"][1]))
+    boxes = np.asarray([meta["src_bbox"], meta["trg_bbox"]], dtype=np.float32).reshape(2, 2, 2)
+    frame_boxes = (boxes + 0.5) * _box_scale(src_size, trg_size, size) - 0.5  # pixel-centre rescaling
+    src_bbox, trg_bbox = torch.from_numpy(boxes.reshape(2, 4)).unbind(0)
+    src_frame_bbox, trg_frame_bbox = torch.from_numpy(frame_boxes.reshape(2, 4)).unbind(0)
     return PairSample(
         pair_id=str(meta["pair_id"]),
         dataset=str(meta["dataset"]),
@@ -344,15 +387,23 @@ def decode_sample(members: Mapping[str, bytes], where: str = "sample") -> PairSa
         valid_kps=valid_kps,
         src_kps_orig=src_orig,
         trg_kps_orig=trg_orig,
-        flow=flow,
-        valid_flow=valid_flow,
+        flow=torch.from_numpy(flow.astype(np.float32)),
+        valid_flow=torch.from_numpy(valid_flow.copy()),
         flow_kind=str(meta["flow_kind"]),
         src_size=src_size,
         trg_size=trg_size,
         src_bbox=src_bbox,
         trg_bbox=trg_bbox,
-        src_frame_bbox=rescale_box(src_bbox, src_size, size),
-        trg_frame_bbox=rescale_box(trg_bbox, trg_size, size),
+        src_frame_bbox=src_frame_bbox,
+        trg_frame_bbox=trg_frame_bbox,
         pseudo=pseudo,
         flags={str(k): int(v) for k, v in meta.get("flags", {}).items()},
+    )
+
+
+def _box_scale(src_size: tuple[int, int], trg_size: tuple[int, int], frame: tuple[int, int]) -> np.ndarray:
+    """(2 images, 1, 2 axes) scale factors W'/W, H'/H from the original sizes to the frame."""
+    return np.array(
+        [[[frame[1] / src_size[1], frame[0] / src_size[0]]], [[frame[1] / trg_size[1], frame[0] / trg_size[0]]]],
+        dtype=np.float32,
     )

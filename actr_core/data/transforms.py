@@ -77,35 +77,82 @@ class Compose:
 @dataclasses.dataclass(frozen=True)
 class PhotometricConfig:
     """The released code's albumentations set (ToGray, Posterize, Equalize, Sharpen, RandomBrightnessContrast,
-    Solarize, ColorJitter, each p = 0.2), written with torchvision ops; ranges are albumentations' defaults."""
+    Solarize, ColorJitter, each p = 0.2) on uint8 tensors; ranges are albumentations' defaults where they map."""
 
     p: float = 0.2  # probability of each operation, per image (released train transform)
     posterize_bits: int = 4  # albumentations Posterize default num_bits
-    sharpness: tuple[float, float] = (1.5, 2.5)  # torchvision sharpness factor standing in for Sharpen(alpha 0.2-0.5)
+    sharpen: tuple[float, float] = (0.5, 1.5)  # unsharp-mask amount standing in for Sharpen(alpha 0.2-0.5) (chosen)
     brightness: float = 0.2  # RandomBrightnessContrast brightness_limit / ColorJitter brightness
     contrast: float = 0.2  # RandomBrightnessContrast contrast_limit / ColorJitter contrast
     saturation: float = 0.2  # ColorJitter saturation
-    hue: float = 0.2  # ColorJitter hue (fraction of the colour circle)
+    hue: float = 0.2  # ColorJitter hue, as a fraction of the colour circle (rotation in YIQ space)
     solarize_threshold: int = 128  # albumentations Solarize default threshold
 
 
+_LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601 weights (torchvision's grayscale)
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+def _colour_matrix(
+    image: Tensor, brightness: float, contrast: float, saturation: float = 1.0, hue: float = 0.0
+) -> Tensor:
+    """Brightness, contrast, saturation and hue as one affine colour map ``M x + t`` (one pass over the image).
+
+    brightness scales; contrast blends with the mean grey level; saturation blends with each
+    pixel's grey level; hue rotates the chroma plane of YIQ by ``hue`` turns.
+    """
+    x = image.float().reshape(3, -1)
+    grey_mean = float(_LUMA @ x.mean(dim=1))
+    eye = torch.eye(3)
+    m = brightness * eye
+    t = torch.zeros(3)
+    m, t = contrast * m, contrast * t + (1.0 - contrast) * brightness * grey_mean
+    desaturate = saturation * eye + (1.0 - saturation) * torch.outer(torch.ones(3), _LUMA)
+    m, t = desaturate @ m, desaturate @ t
+    if hue:
+        angle = 2.0 * torch.pi * torch.tensor(hue)
+        c, s = float(torch.cos(angle)), float(torch.sin(angle))
+        rotation = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+        rotate = _YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ
+        m, t = rotate @ m, rotate @ t
+    out = torch.addmm(t[:, None], m, x)
+    return out.round_().clamp_(0, 255).to(torch.uint8).reshape(image.shape)
+
+
 def _jitter(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
-    image = TF.adjust_brightness(image, _uniform(generator, 1 - cfg.brightness, 1 + cfg.brightness))
-    image = TF.adjust_contrast(image, _uniform(generator, 1 - cfg.contrast, 1 + cfg.contrast))
-    image = TF.adjust_saturation(image, _uniform(generator, 1 - cfg.saturation, 1 + cfg.saturation))
-    return TF.adjust_hue(image, _uniform(generator, -cfg.hue, cfg.hue))
+    return _colour_matrix(
+        image,
+        _uniform(generator, 1 - cfg.brightness, 1 + cfg.brightness),
+        _uniform(generator, 1 - cfg.contrast, 1 + cfg.contrast),
+        _uniform(generator, 1 - cfg.saturation, 1 + cfg.saturation),
+        _uniform(generator, -cfg.hue, cfg.hue),
+    )
 
 
 def _brightness_contrast(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
-    image = TF.adjust_brightness(image, _uniform(generator, 1 - cfg.brightness, 1 + cfg.brightness))
-    return TF.adjust_contrast(image, _uniform(generator, 1 - cfg.contrast, 1 + cfg.contrast))
+    return _colour_matrix(
+        image,
+        _uniform(generator, 1 - cfg.brightness, 1 + cfg.brightness),
+        _uniform(generator, 1 - cfg.contrast, 1 + cfg.contrast),
+    )
+
+
+def _sharpen(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
+    """Unsharp mask: x + a (x - box3x3(x)), a drawn in ``cfg.sharpen``."""
+    x = image.float()
+    padded = F.pad(x[None], (1, 1, 1, 1), mode="replicate")[0]
+    rows = padded[:, :, :-2] + padded[:, :, 1:-1] + padded[:, :, 2:]  # separable 3x3 box, replicated edges
+    blur = (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) / 9.0
+    amount = _uniform(generator, *cfg.sharpen)
+    return (x + amount * (x - blur)).round_().clamp_(0, 255).to(torch.uint8)
 
 
 _OPERATIONS: tuple[tuple[str, Callable[[Tensor, PhotometricConfig, torch.Generator], Tensor]], ...] = (
     ("gray", lambda im, cfg, g: TF.rgb_to_grayscale(im, num_output_channels=3)),
     ("posterize", lambda im, cfg, g: TF.posterize(im, cfg.posterize_bits)),
     ("equalize", lambda im, cfg, g: TF.equalize(im)),
-    ("sharpen", lambda im, cfg, g: TF.adjust_sharpness(im, _uniform(g, *cfg.sharpness))),
+    ("sharpen", _sharpen),
     ("brightness_contrast", _brightness_contrast),
     ("solarize", lambda im, cfg, g: TF.solarize(im, cfg.solarize_threshold)),
     ("colour_jitter", _jitter),

@@ -1,0 +1,108 @@
+"""Reader throughput: pairs per second delivered by the shard pipeline, without and with augmentation.
+
+    python pipelines/make_shards.py --source synthetic --out shards/synthetic --pairs 2000
+    python pipelines/bench_data.py --shards shards/synthetic --workers 2 --batch-size 32
+
+Reads the training split as training does (shard and sample shuffling, full batches in the schema,
+ImageNet-normalised float images) through a ``DataLoader`` with ``--workers`` processes. The clock
+starts when the first batch arrives (worker start-up excluded) and stops after ``--epochs`` epochs.
+Prints one line per mode and, with ``--json``, writes the figures to a file.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from actr_core.data import ShardDataset, read_manifest, train_transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One benchmark run."""
+
+    shards: str  # shard set directory or URL
+    split: str = "train"  # split to read
+    batch_size: int = 32  # pairs per batch
+    workers: int = 2  # DataLoader worker processes
+    epochs: int = 2  # epochs timed per mode (after the first batch)
+    modes: tuple[str, ...] = ("plain", "augmented")  # without / with the training augmentation
+    json_path: str | None = None  # where to write the results
+
+
+def measure(cfg: Config, augmented: bool) -> dict[str, float]:
+    """Pairs per second of one mode."""
+    dataset = ShardDataset(
+        cfg.shards,
+        cfg.split,
+        batch_size=cfg.batch_size,
+        training=True,
+        transforms=train_transforms() if augmented else (),
+        rank=0,
+        world_size=1,
+    )
+    pairs, start = 0, None
+    for epoch in range(cfg.epochs + 1):
+        dataset.set_epoch(epoch)
+        for batch in dataset.loader(cfg.workers):
+            if start is None:  # the first batch of the first epoch starts the clock
+                start = time.perf_counter()
+                continue
+            pairs += len(batch["pair_id"])
+    elapsed = time.perf_counter() - start
+    return {"pairs": pairs, "seconds": elapsed, "pairs_per_second": pairs / elapsed}
+
+
+def main(cfg: Config) -> dict[str, object]:
+    """Run the modes and print/write the figures."""
+    manifest = read_manifest(cfg.shards)
+    if manifest is None:
+        raise SystemExit(f"{cfg.shards} holds no manifest.json: run pipelines/make_shards.py first")
+    settings = manifest["settings"]
+    results: dict[str, object] = {
+        "shards": cfg.shards,
+        "split": cfg.split,
+        "samples": manifest["splits"][cfg.split]["samples"],
+        "size": settings["size"],
+        "image_format": settings["image_format"],
+        "batch_size": cfg.batch_size,
+        "workers": cfg.workers,
+        "cpus": os.cpu_count(),
+        "load_average_before": os.getloadavg(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
+    for mode in cfg.modes:
+        figures = measure(cfg, augmented=mode == "augmented")
+        results[mode] = figures
+        print(f"{mode:>10}: {figures['pairs_per_second']:8.1f} pairs/s ({figures['pairs']} pairs in {figures['seconds']:.1f} s)")
+    results["load_average_after"] = os.getloadavg()
+    print(f"load average before {results['load_average_before']}, after {results['load_average_after']}")
+    if cfg.json_path:
+        with open(cfg.json_path, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Command line -> :class:`Config`."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", default="shards/synthetic")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", choices=("plain", "augmented"), default=["plain", "augmented"])
+    parser.add_argument("--json", dest="json_path")
+    args = parser.parse_args(argv)
+    return Config(args.shards, args.split, args.batch_size, args.workers, args.epochs, tuple(args.modes), args.json_path)
+
+
+if __name__ == "__main__":
+    main(parse_args())
+    sys.exit(0)
