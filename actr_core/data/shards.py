@@ -71,7 +71,7 @@ class ShardSettings:
     splits: tuple[str, ...] = SPLITS  # splits to write (PF-WILLOW has only "test")
     pairs: tuple[tuple[str, int], ...] = (("train", 1600), ("val", 200), ("test", 200))  # synthetic pairs per split
     limit: int | None = None  # at most this many pairs per split from a benchmark (None: all)
-    size: tuple[int, int] = (256, 256)  # stored frame (H, W): the paper's 256 px model input (Sec. 4.1)
+    size: int | tuple[int, int] = (256, 256)  # stored frame (H, W) or side: the paper's 256 px model input (Sec. 4.1)
     image_format: str = "jpg"  # "jpg" (default) or "png"
     jpeg_quality: int = JPEG_QUALITY  # Pillow JPEG quality
     samples_per_shard: int = 100  # pairs per tar (the last shard of a split may hold fewer)

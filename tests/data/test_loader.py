@@ -1,0 +1,181 @@
+"""The shard reading pipeline: batch schema, epoch guarantees across simulated ranks and workers."""
+
+import collections
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from actr_core.data import (
+    BATCH_KEYS,
+    ShardDataset,
+    build_sample,
+    collate,
+    plan_epoch,
+    read_manifest,
+    register_fsspec_opener,
+    split_by_node,
+    split_by_worker,
+    train_transforms,
+)
+from actr_core.data.pipeline import _gopen_fsspec
+from actr_core.data.schema import SPAIR_FLAGS
+from actr_core.imaging import normalise_image
+
+RANKS, WORKERS = 2, 2
+
+
+def _pair_ids(url: str, split: str, *, training: bool, batch_size: int, epoch: int = 0, **kwargs):
+    """Pair ids per rank, read through real DataLoaders with WORKERS processes per simulated rank."""
+    per_rank, batches = [], []
+    for rank in range(RANKS):
+        dataset = ShardDataset(url, split, batch_size=batch_size, training=training, rank=rank, world_size=RANKS, **kwargs)
+        dataset.set_epoch(epoch)
+        loader = dataset.loader(WORKERS)
+        got = [batch["pair_id"] for batch in loader]
+        assert len(got) == len(loader)  # __len__ is the plan's batch count
+        per_rank.append([p for batch in got for p in batch])
+        batches.append(got)
+    return per_rank, batches, dataset
+
+
+def test_evaluation_yields_every_sample_exactly_once(tiny_shards):
+    manifest = read_manifest(tiny_shards)
+    per_rank, batches, dataset = _pair_ids(tiny_shards, "test", training=False, batch_size=3)
+    everything = [p for ids in per_rank for p in ids]
+    counts = collections.Counter(everything)
+    assert len(everything) == manifest["splits"]["test"]["samples"] == 13
+    assert set(counts.values()) == {1}
+    assert counts.keys() == {f"synthetic-test-{i:06d}" for i in range(13)}
+    assert dataset.plan(WORKERS).dropped == 0
+
+
+def test_training_yields_each_sample_at_most_once_with_equal_batches_per_rank(tiny_shards):
+    per_rank, batches, dataset = _pair_ids(tiny_shards, "train", training=True, batch_size=3)
+    everything = [p for ids in per_rank for p in ids]
+    assert len(everything) == len(set(everything))  # at most once
+    assert len({len(b) for b in batches}) == 1  # equal batch counts on every rank
+    assert all(len(batch) == 3 for rank in batches for batch in rank)  # full batches only
+    plan = dataset.plan(WORKERS)
+    assert len(batches[0]) == plan.batches_per_rank[0] > 0
+    assert plan.dropped == 22 - len(everything)  # the documented drop is what was dropped
+
+
+def test_training_epochs_reshuffle(tiny_shards):
+    first, _, _ = _pair_ids(tiny_shards, "train", training=True, batch_size=2, epoch=0)
+    second, _, _ = _pair_ids(tiny_shards, "train", training=True, batch_size=2, epoch=1)
+    again, _, _ = _pair_ids(tiny_shards, "train", training=True, batch_size=2, epoch=0)
+    assert first == again  # deterministic per (seed, epoch)
+    assert first != second
+
+
+def test_batches_follow_the_schema(tiny_shards):
+    dataset = ShardDataset(tiny_shards, "val", batch_size=4, rank=0, world_size=1)
+    batch = next(iter(dataset))
+    assert set(BATCH_KEYS) <= set(batch)
+    b, n = batch["valid_kps"].shape
+    assert b == 4 and n == 8
+    assert batch["src_image"].shape == (4, 3, 32, 48) and batch["src_image"].dtype == torch.float32
+    assert batch["flow"].shape == (4, 2, 8, 12) and batch["valid_flow"].dtype == torch.bool
+    for key in ("src_kps", "trg_kps", "src_kps_orig", "trg_kps_orig"):
+        assert batch[key].shape == (4, n, 2) and batch[key].dtype == torch.float32
+    assert batch["src_size"].dtype == torch.int64 and batch["src_size"].tolist() == [[32, 48]] * 4
+    assert batch["src_bbox"].shape == (4, 4)
+    assert batch["dataset"] == ["synthetic"] * 4 and len(batch["pair_id"]) == 4
+    assert not any(flag in batch for flag in SPAIR_FLAGS)
+
+
+def test_collated_images_equal_normalise_image(tiny_shards):
+    """The fused two-pass normalisation equals actr_core.imaging.normalise_image."""
+    dataset = ShardDataset(tiny_shards, "val", batch_size=2, rank=0, world_size=1)
+    samples = []
+    dataset_iter = dataset._decode(dataset._read(iter([(0, *dataset.shards[0])]), dataset.skipped), dataset.skipped)
+    samples = [next(dataset_iter), next(dataset_iter)]
+    batch = collate(samples)
+    expected = normalise_image(torch.stack([s.src_image for s in samples]))
+    torch.testing.assert_close(batch["src_image"], expected, atol=1e-5, rtol=1e-6)
+
+
+def test_collate_pads_keypoints_and_keeps_flags(builders, memory_root):
+    from actr_core.data import SPairReader
+
+    builders.spair(memory_root)
+    samples = [build_sample(r, 32) for r in SPairReader(memory_root, "train")]  # 4, 5, 6 keypoints
+    batch = collate(samples)
+    assert batch["valid_kps"].sum(1).tolist() == [4, 5, 6]
+    assert batch["src_kps"][0, 4:].abs().sum() == 0 and batch["src_kps_orig"][1, 5:].abs().sum() == 0
+    assert batch["viewpoint_variation"].tolist() == [1, 1, 1] and batch["occlusion"].dtype == torch.int64
+    assert collate(samples, pad_kps_to=10)["valid_kps"].shape == (3, 10)
+    with pytest.raises(ValueError, match="more than pad_kps_to"):
+        collate(samples, pad_kps_to=5)
+
+
+def test_training_augmentation_in_the_loader(tiny_shards):
+    dataset = ShardDataset(
+        tiny_shards, "train", batch_size=4, training=True, transforms=train_transforms(), rank=0, world_size=1
+    )
+    batches = list(dataset.loader(0))
+    assert len(batches) == dataset.plan(1).batches_per_rank[0] == 5
+    assert all(b["flow"].shape == (4, 2, 8, 12) for b in batches)
+
+
+def test_file_url_and_local_path(tmp_path, tiny_settings_factory):
+    from actr_core.data import make_shards
+
+    make_shards(str(tmp_path / "s"), tiny_settings_factory(pairs=(("train", 3), ("val", 3), ("test", 5))), progress=False)
+    for url in (str(tmp_path / "s"), f"file://{tmp_path}/s"):
+        ids = [p for b in ShardDataset(url, "test", batch_size=2, rank=0, world_size=1) for p in b["pair_id"]]
+        assert len(ids) == 5
+
+
+def test_max_batches_caps_the_epoch(tiny_shards):
+    dataset = ShardDataset(tiny_shards, "train", batch_size=2, training=True, max_batches=3, rank=1, world_size=2)
+    assert len(list(dataset.loader(0))) == 3 == len(dataset)
+
+
+def test_rank_defaults_and_errors(tiny_shards):
+    dataset = ShardDataset(tiny_shards, "val", batch_size=2)
+    assert (dataset.rank, dataset.world_size) == (0, 1)
+    with pytest.raises(ValueError, match="rank 2 outside"):
+        ShardDataset(tiny_shards, "val", batch_size=2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="both rank and world_size"):
+        ShardDataset(tiny_shards, "val", batch_size=2, rank=0)
+    with pytest.raises(ValueError, match="split 'extra' not in"):
+        ShardDataset(tiny_shards, "extra", batch_size=2)
+
+
+def test_fsspec_opener_registration():
+    from webdataset.gopen import gopen_schemes
+
+    register_fsspec_opener("memory://x/y.tar")
+    assert gopen_schemes["memory"] is _gopen_fsspec
+    before = dict(gopen_schemes)
+    register_fsspec_opener("/local/path.tar")
+    register_fsspec_opener("file:///local/path.tar")
+    assert gopen_schemes == before
+
+
+def test_split_stages_partition():
+    items = list(range(11))
+    parts = [list(split_by_worker(split_by_node(iter(items), r, 2), w, 3)) for r in range(2) for w in range(3)]
+    assert sorted(x for part in parts for x in part) == items
+
+
+@given(
+    counts=st.lists(st.integers(0, 9), min_size=0, max_size=12),
+    world=st.integers(1, 3),
+    workers=st.integers(1, 3),
+    batch=st.integers(1, 4),
+    epoch=st.integers(0, 3),
+)
+def test_plan_properties(counts, world, workers, batch, epoch):
+    train = plan_epoch(counts, batch_size=batch, world_size=world, num_workers=workers, training=True, epoch=epoch)
+    assert sorted(i for rank in train.shards for worker in rank for i in worker) == list(range(len(counts)))
+    assert len(set(train.batches_per_rank)) == 1  # equal on every rank
+    assert train.samples_used == world * train.batches_per_rank[0] * batch <= sum(counts)
+    for rank_shards, rank_batches in zip(train.shards, train.batches, strict=True):
+        for ids, n in zip(rank_shards, rank_batches, strict=True):
+            assert n * batch <= sum(counts[i] for i in ids)  # a worker never needs more than it reads
+    evaluation = plan_epoch(counts, batch_size=batch, world_size=world, num_workers=workers)
+    assert evaluation.dropped == 0 and evaluation.order == tuple(range(len(counts)))
