@@ -25,7 +25,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,8 +39,10 @@ from actr_core.data import Resize, ShardDataset, train_transforms
 from actr_core.models import build_model
 from actr_core.training import (
     CHECKPOINT_NAME,
+    CheckpointError,
     StepSettings,
     TrainConfig,
+    TrainingCheckpoint,
     all_reduce_sum,
     build_optimizer,
     build_scheduler,
@@ -101,6 +102,40 @@ def _maybe_inject_fault(fault: Mapping[str, Any], rank: int, step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _already_persisted(checkpoint: Any, checkpoint_dir_name: str) -> Any:
+    """Ray's upload step for a checkpoint written (atomically) in place in the run folder: nothing to copy."""
+    return checkpoint
+
+
+def _latest_in_run(run_dir: Path) -> TrainingCheckpoint | None:
+    """The newest complete checkpoint under ``run_dir/checkpoints`` (unreadable ones are skipped)."""
+    for path in sorted((run_dir / CHECKPOINTS_DIR).glob(f"epoch_*/{CHECKPOINT_NAME}"), reverse=True):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as error:
+            print(f"skipping {path}: {error}", flush=True)
+    return None
+
+
+def _resume_source(cfg: TrainConfig, ray_checkpoint: Any) -> tuple[TrainingCheckpoint | None, bool]:
+    """Where to start: ``(checkpoint or None, whether it is this run's own)``.
+
+    First this run's newest checkpoint in its folder (a restart after a failure; it may be newer
+    than the one Ray registered when the workers died right after reporting it, and it is what a
+    re-run of the same command continues from), then Ray's latest, then ``--resume``. Every rank
+    reads the same run folder, so all ranks make the same choice.
+    """
+    own = _latest_in_run(cfg.run_dir)
+    if own is not None:
+        return own, True
+    if ray_checkpoint is not None:
+        with ray_checkpoint.as_directory() as folder:
+            return load_checkpoint(Path(folder) / CHECKPOINT_NAME), True
+    if cfg.resume:
+        return load_checkpoint(cfg.resume), False
+    return None, False
+
+
 def _gather_rng(world: int) -> dict[int, dict[str, Any]]:
     """Every rank's RNG state (a collective: every rank calls it)."""
     states: list[Any] = [None] * world
@@ -133,13 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     device = ray.train.torch.get_device()
     _seed(cfg.seed * 1000 + rank)
 
-    resume_from = None
-    ray_checkpoint = ray.train.get_checkpoint()
-    if ray_checkpoint is not None:  # a restart after a failure: the run's own last checkpoint
-        with ray_checkpoint.as_directory() as folder:
-            resume_from = load_checkpoint(Path(folder) / CHECKPOINT_NAME)
-    elif cfg.resume:
-        resume_from = load_checkpoint(cfg.resume)
+    resume_from, own = _resume_source(cfg, ray.train.get_checkpoint())
 
     model = build_model(cfg.model, **cfg.model_kwargs)
     if resume_from is not None:
@@ -199,7 +228,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if scaler is not None and resume_from.scaler is not None:
             scaler.load_state_dict(resume_from.scaler)
         start_epoch, step, history = resume_from.epoch, resume_from.step, list(resume_from.history)
-        restarts = (history[-1].get("restarts", 0) if history else 0) + int(ray_checkpoint is not None)
+        restarts = (history[-1].get("restarts", 0) if history else 0) + int(own)
         if rank in resume_from.rng:
             set_rng_state(resume_from.rng[rank])
         if rank == 0:
@@ -288,27 +317,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         metrics = {k: v for k, v in row.items() if k != "step_losses"}
         if rank == 0:
             print(_epoch_line(row, cfg.epochs, cfg.pck_alpha), flush=True)
-            with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(
-                    Path(folder) / CHECKPOINT_NAME,
-                    model=model,
-                    builder=cfg.model,
-                    builder_kwargs=cfg.model_kwargs,
-                    config=cfg.to_dict(),
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                    epoch=epoch + 1,
-                    step=step,
-                    rng=rng,
-                    history=history,
-                    data_schema_version=DATA_SCHEMA_VERSION,
-                )
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(folder),
-                    checkpoint_dir_name=f"{CHECKPOINTS_DIR}/epoch_{epoch + 1:03d}",
-                )
+            folder = cfg.run_dir / CHECKPOINTS_DIR / f"epoch_{epoch + 1:03d}"
+            save_checkpoint(  # atomic, straight into the run folder: Ray has nothing left to copy
+                folder / CHECKPOINT_NAME,
+                model=model,
+                builder=cfg.model,
+                builder_kwargs=cfg.model_kwargs,
+                config=cfg.to_dict(),
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                epoch=epoch + 1,
+                step=step,
+                rng=rng,
+                history=history,
+                data_schema_version=DATA_SCHEMA_VERSION,
+            )
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                checkpoint_dir_name=f"{CHECKPOINTS_DIR}/{folder.name}",
+                checkpoint_upload_fn=_already_persisted,
+                delete_local_checkpoint_after_upload=False,
+            )
         else:
             ray.train.report(metrics)
     return history
@@ -342,6 +373,15 @@ def _init_ray(cfg: TrainConfig) -> bool:
         log_to_driver=True,
     )
     return True
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute here, on the driver: Ray workers may run in another folder."""
+
+    def absolute(path: str) -> str:
+        return path if not path or "://" in path else str(Path(path).expanduser().resolve())
+
+    return cfg.replace(runs_dir=absolute(cfg.runs_dir), shards=absolute(cfg.shards), resume=absolute(cfg.resume))
 
 
 def _fault_settings(run_dir: Path) -> dict[str, Any]:
@@ -381,6 +421,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not again via Train's logger
+    cfg = _absolute_paths(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -18,6 +18,7 @@ from actr_core.training import TrainConfig, config_from_args, load_checkpoint, l
 from pipelines import train
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "training"))  # the stand-in matcher of the training tests
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
@@ -129,3 +130,39 @@ def test_ray_run_survives_a_killed_worker_and_resumes_from_the_last_checkpoint(t
         out = model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64))
     assert out.flow.shape == (1, 2, 16, 16)
     assert (run / "config.yaml").exists()
+
+
+def test_driver_makes_local_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = train._absolute_paths(TrainConfig(runs_dir="runs", shards="s3://bucket/shards", resume="a/b.pt"))
+    assert cfg.runs_dir == str(tmp_path.resolve() / "runs") and cfg.shards == "s3://bucket/shards"
+    assert cfg.resume == str(tmp_path.resolve() / "a" / "b.pt")
+    assert train._absolute_paths(TrainConfig()).resume == ""
+
+
+def _save_epoch(run_dir: Path, epoch: int) -> Path:
+    from training_toys import TOY_NAME, ToyMatcher  # noqa: F401  (registers the stand-in)
+
+    from actr_core.training import save_checkpoint
+
+    path = run_dir / train.CHECKPOINTS_DIR / f"epoch_{epoch:03d}" / "checkpoint.pt"
+    return save_checkpoint(path, model=ToyMatcher(), builder=TOY_NAME, epoch=epoch, step=10 * epoch)
+
+
+def test_resume_source_prefers_the_newest_complete_checkpoint_of_the_run(tmp_path):
+    cfg = TrainConfig(name="r", runs_dir=str(tmp_path))
+    assert train._resume_source(cfg, None) == (None, False)
+    _save_epoch(cfg.run_dir, 1)
+    newest = _save_epoch(cfg.run_dir, 2)
+    broken = cfg.run_dir / train.CHECKPOINTS_DIR / "epoch_003" / "checkpoint.pt"
+    broken.parent.mkdir()
+    broken.write_bytes(newest.read_bytes()[:100])  # e.g. a copy cut short by a crash
+    ckpt, own = train._resume_source(cfg, None)
+    assert own and ckpt.epoch == 2
+
+
+def test_resume_option_when_the_run_has_no_checkpoint(tmp_path):
+    other = _save_epoch(tmp_path / "other", 4)
+    cfg = TrainConfig(name="fresh", runs_dir=str(tmp_path), resume=str(other))
+    ckpt, own = train._resume_source(cfg, None)
+    assert not own and ckpt.step == 40
