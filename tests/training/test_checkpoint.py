@@ -218,3 +218,12 @@ def test_export_model_drops_training_state_and_still_rebuilds(tmp_path):
     for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert out.stat().st_size < path.stat().st_size
+
+
+def test_atomic_save_gives_the_usual_file_mode(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        target = atomic_save({"a": 1}, tmp_path / "m.pt")
+    finally:
+        os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o644
