@@ -43,6 +43,7 @@ from actr_core.training import (
     StepSettings,
     TrainConfig,
     TrainingCheckpoint,
+    ValidationResult,
     all_reduce_sum,
     build_optimizer,
     build_scheduler,
@@ -146,6 +147,31 @@ def _gather_rng(world: int) -> dict[int, dict[str, Any]]:
     return dict(enumerate(states))
 
 
+def _row(
+    epoch: int,
+    step: int,
+    step_losses: list[float],
+    scores: ValidationResult,
+    lrs: Mapping[str, float],
+    seconds: float,
+    restarts: int,
+) -> dict[str, Any]:
+    """One row of the history (``metrics.csv``; ``step_losses`` go to ``steps.csv``)."""
+    return {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": sum(step_losses) / len(step_losses) if step_losses else math.nan,
+        "val_loss": scores.loss,
+        "val_pck": scores.pck,
+        "val_pairs": scores.pairs,
+        "lr_backbone": lrs.get("backbone", 0.0),
+        "lr_heads": lrs.get("heads", 0.0),
+        "epoch_seconds": seconds,
+        "restarts": restarts,  # times the workers were restarted from this run's checkpoints so far
+        "step_losses": step_losses,
+    }
+
+
 def _epoch_line(row: Mapping[str, Any], epochs: int, alpha: float) -> str:
     return (
         f"epoch {row['epoch']}/{epochs}  step {row['step']}  train_loss {row['train_loss']:.4f}  "
@@ -234,7 +260,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if rank == 0:
             print(f"resumed from epoch {start_epoch}, step {step} (restart {restarts} of this run)", flush=True)
 
-    def val_scores() -> Any:
+    def val_scores() -> ValidationResult:
         return validate(
             model,
             batches(val_data),
@@ -247,23 +273,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 
     if cfg.validate_before_training and resume_from is None:
         started = time.perf_counter()
-        scores = val_scores()
-        row = {
-            "epoch": 0,
-            "step": 0,
-            "train_loss": math.nan,
-            "val_loss": scores.loss,
-            "val_pck": scores.pck,
-            "val_pairs": scores.pairs,
-            "lr_backbone": 0.0,
-            "lr_heads": 0.0,
-            "epoch_seconds": time.perf_counter() - started,
-            "restarts": 0,
-            "step_losses": [],
-        }
+        row = _row(0, 0, [], val_scores(), {}, time.perf_counter() - started, restarts)
         history.append(row)
         if rank == 0:
-            print(f"untrained: val_loss {scores.loss:.4f}  val_PCK@{cfg.pck_alpha:g} {100 * scores.pck:.2f}%", flush=True)
+            print(f"untrained: val_loss {row['val_loss']:.4f}  val_PCK@{cfg.pck_alpha:g} {100 * row['val_pck']:.2f}%", flush=True)
         ray.train.report({k: v for k, v in row.items() if k != "step_losses"})
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -298,20 +311,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         step += steps
         step_losses = (all_reduce_sum(torch.tensor(losses, dtype=torch.float64)) / world).tolist()
         scores = val_scores()
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-        row = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": sum(step_losses) / len(step_losses),
-            "val_loss": scores.loss,
-            "val_pck": scores.pck,
-            "val_pairs": scores.pairs,
-            "lr_backbone": lrs.get("backbone", 0.0),
-            "lr_heads": lrs.get("heads", 0.0),
-            "epoch_seconds": time.perf_counter() - started,
-            "restarts": restarts,  # times the workers were restarted from this run's checkpoints so far
-            "step_losses": step_losses,
-        }
+        lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
+        row = _row(epoch + 1, step, step_losses, scores, lrs, time.perf_counter() - started, restarts)
         history.append(row)
         rng = _gather_rng(world)
         metrics = {k: v for k, v in row.items() if k != "step_losses"}

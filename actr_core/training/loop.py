@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from jaxtyping import Shaped
 from torch import Tensor, nn
 
 from actr_core.metrics import ScoringProtocol, get_protocol, score_batch
@@ -23,7 +24,7 @@ from actr_core.training.step import StepResult, StepSettings, autocast_context, 
 __all__ = ["train_epoch", "ValidationResult", "validate", "all_reduce_sum"]
 
 
-def all_reduce_sum(values: Tensor) -> Tensor:
+def all_reduce_sum(values: Shaped[Tensor, "*shape"]) -> Shaped[Tensor, "*shape"]:
     """Sum ``values`` over all ranks when ``torch.distributed`` is initialised (else return it unchanged)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values
