@@ -13,7 +13,9 @@ What it does, in one process:
    both give the same correlation pyramid (the same network, up to float rounding);
 3. times ``forward`` of both under ``torch.inference_mode`` in alternating order (so that load
    from other processes hits both alike), after warm-up, and prints min / median / mean seconds
-   per pair, parameters and FLOPs (``torch.utils.flop_counter``), and the ratio.
+   per pair (wall clock) and the median process CPU seconds, parameters and FLOPs
+   (``torch.utils.flop_counter``), and the ratios: of medians, of minima, the median of the
+   per-round ratios (both models timed back to back), and of CPU seconds.
 
 ``--only ours|released`` runs one model alone and also reports its peak resident memory.
 """
@@ -90,10 +92,11 @@ def check_equal(ours: MMNet, released: nn.Module, src: torch.Tensor, trg: torch.
     return errors
 
 
-def _time(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
+def _time(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call."""
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _flops(fn: Callable[[], Any]) -> int:
@@ -130,15 +133,22 @@ def main(cfg: BenchConfig) -> dict[str, Any]:
             for fn in runs.values():
                 fn()
         times: dict[str, list[float]] = {name: [] for name in runs}
+        cpu: dict[str, list[float]] = {name: [] for name in runs}
         for r in range(cfg.repeats):
             order = list(runs) if r % 2 == 0 else list(reversed(runs))
             for name in order:
-                times[name].append(_time(runs[name]))
+                wall, used = _time(runs[name])
+                times[name].append(wall)
+                cpu[name].append(used)
     for name, ts in times.items():
-        result[name] = {**_summary(ts), "times_s": ts}
+        result[name] = {**_summary(ts), "times_s": ts, "cpu_median_s": statistics.median(cpu[name])}
     if len(runs) == 2:
         result["ratio_median"] = result["ours"]["median_s"] / result["released"]["median_s"]
         result["ratio_min"] = result["ours"]["min_s"] / result["released"]["min_s"]
+        # each round times both back to back, so the ratio within a round shares that round's load
+        paired = [a / b for a, b in zip(times["ours"], times["released"], strict=True)]
+        result["ratio_paired_median"] = statistics.median(paired)
+        result["ratio_cpu_median"] = result["ours"]["cpu_median_s"] / result["released"]["cpu_median_s"]
     if cfg.only is not None:
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result

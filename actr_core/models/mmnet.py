@@ -9,8 +9,11 @@ Pipeline (shapes at a 224 × 320 input, ResNet-101, 21 descriptor channels):
 1. ResNet (timm's, built here, never downloaded): the output of **every** bottleneck
    (3 + 4 + 23 + 3 maps; 256/512/1024/2048 channels at strides 4/8/16/32). Source and target run
    as one batch.
-2. Per bottleneck, a :class:`~actr_core.blocks.multiscale.MultiScaleDilatedBlock` (3×3 conv to 32,
-   dilated 3×3 convs at 4/8/12, summed, 1×1 to 21); summed over the stage's bottlenecks, then
+2. Per bottleneck, a multi-scale block (3×3 conv to 32, dilated 3×3 convs at 4/8/12, summed,
+   1×1 to 21), summed over the stage's bottlenecks — one
+   :class:`~actr_core.blocks.multiscale.MultiScaleStage` per stage, which fuses a stage's blocks
+   into grouped convolutions (equal to the per-bottleneck
+   :class:`~actr_core.blocks.multiscale.MultiScaleDilatedBlock` sum) — then
    :class:`~actr_core.blocks.multiscale.LocalSelfAttention` (3×3, cosine, softmax, residual):
    descriptors ``(2b, 21, h_l, w_l)`` at 7×10, 14×20, 28×40, 56×80.
 3. Top-down :class:`~actr_core.blocks.multiscale.TopDownFusion` (transposed conv ×2, concatenation,
@@ -45,7 +48,7 @@ from actr_core.blocks.correlation_keypoints import (
     argmax_transfer,
     soft_argmax_transfer,
 )
-from actr_core.blocks.multiscale import LocalSelfAttention, MultiScaleDilatedBlock, TopDownFusion
+from actr_core.blocks.multiscale import LocalSelfAttention, MultiScaleStage, TopDownFusion
 from actr_core.blocks.soft_argmax import soft_argmax
 from actr_core.flow import rescale_keypoints, resize_flow
 from actr_core.models.backbones import WeightsReport, read_checkpoint
@@ -206,8 +209,10 @@ _RELEASED_UNUSED = ("upsample_", "feature_upsample_", "msblock0.", "conv0_", "ba
 def convert_released_state_dict(state: Mapping[str, Tensor], num_levels: int = 4) -> dict[str, Tensor]:
     """Rename a released MMNet state dict (``models/Model.py``, ResNet backbones) to this model's names.
 
-    ``backbone.layerK.*`` → ``backbone.stages.{K-1}.*``; ``msblockS_J.conv`` / ``.conv1..3`` →
-    ``multiscale.{S-1}.{J-1}.conv`` / ``.branches.0..2``; ``convS_J_down`` → ``...proj``;
+    ``backbone.layerK.*`` → ``backbone.stages.{K-1}.*``; ``msblockS_J.conv`` →
+    ``multiscale.{S-1}.inputs.{J-1}``; ``msblockS_J.conv1..3`` stacked over ``J`` →
+    ``multiscale.{S-1}.branches.0..2`` (grouped convolutions); ``convS_J_down`` weights
+    concatenated over ``J`` and biases summed → ``multiscale.{S-1}.proj``;
     ``wa_S.conv_theta|phi|g`` → ``attention.{S-1}.qkv`` (stacked in that order), ``wa_S.conv_back``
     → ``attention.{S-1}.proj``; ``feat_upsample_S`` and ``conv{S-1}_scale`` → ``fusion.{L-S}.up`` and
     ``.fuse``. Modules the released forward never calls (``upsample_*``, ``feature_upsample_*``,
@@ -216,6 +221,8 @@ def convert_released_state_dict(state: Mapping[str, Tensor], num_levels: int = 4
     """
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
+    branches: dict[tuple[int, int, str], dict[int, Tensor]] = {}  # (stage, branch, param) -> {block: tensor}
+    projections: dict[tuple[int, str], dict[int, Tensor]] = {}  # (stage, param) -> {block: tensor}
     for key, value in state.items():
         key = key.removeprefix("module.")
         if key.startswith(_RELEASED_UNUSED) or "_kernel." in key:
@@ -229,11 +236,13 @@ def convert_released_state_dict(state: Mapping[str, Tensor], num_levels: int = 4
         elif head.startswith("msblock"):
             s, j = (int(v) for v in head[len("msblock") :].split("_"))
             name, _, param = rest.partition(".")
-            target = "conv" if name == "conv" else f"branches.{int(name[len('conv'):]) - 1}"
-            out[f"multiscale.{s - 1}.{j - 1}.{target}.{param}"] = value
+            if name == "conv":
+                out[f"multiscale.{s - 1}.inputs.{j - 1}.{param}"] = value
+            else:
+                branches.setdefault((s, int(name[len("conv") :]), param), {})[j] = value
         elif head.startswith("conv") and head.endswith("_down"):
             s, j = (int(v) for v in head[len("conv") : -len("_down")].split("_"))
-            out[f"multiscale.{s - 1}.{j - 1}.proj.{rest}"] = value
+            projections.setdefault((s, rest), {})[j] = value
         elif head.startswith("wa_"):
             s = int(head[len("wa_") :])
             name, _, param = rest.partition(".")
@@ -251,6 +260,13 @@ def convert_released_state_dict(state: Mapping[str, Tensor], num_levels: int = 4
             raise ValueError(f"unknown key {key!r} in the released MMNet state dict")
     for (s, param), parts in qkv.items():
         out[f"attention.{s - 1}.qkv.{param}"] = torch.cat([parts[n] for n in ("conv_theta", "conv_phi", "conv_g")])
+    for (s, r, param), blocks in branches.items():  # grouped convolution: blocks stacked on the output axis
+        out[f"multiscale.{s - 1}.branches.{r - 1}.{param}"] = torch.cat([blocks[j] for j in sorted(blocks)])
+    for (s, param), blocks in projections.items():  # one 1x1 convolution over all blocks; biases add up
+        ordered = [blocks[j] for j in sorted(blocks)]
+        out[f"multiscale.{s - 1}.proj.{param}"] = (
+            torch.cat(ordered, dim=1) if param == "weight" else torch.stack(ordered).sum(dim=0)
+        )
     return out
 
 
@@ -269,16 +285,14 @@ class MMNet(Matcher):
         if cfg.backbone_weights is not None:
             load_resnet_weights(self.backbone, cfg.backbone_weights)
         self.multiscale = nn.ModuleList(
-            nn.ModuleList(
-                MultiScaleDilatedBlock(
-                    channels,
-                    cfg.feature_channels,
-                    hidden_channels=cfg.hidden_channels,
-                    dilations=cfg.dilations,
-                    kernel_size=cfg.kernel_size,
-                    init_std=cfg.init_std,
-                )
-                for _ in range(depth)
+            MultiScaleStage(
+                channels,
+                cfg.feature_channels,
+                depth,
+                hidden_channels=cfg.hidden_channels,
+                dilations=cfg.dilations,
+                kernel_size=cfg.kernel_size,
+                init_std=cfg.init_std,
             )
             for depth, channels in zip(cfg.layers, cfg.stage_channels, strict=True)
         )
@@ -313,12 +327,12 @@ class MMNet(Matcher):
         x = images.contiguous(memory_format=torch.channels_last) if self.config.channels_last else images
         x = self.backbone.stem(x)
         per_stage = []
-        for stage, heads, attend in zip(self.backbone.stages, self.multiscale, self.attention, strict=True):
-            total = None
-            for bottleneck, head in zip(stage, heads, strict=True):
+        for stage, head, attend in zip(self.backbone.stages, self.multiscale, self.attention, strict=True):
+            maps = []
+            for bottleneck in stage:
                 x = bottleneck(x)
-                total = head(x) if total is None else total + head(x)
-            per_stage.append(attend(total))
+                maps.append(x)
+            per_stage.append(attend(head(maps)))
         fused = [per_stage[-1]]
         for fusion, finer in zip(self.fusion, reversed(per_stage[:-1]), strict=True):
             fused.append(fusion(finer, fused[-1]))

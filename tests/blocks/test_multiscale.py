@@ -8,9 +8,11 @@ from torch import nn
 from actr_core.blocks.multiscale import (
     LocalSelfAttention,
     MultiScaleDilatedBlock,
+    MultiScaleStage,
     TopDownFusion,
     local_self_attention,
     multiscale_dilated_conv,
+    multiscale_stage,
     top_down_fusion,
 )
 
@@ -178,3 +180,52 @@ class TestTopDownFusion:
         module = TopDownFusion(2)
         with pytest.raises(ValueError, match="does not match fine"):
             module(torch.randn(1, 2, 5, 6), torch.randn(1, 2, 2, 3))
+
+
+class TestMultiScaleStage:
+    def test_equals_sum_of_blocks_h_ne_w(self):
+        torch.manual_seed(0)
+        blocks = [MultiScaleDilatedBlock(6, 5, hidden_channels=4, dilations=(1, 2, 3), init_std=0.3) for _ in range(3)]
+        stage = MultiScaleStage.from_blocks(blocks)
+        xs = [torch.randn(2, 6, 5, 9) for _ in blocks]
+        expected = sum(block(x) for block, x in zip(blocks, xs))
+        torch.testing.assert_close(stage(xs), expected, rtol=1e-5, atol=1e-5)
+        assert stage(xs).shape == (2, 5, 5, 9)
+
+    def test_gradients_equal_sum_of_blocks(self):
+        torch.manual_seed(0)
+        blocks = [MultiScaleDilatedBlock(3, 2, hidden_channels=2, dilations=(1, 2), init_std=0.5) for _ in range(2)]
+        stage = MultiScaleStage.from_blocks(blocks)
+        xs = [torch.randn(1, 3, 4, 6, requires_grad=True) for _ in blocks]
+        g_stage = torch.autograd.grad(stage(xs).square().sum(), xs)
+        g_blocks = torch.autograd.grad(sum(b(x) for b, x in zip(blocks, xs)).square().sum(), xs)
+        for a, b in zip(g_stage, g_blocks):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    def test_one_projection_bias(self):
+        stage = MultiScaleStage(8, 3, 4, hidden_channels=2)
+        assert stage.proj.weight.shape == (3, 8, 1, 1) and stage.proj.bias.shape == (3,)
+        assert stage.branches[0].groups == 4
+
+    def test_gradcheck(self):
+        torch.manual_seed(0)
+        xs = [torch.randn(1, 1, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+        ws = [torch.randn(2, 1, 3, 3, dtype=torch.float64) for _ in range(2)]
+        bw = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+        pw = torch.randn(1, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda a, b, w, p: multiscale_stage([a, b], ws, [None, None], [w], [None], (2,), p, None),
+            (*xs, bw, pw),
+            fast_mode=True,
+        )
+
+    def test_errors(self, no_typecheck):
+        w = [torch.randn(2, 3, 3, 3)]
+        with pytest.raises(ValueError, match="one each"):
+            multiscale_stage([], [], [], [], [], (), torch.randn(1, 2, 1, 1), None)
+        with pytest.raises(ValueError, match="must match features"):
+            multiscale_stage(
+                [torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 5)], w * 2, [None, None], [], [], (), torch.randn(1, 4, 1, 1), None
+            )
+        with pytest.raises(ValueError, match="num_maps"):
+            MultiScaleStage(3, 2, 0)

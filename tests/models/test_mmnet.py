@@ -189,8 +189,8 @@ def test_resnet101_forward_backward_smoke():
     assert out.flow.shape == (1, 2, 8, 16)
     model.loss(out, {"src_kps": torch.tensor([[[10.0, 20.0]]]), "trg_kps": torch.tensor([[[50.0, 40.0]]]),
                      "valid_kps": torch.ones(1, 1, dtype=torch.bool)}).backward()
-    assert model.multiscale[2][22].conv.weight.grad is not None
-    assert parameter_count(model) == 52_851_702
+    assert model.multiscale[2].inputs[22].weight.grad is not None
+    assert parameter_count(model) == 52_851_093  # 609 fewer than per-bottleneck biases: one bias per stage sum
 
 
 class TestErrors:
@@ -234,13 +234,16 @@ def _released_names(model: MMNet) -> dict[str, torch.Tensor]:
         out[f"backbone.{key}"] = value
     levels = len(model.config.layers)
     for i, depth in enumerate(model.config.layers):
+        stage = model.multiscale[i]
+        m = model.config.hidden_channels
         for j in range(depth):
-            block = model.multiscale[i][j]
             for p in ("weight", "bias"):
-                out[f"msblock{i + 1}_{j + 1}.conv.{p}"] = getattr(block.conv, p)
-                for r, branch in enumerate(block.branches):
-                    out[f"msblock{i + 1}_{j + 1}.conv{r + 1}.{p}"] = getattr(branch, p)
-                out[f"conv{i + 1}_{j + 1}_down.{p}"] = getattr(block.proj, p)
+                out[f"msblock{i + 1}_{j + 1}.conv.{p}"] = getattr(stage.inputs[j], p)
+                for r, branch in enumerate(stage.branches):
+                    out[f"msblock{i + 1}_{j + 1}.conv{r + 1}.{p}"] = getattr(branch, p)[j * m : (j + 1) * m]
+            out[f"conv{i + 1}_{j + 1}_down.weight"] = stage.proj.weight[:, j * m : (j + 1) * m]
+            # the released code holds one bias per block; only their sum matters
+            out[f"conv{i + 1}_{j + 1}_down.bias"] = stage.proj.bias / depth
         for p in ("weight", "bias"):
             theta, phi, g = getattr(model.attention[i].qkv, p).chunk(3)
             out[f"wa_{i + 1}.conv_theta.{p}"], out[f"wa_{i + 1}.conv_phi.{p}"], out[f"wa_{i + 1}.conv_g.{p}"] = theta, phi, g
