@@ -50,7 +50,7 @@ def masked_flow_loss(
     if squared:
         err = sq
     else:
-        positive = sq > 0
+        positive = sq != 0  # NaN counts as non-zero, so a NaN prediction in a valid cell shows in the loss
         err = torch.where(positive, torch.sqrt(torch.where(positive, sq, 1.0)), 0.0)
     count = valid.sum(dim=(1, 2))
     per_sample = err.sum(dim=(1, 2)) / count.clamp_min(1).to(err.dtype)

@@ -101,3 +101,13 @@ def test_errors():
         masked_flow_loss(torch.zeros(2, 3, 4), target, torch.ones(2, 3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"pred has shape \(2, 3, 3, 4\)"):
         masked_flow_loss(torch.zeros(2, 3, 3, 4), torch.zeros(2, 3, 3, 4), torch.ones(2, 3, 4, dtype=torch.bool))
+
+
+def test_nan_prediction_in_a_valid_cell_is_not_hidden():
+    """A diverged model must show a NaN loss, not 0 (NaN is only masked in *invalid* cells)."""
+    pred = torch.zeros(1, 2, 3, 4)
+    pred[0, :, 1, 1] = float("nan")
+    valid = torch.zeros(1, 3, 4, dtype=torch.bool)
+    valid[0, 1, 1] = True
+    assert torch.isnan(masked_flow_loss(pred, torch.zeros_like(pred), valid))
+    assert torch.isnan(masked_flow_loss(pred, torch.zeros_like(pred), valid, squared=True))
