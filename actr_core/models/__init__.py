@@ -38,6 +38,7 @@ from actr_core.models.builders import (
     build_actr,
 )
 from actr_core.models.config import ABLATIONS, ACTRConfig
+from actr_core.models.mmnet import MMNet, MMNetConfig, MMNetOutput, mmnet_resnet50, mmnet_resnet101, mmnet_tiny
 from actr_core.models.registry import ModelEntry, build_model, get_model_entry, model_entries, register_model
 from actr_core.models.released import (
     ACTRReleased,
@@ -86,6 +87,13 @@ __all__ = [
     "actr_tiny",
     "baseline",
     "baseline_512",
+    # MMNet (ICCV 2021)
+    "MMNet",
+    "MMNetConfig",
+    "MMNetOutput",
+    "mmnet_resnet101",
+    "mmnet_resnet50",
+    "mmnet_tiny",
     # registry
     "ModelEntry",
     "register_model",

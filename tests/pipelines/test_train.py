@@ -34,8 +34,6 @@ def test_every_config_names_a_registered_model(path):
 
     name = TrainConfig.from_dict(load_config(path)).model
     registered = {entry.name for entry in model_entries()}
-    if name.startswith("mmnet") and name not in registered:
-        pytest.xfail(f"{name} is not in actr_core.models' registry yet")
     assert name in registered
 
 
