@@ -14,13 +14,11 @@ Two small functions know the outside world and are the ones to swap: :func:`load
 
 import argparse
 import dataclasses
-import io
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 import xarray as xr
@@ -57,6 +55,8 @@ class EvaluateConfig:
     device: str = "cpu"
     figures: bool = True
     figure_alpha: float = 0.1  # α of the correct/wrong colouring in the matches figure
+    image_size: tuple[int, int] | None = None  # model input (default: the checkpoint's; 256 for --model)
+    loader_workers: int = 1  # DataLoader processes decoding shards
     progress: bool = True
 
 
@@ -64,93 +64,41 @@ class EvaluateConfig:
 # The two functions to swap when the training and data packages publish their loaders.
 
 
-def load_model(cfg: EvaluateConfig) -> tuple[nn.Module, str]:
-    """The matcher to score and its name: from a training checkpoint, or a builder with random weights."""
+def load_model(cfg: EvaluateConfig) -> tuple[nn.Module, str, tuple[int, int]]:
+    """The matcher to score, its name and its input size: from a training checkpoint, or a builder
+    with random weights (input size ``cfg.image_size``)."""
     if cfg.checkpoint:
         from actr_core.training.checkpoint import load_model_from_checkpoint
 
         model, info = load_model_from_checkpoint(cfg.checkpoint, map_location=cfg.device)
-        return model, f"{info['builder']} ({Path(cfg.checkpoint).name}, epoch {info['epoch']})"
+        size = tuple(cfg.image_size) if cfg.image_size else tuple(info["input_size"])
+        return model, f"{info['builder']} ({Path(cfg.checkpoint).name}, epoch {info['epoch']})", size
     if cfg.model:
         from actr_core.models import build_model
 
-        return build_model(cfg.model).to(cfg.device), f"{cfg.model} (untrained)"
+        side = cfg.image_size or (256, 256)
+        return build_model(cfg.model).to(cfg.device), f"{cfg.model} (untrained)", tuple(side)
     raise ValueError("give --checkpoint PATH or --model NAME")
 
 
-def open_batches(cfg: EvaluateConfig) -> tuple[Iterable[Mapping[str, Any]], int | None]:
-    """Batches (schema of ``actr_core.data``) of ``cfg.split`` of the shard set, and how many there are."""
-    from actr_core.data.shards import shard_urls
+def open_batches(cfg: EvaluateConfig, size: tuple[int, int]) -> tuple[Iterable[Mapping[str, Any]], int]:
+    """Batches (schema of ``actr_core.data``) of ``cfg.split``, read at the model's input ``size``:
+    every sample exactly once, in a fixed order; and how many batches there are."""
+    from actr_core.data import Resize, ShardDataset
 
     if not cfg.shards:
         raise ValueError("give --shards URL (a shard set made by pipelines/make_shards.py)")
-    shards = shard_urls(cfg.shards, cfg.split)
-    pairs = sum(count for _, count in shards)
-    total = -(-pairs // cfg.batch_size)
-    if cfg.limit:
-        total = min(total, cfg.limit)
-    return _limited(_shard_batches([url for url, _ in shards], cfg.batch_size), cfg.limit), total
-
-
-def _limited(batches: Iterable[Mapping[str, Any]], limit: int) -> Iterator[Mapping[str, Any]]:
-    for i, batch in enumerate(batches):
-        if limit and i >= limit:
-            return
-        yield batch
-
-
-def _shard_batches(urls: Sequence[str], batch_size: int) -> Iterator[dict[str, Any]]:
-    """Every sample of the shards once, in order, collated into batches of ``batch_size``."""
-    from actr_core.data.samples import decode_sample
-    from actr_core.data.shards import iter_tar
-
-    pending = []
-    for url in urls:
-        with fsspec.open(url, "rb") as handle:
-            data = handle.read()
-        for key, members in iter_tar(io.BytesIO(data), url):
-            pending.append(decode_sample(members, f"{url}:{key}"))
-            if len(pending) == batch_size:
-                yield _collate(pending)
-                pending = []
-    if pending:
-        yield _collate(pending)
-
-
-def _collate(samples: Sequence[Any]) -> dict[str, Any]:
-    """Stack decoded samples into a batch of the schema (keypoints padded with zeros, invalid)."""
-    from actr_core.data.schema import SPAIR_FLAGS
-    from actr_core.imaging import normalise_image
-
-    n = max(int(s.src_kps.shape[0]) for s in samples)
-
-    def padded(name: str) -> torch.Tensor:
-        return torch.stack([torch.nn.functional.pad(getattr(s, name), (0, 0, 0, n - getattr(s, name).shape[0])) for s in samples])
-
-    batch: dict[str, Any] = {
-        "src_image": normalise_image(torch.stack([s.src_image for s in samples])),
-        "trg_image": normalise_image(torch.stack([s.trg_image for s in samples])),
-        "src_kps": padded("src_kps"),
-        "trg_kps": padded("trg_kps"),
-        "src_kps_orig": padded("src_kps_orig"),
-        "trg_kps_orig": padded("trg_kps_orig"),
-        "valid_kps": torch.stack(
-            [torch.nn.functional.pad(s.valid_kps, (0, n - s.valid_kps.shape[0]), value=False) for s in samples]
-        ),
-        "flow": torch.stack([s.flow for s in samples]),
-        "valid_flow": torch.stack([s.valid_flow for s in samples]),
-        "src_size": torch.tensor([s.src_size for s in samples], dtype=torch.int64),
-        "trg_size": torch.tensor([s.trg_size for s in samples], dtype=torch.int64),
-        "src_bbox": torch.stack([s.src_bbox for s in samples]),
-        "trg_bbox": torch.stack([s.trg_bbox for s in samples]),
-        "category": [s.category for s in samples],
-        "pair_id": [s.pair_id for s in samples],
-        "dataset": [s.dataset for s in samples],
-    }
-    for flag in SPAIR_FLAGS:
-        if all(flag in s.flags for s in samples):
-            batch[flag] = torch.tensor([int(s.flags[flag]) for s in samples], dtype=torch.int64)
-    return batch
+    data = ShardDataset(
+        cfg.shards,
+        cfg.split,
+        batch_size=cfg.batch_size,
+        training=False,
+        transforms=[Resize(size)],
+        rank=0,
+        world_size=1,
+        max_batches=cfg.limit or None,
+    )
+    return data.loader(num_workers=cfg.loader_workers), len(data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,8 +153,8 @@ def make_figures(
 
 def main(cfg: EvaluateConfig) -> xr.Dataset:
     """Score, save, print; returns the results dataset."""
-    model, name = load_model(cfg)
-    batches, total = open_batches(cfg)
+    model, name, size = load_model(cfg)
+    batches, total = open_batches(cfg, size)
     first: list[Mapping[str, Any]] = []
 
     def keep_first(source: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
@@ -257,7 +205,11 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--figure-alpha", type=float, default=defaults.figure_alpha)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--image-size", type=int, nargs="+", help="model input: N or H W (default: the checkpoint's)")
+    p.add_argument("--loader-workers", type=int, default=defaults.loader_workers)
     a = p.parse_args(argv)
+    if a.image_size is not None and len(a.image_size) not in (1, 2):
+        p.error(f"--image-size takes N or H W, got {a.image_size}")
     if a.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {a.batch_size}")
     return EvaluateConfig(
@@ -274,6 +226,8 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
         figures=not a.no_figures,
         figure_alpha=a.figure_alpha,
         progress=not a.no_progress,
+        image_size=None if a.image_size is None else (a.image_size[0], a.image_size[-1]),
+        loader_workers=a.loader_workers,
     )
 
 

@@ -17,8 +17,8 @@ def test_main_writes_results_table_and_figures(tmp_path, monkeypatch, capsys, ba
     torch.manual_seed(0)
     batch["src_image"] = torch.randn_like(batch["src_image"])
     batch["trg_image"] = torch.randn_like(batch["trg_image"])
-    monkeypatch.setattr(pipeline, "load_model", lambda cfg: (shift_matcher, "shift"))
-    monkeypatch.setattr(pipeline, "open_batches", lambda cfg: ([batch], 1))
+    monkeypatch.setattr(pipeline, "load_model", lambda cfg: (shift_matcher, "shift", (64, 64)))
+    monkeypatch.setattr(pipeline, "open_batches", lambda cfg, size: ([batch], 1))
     cfg = pipeline.parse_args(["--model", "fake", "--out", str(tmp_path), "--alphas", "0.1", "0.2", "--no-progress"])
     results = pipeline.main(cfg)
     printed = capsys.readouterr().out
@@ -39,3 +39,22 @@ def test_cli_reports_user_errors_in_one_line(capsys, tmp_path):
 def test_parse_args_defaults():
     cfg = pipeline.parse_args(["--model", "actr_tiny", "--shards", "memory://s", "--protocol", "released"])
     assert cfg.protocol == "released" and cfg.split == "test" and cfg.alphas == pipeline.DEFAULT_ALPHAS
+
+
+def test_main_on_real_shards_reads_at_the_model_size(tmp_path):
+    """Synthetic shards stored at 96 px, scored by an untrained tiny ACTR at 64 px: every test pair once."""
+    from actr_core.data import ShardSettings, SyntheticConfig, make_shards
+
+    settings = ShardSettings(
+        source="synthetic", pairs=(("train", 0), ("val", 0), ("test", 6)), splits=("test",), size=(96, 96),
+        samples_per_shard=4, synthetic=SyntheticConfig(n_kps=8),
+    )
+    make_shards(str(tmp_path / "shards"), settings, workers=0, progress=False)
+    cfg = pipeline.parse_args(
+        ["--model", "actr_tiny", "--shards", str(tmp_path / "shards"), "--image-size", "64", "--batch-size", "4",
+         "--out", str(tmp_path / "eval"), "--no-progress", "--no-figures", "--loader-workers", "0"]
+    )
+    results = pipeline.main(cfg)
+    assert results.sizes["pair"] == 6
+    assert int(results["n_pairs"].sum()) == 6
+    assert len(set(results["pair"].values.tolist())) == 6  # each pair exactly once
