@@ -26,7 +26,6 @@ import json
 import logging
 import multiprocessing
 import tarfile
-import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -370,31 +369,105 @@ def make_shards(
     return manifest
 
 
+_BLOCK = 512
+_END_BLOCK = bytes(_BLOCK)
+_REGULAR_TYPES = (b"0", b"\0", b"7")
+_PAX_TYPES = (b"x", b"g")
+_GNU_LONG_NAME = b"L"
+_GNU_LONG_LINK = b"K"
+
+
+def _read_exact(stream: Any, n: int) -> bytes:
+    """``n`` bytes from ``stream`` (fewer only at the end of the stream)."""
+    data = stream.read(n)
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = stream.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _octal(field: bytes, what: str) -> int:
+    if field and field[0] & 0x80:  # GNU base-256 for large values
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError as error:
+        raise tarfile.ReadError(f"bad {what} field {field!r}") from error
+
+
+def _tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of the regular members of a tar stream (ustar, GNU long names, pax paths).
+
+    A header with a bad checksum, a member cut short or a missing header block raises
+    ``tarfile.ReadError``; a stream ending cleanly between members ends the archive (the manifest's
+    sample count catches a shard cut exactly there).
+    """
+    long_name: str | None = None
+    while True:
+        header = _read_exact(stream, _BLOCK)
+        if not header or header == _END_BLOCK:
+            return
+        if len(header) < _BLOCK:
+            raise tarfile.ReadError(f"truncated header ({len(header)} of {_BLOCK} bytes)")
+        stored = _octal(header[148:156], "checksum")
+        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+            raise tarfile.ReadError("bad header checksum")
+        size = _octal(header[124:136], "size")
+        kind = header[156:157]
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:262] == b"ustar":
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix + b"/" + name
+        content = _read_exact(stream, size)
+        if len(content) < size:
+            raise tarfile.ReadError(f"member {name.decode('utf-8', 'replace')} is truncated ({len(content)} of {size} bytes)")
+        padding = -size % _BLOCK
+        if padding and len(_read_exact(stream, padding)) < padding:
+            raise tarfile.ReadError(f"member {name.decode('utf-8', 'replace')} lacks its padding")
+        if kind == _GNU_LONG_NAME:
+            long_name = content.split(b"\0", 1)[0].decode("utf-8")
+            continue
+        if kind in _PAX_TYPES or kind == _GNU_LONG_LINK:
+            if kind == b"x":
+                for record in content.decode("utf-8").splitlines():
+                    field = record.partition(" ")[2]
+                    if field.startswith("path="):
+                        long_name = field[len("path=") :]
+            continue
+        if kind in _REGULAR_TYPES:
+            yield (long_name if long_name is not None else name.decode("utf-8")), content
+        long_name = None
+
+
 def iter_tar(data: Any, where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, members) of each sample of a tar stream or bytes; a truncated or corrupt tar raises :class:`DataError`.
 
-    ``data`` is a binary file object or bytes. Members are grouped by the key before the first dot.
+    ``data`` is a binary file object or bytes (uncompressed tar). Members are grouped by the key
+    before the first dot of their base name, as WebDataset does.
     """
     stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
     key, members = None, {}
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                base = info.name.rsplit("/", 1)[-1]
-                sample_key, dot, member = base.partition(".")
-                if not dot:
-                    continue
-                content = tar.extractfile(info).read()
-                if len(content) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} is truncated")
-                if sample_key != key:
-                    if members:
-                        yield key, members
-                    key, members = sample_key, {}
-                members[member] = content
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        for name, content in _tar_members(stream):
+            base = name.rsplit("/", 1)[-1]
+            sample_key, dot, member = base.partition(".")
+            if not dot:
+                continue
+            if sample_key != key:
+                if members:
+                    yield key, members
+                key, members = sample_key, {}
+            members[member] = content
+    except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as error:
         raise DataError(where, f"truncated or corrupt tar (after sample {key!r}): {error}") from error
     if members:
         yield key, members

@@ -160,3 +160,32 @@ def test_settings_errors(kwargs, match):
 
 def test_read_manifest_absent(memory_root):
     assert read_manifest(memory_root) is None
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+def test_iter_tar_matches_tarfile_for_every_header_format(fmt):
+    import io
+    import tarfile
+
+    formats = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
+    names = ["k1.src.jpg", "k1.meta.json", "k2.src.jpg"] if fmt == "ustar" else ["d/" + "x" * 150 + "/k1.src.jpg", "k1.meta.json", "k2.src.jpg"]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=formats[fmt]) as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            payload = name.encode() * 7
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    got = list(iter_tar(buffer.getvalue(), fmt))
+    assert [(k, sorted(m)) for k, m in got] == [("k1", ["meta.json", "src.jpg"]), ("k2", ["src.jpg"])]
+    assert got[0][1]["src.jpg"] == names[0].encode() * 7
+
+
+def test_iter_tar_rejects_a_damaged_header():
+    from actr_core.data import DataError
+    from actr_core.data.shards import _tar_bytes
+
+    data = bytearray(_tar_bytes([("k.src.jpg", b"abc"), ("k.meta.json", b"{}")]))
+    data[512 + 512 + 10] ^= 0x01  # the second member's name: checksum no longer matches
+    with pytest.raises(DataError, match="bad header checksum"):
+        list(iter_tar(bytes(data), "bad.tar"))
