@@ -224,11 +224,12 @@ def _normalised_images(images: Sequence[Tensor]) -> Tensor:
     """uint8 (3, H, W) images -> ImageNet-normalised float batch: (x/255 - mean)/std as x·a - c with
     a = 1/(255 std), c = mean/std (equal to ``actr_core.imaging.normalise_image`` to float rounding)."""
     h, w = images[0].shape[-2:]
-    hwc = torch.stack([image.permute(1, 2, 0) for image in images])  # b H W 3; a plain copy for HWC decodes
     out = _empty((len(images), 3, h, w), torch.float32)
-    out.copy_(hwc.permute(0, 3, 1, 2))
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return out.mul_(1.0 / (255.0 * std)).sub_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / std)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    scale, shift = 1.0 / (255.0 * std), torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / std
+    for slot, image in zip(out, images, strict=True):  # image by image, while it is in cache
+        slot.copy_(image).mul_(scale).sub_(shift)
+    return out
 
 
 def _padded(rows: Sequence[Tensor], n: int, fill: float | bool, dtype: torch.dtype) -> Tensor:
