@@ -6,7 +6,9 @@
 Reads the training split as training does (shard and sample shuffling, full batches in the schema,
 ImageNet-normalised float images) through a ``DataLoader`` with ``--workers`` processes. The clock
 starts when the first batch arrives (worker start-up excluded) and stops after ``--epochs`` epochs.
-Prints one line per mode and, with ``--json``, writes the figures to a file.
+Also reports the CPU time per pair of the loader workers and of the main process, which shows
+what the figures would be on idle cores when the machine is shared. Prints one line per mode
+and, with ``--json``, writes the figures to a file.
 """
 
 import argparse
@@ -14,6 +16,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import sys
 import time
 
@@ -46,16 +49,31 @@ def measure(cfg: Config, augmented: bool) -> dict[str, float]:
         rank=0,
         world_size=1,
     )
-    pairs, start = 0, None
+    pairs, start, every = 0, None, 0
+    children, main_cpu = _children_cpu(), time.process_time()
     for epoch in range(cfg.epochs + 1):
         dataset.set_epoch(epoch)
         for batch in dataset.loader(cfg.workers):
+            every += len(batch["pair_id"])
             if start is None:  # the first batch of the first epoch starts the clock
                 start = time.perf_counter()
                 continue
             pairs += len(batch["pair_id"])
     elapsed = time.perf_counter() - start
-    return {"pairs": pairs, "seconds": elapsed, "pairs_per_second": pairs / elapsed}
+    worker_ms = (_children_cpu() - children) / every * 1e3  # loader processes, joined at each epoch's end
+    main_ms = (time.process_time() - main_cpu) / every * 1e3
+    return {
+        "pairs": pairs,
+        "seconds": elapsed,
+        "pairs_per_second": pairs / elapsed,
+        "worker_cpu_ms_per_pair": worker_ms,
+        "main_cpu_ms_per_pair": main_ms,
+    }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(cfg: Config) -> dict[str, object]:
@@ -80,7 +98,11 @@ def main(cfg: Config) -> dict[str, object]:
     for mode in cfg.modes:
         figures = measure(cfg, augmented=mode == "augmented")
         results[mode] = figures
-        print(f"{mode:>10}: {figures['pairs_per_second']:8.1f} pairs/s ({figures['pairs']} pairs in {figures['seconds']:.1f} s)")
+        print(
+            f"{mode:>10}: {figures['pairs_per_second']:8.1f} pairs/s ({figures['pairs']} pairs in "
+            f"{figures['seconds']:.1f} s); CPU per pair: loader workers {figures['worker_cpu_ms_per_pair']:.2f} ms, "
+            f"main process {figures['main_cpu_ms_per_pair']:.2f} ms"
+        )
     results["load_average_after"] = os.getloadavg()
     print(f"load average before {results['load_average_before']}, after {results['load_average_after']}")
     if cfg.json_path:
