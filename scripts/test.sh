@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -n 2 -p no:cacheprovider "$@"
