@@ -385,9 +385,8 @@ class ShardDataset(IterableDataset):
                     for key, members in iter_tar(stream, url):
                         seen += 1
                         yield f"{url}#{key}", members
-            except FileNotFoundError as error:
+            except FileNotFoundError:
                 log.handle(DataError(url, "shard not found", count=expected))
-                del error
                 continue
             except DataError as error:
                 log.handle(DataError(error.where, error.reason, count=max(expected - seen, 0)))

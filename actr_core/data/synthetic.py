@@ -178,6 +178,8 @@ def load_photo(name: str, short_side: int) -> Float[torch.Tensor, "3 Hp Wp"]:
 
 _TINY = 1e-300  # floor under r² before the logarithm (float64)
 _TINY32 = 1e-30  # the same for float32
+_SINGULAR = 1e-12  # |det J| below which a Newton step is skipped
+_FAR = 1e3  # normalised coordinates beyond which a Newton iterate is clipped (1000 frames away)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma weights
 
 
@@ -264,12 +266,12 @@ class _Warp:
             if not len(active):
                 break
             det = jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
-            ok = np.abs(det) > 1e-12
+            ok = np.abs(det) > _SINGULAR
             safe_det = np.where(ok, det, 1.0)
             step_x = (jac[:, 1, 1] * residual[:, 0] - jac[:, 0, 1] * residual[:, 1]) / safe_det
             step_y = (-jac[:, 1, 0] * residual[:, 0] + jac[:, 0, 0] * residual[:, 1]) / safe_det
             step = np.where(ok[:, None], np.stack([step_x, step_y], axis=1), 0.0)
-            q[active] = np.clip(q[active] - step, -1e3, 1e3)  # diverging points stay finite and fail below
+            q[active] = np.clip(q[active] - step, -_FAR, _FAR)  # diverging points stay finite and fail below
         converged = (error < tol) & (denom > 0) & np.isfinite(q).all(axis=1)
         return q, converged
 

@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from jaxtyping import Float, UInt8
 from torch import Tensor
 
@@ -77,7 +76,8 @@ class Compose:
 @dataclasses.dataclass(frozen=True)
 class PhotometricConfig:
     """The released code's albumentations set (ToGray, Posterize, Equalize, Sharpen, RandomBrightnessContrast,
-    Solarize, ColorJitter, each p = 0.2) on uint8 tensors; ranges are albumentations' defaults where they map."""
+    Solarize, ColorJitter, each p = 0.2) on uint8 tensors, in plain torch (no torchvision import in the data
+    path); ranges are albumentations' defaults where they map."""
 
     p: float = 0.2  # probability of each operation, per image (released train transform)
     posterize_bits: int = 4  # albumentations Posterize default num_bits
@@ -89,7 +89,7 @@ class PhotometricConfig:
     solarize_threshold: int = 128  # albumentations Solarize default threshold
 
 
-_LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601 weights (torchvision's grayscale)
+_LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601 luma weights
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]])
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
@@ -148,13 +148,45 @@ def _sharpen(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) 
     return (x + amount * (x - blur)).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def _gray(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
+    """Luma (BT.601) repeated on the three channels."""
+    grey = (_LUMA.view(3, 1, 1) * image.float()).sum(0).round_().clamp_(0, 255).to(torch.uint8)
+    return grey.expand(3, -1, -1).contiguous()
+
+
+def _posterize(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
+    """Keep the ``posterize_bits`` high bits of every value."""
+    mask = (0xFF << (8 - cfg.posterize_bits)) & 0xFF
+    return image & mask
+
+
+def _equalize(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
+    """Histogram equalisation per channel, PIL's ``ImageOps.equalize`` rule (a channel with one value is kept)."""
+    out = []
+    for channel in image:
+        hist = torch.bincount(channel.reshape(-1).long(), minlength=256)
+        used = hist[hist > 0]
+        step = (int(hist.sum()) - int(used[-1])) // 255
+        if step == 0:
+            out.append(channel)
+            continue
+        lut = (step // 2 + torch.cumsum(hist, 0) - hist) // step  # exclusive cumulative histogram
+        out.append(lut.clamp_(0, 255).to(torch.uint8)[channel.long()])
+    return torch.stack(out)
+
+
+def _solarize(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
+    """Invert the values at or above ``solarize_threshold``."""
+    return torch.where(image >= cfg.solarize_threshold, 255 - image, image)
+
+
 _OPERATIONS: tuple[tuple[str, Callable[[Tensor, PhotometricConfig, torch.Generator], Tensor]], ...] = (
-    ("gray", lambda im, cfg, g: TF.rgb_to_grayscale(im, num_output_channels=3)),
-    ("posterize", lambda im, cfg, g: TF.posterize(im, cfg.posterize_bits)),
-    ("equalize", lambda im, cfg, g: TF.equalize(im)),
+    ("gray", _gray),
+    ("posterize", _posterize),
+    ("equalize", _equalize),
     ("sharpen", _sharpen),
     ("brightness_contrast", _brightness_contrast),
-    ("solarize", lambda im, cfg, g: TF.solarize(im, cfg.solarize_threshold)),
+    ("solarize", _solarize),
     ("colour_jitter", _jitter),
 )
 
@@ -268,7 +300,8 @@ def reframe(sample: PairSample, src_box: Box, trg_box: Box, size: int | Sequence
         left, top, right, bottom = box
         if box == (0, 0, old[1], old[0]) and new == old:
             return image
-        return TF.resized_crop(image, top, left, bottom - top, right - left, list(new), antialias=True)
+        crop = image[:, top:bottom, left:right][None].contiguous()
+        return F.interpolate(crop, size=new, mode="bilinear", align_corners=False, antialias=True)[0]
 
     def move_box(box: Tensor, affine: tuple[Tensor, Tensor]) -> Tensor:
         return _apply(box.reshape(2, 2), affine).reshape(4)

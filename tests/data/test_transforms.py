@@ -189,3 +189,21 @@ def test_train_transforms_compose_deterministically():
     a, b = chain(sample, _gen(5)), chain(sample, _gen(5))
     assert torch.equal(a.src_image, b.src_image) and torch.equal(a.flow, b.flow)
     assert dataclasses.replace(a) == a  # still a valid sample
+
+
+def test_operations_match_torchvision():
+    """The plain-torch photometric ops equal torchvision's (grayscale to within one level of rounding)."""
+    import torch.nn.functional as F
+    import torchvision.transforms.v2.functional as TF
+
+    from actr_core.data.transforms import _equalize, _gray, _posterize, _solarize
+
+    cfg = PhotometricConfig()
+    for image in (_keypoint_sample().src_image.contiguous(), (_keypoint_sample(seed=1).trg_image // 4 + 60).contiguous()):
+        assert (_gray(image, cfg, _gen()).int() - TF.rgb_to_grayscale(image, 3).int()).abs().max() <= 1
+        assert torch.equal(_posterize(image, cfg, _gen()), TF.posterize(image, cfg.posterize_bits))
+        assert torch.equal(_equalize(image, cfg, _gen()), TF.equalize(image))
+        assert torch.equal(_solarize(image, cfg, _gen()), TF.solarize(image, cfg.solarize_threshold))
+        ours = F.interpolate(image[:, 3:30, 5:50][None].contiguous(), size=(64, 96), mode="bilinear", antialias=True)[0]
+        assert torch.equal(ours, TF.resized_crop(image, 3, 5, 27, 45, [64, 96], antialias=True))
+
