@@ -8,16 +8,20 @@ What it does, in one process:
 
 1. builds the released ``MMNet`` (``models/Model.py``; its module-level ``import gluoncvth`` is
    satisfied by an empty stand-in module, and its ImageNet download is turned off) with random
-   weights, and ours (:func:`actr_core.models.mmnet_resnet101`);
+   weights, and ours (:func:`actr_core.models.mmnet_resnet101`) twice: as built ("ours": in eval
+   mode without autograd its convolutions run fused through oneDNN) and with
+   ``onednn_inference=False`` ("ours_modules": every layer through its ``nn.Module``);
 2. copies the released weights into ours (:func:`convert_released_state_dict`) and checks that
-   both give the same correlation pyramid (the same network, up to float rounding);
+   all give the same correlation pyramid, both directions (the same network, up to float
+   rounding);
 3. times ``forward`` of both under ``torch.inference_mode`` in alternating order (so that load
    from other processes hits both alike), after warm-up, and prints min / median / mean seconds
    per pair (wall clock) and the median process CPU seconds, parameters and FLOPs
    (``torch.utils.flop_counter``), and the ratios: of medians, of minima, the median of the
    per-round ratios (both models timed back to back), and of CPU seconds.
 
-``--only ours|released`` runs one model alone and also reports its peak resident memory.
+``--only ours|ours_modules|released`` runs one model alone and also reports its peak resident
+memory.
 """
 
 import argparse
@@ -51,7 +55,7 @@ class BenchConfig:
     threads: int = 2
     warmup: int = 2
     repeats: int = 10
-    only: str | None = None  # "ours" or "released": one model alone, with its peak RSS
+    only: str | None = None  # "ours", "ours_modules" or "released": one model alone, with its peak RSS
     json_path: str | None = None
 
 
@@ -120,15 +124,25 @@ def main(cfg: BenchConfig) -> dict[str, Any]:
         ours = _BACKBONE_LAYERS[cfg.backbone]().eval()
         runs["ours"] = lambda: ours(src, trg)
         result["ours_params"] = parameter_count(ours)
+    if cfg.only in (None, "ours_modules"):
+        # the same network through its nn.Modules (no fused oneDNN path): the reference path
+        modules = _BACKBONE_LAYERS[cfg.backbone](onednn_inference=False).eval()
+        if "ours" in runs:
+            modules.load_state_dict(ours.state_dict())
+        runs["ours_modules"] = lambda: modules(src, trg)
     if cfg.reference is not None and cfg.only in (None, "released"):
         released = load_released(cfg.reference, cfg.backbone)
         runs["released"] = lambda: released({"src_img": src, "trg_img": trg})
         result["released_params"] = parameter_count(released)
         if "ours" in runs:
             result["relative_error_per_level"] = check_equal(ours, released, src, trg)
+        if "ours_modules" in runs:
+            result["relative_error_per_level_modules"] = check_equal(modules, released, src, trg)
     with torch.inference_mode():
         for name, fn in runs.items():
-            result[f"{name}_gflop"] = _flops(fn) / 1e9
+            # FlopCounterMode does not see oneDNN's fused operators: count the module path
+            counted = runs["ours_modules"] if name == "ours" and "ours_modules" in runs else fn
+            result[f"{name}_gflop"] = _flops(counted) / 1e9
         for _ in range(cfg.warmup):
             for fn in runs.values():
                 fn()
@@ -142,13 +156,18 @@ def main(cfg: BenchConfig) -> dict[str, Any]:
                 cpu[name].append(used)
     for name, ts in times.items():
         result[name] = {**_summary(ts), "times_s": ts, "cpu_median_s": statistics.median(cpu[name])}
-    if len(runs) == 2:
-        result["ratio_median"] = result["ours"]["median_s"] / result["released"]["median_s"]
-        result["ratio_min"] = result["ours"]["min_s"] / result["released"]["min_s"]
-        # each round times both back to back, so the ratio within a round shares that round's load
-        paired = [a / b for a, b in zip(times["ours"], times["released"], strict=True)]
-        result["ratio_paired_median"] = statistics.median(paired)
-        result["ratio_cpu_median"] = result["ours"]["cpu_median_s"] / result["released"]["cpu_median_s"]
+    for name in ("ours", "ours_modules"):
+        if name not in runs or "released" not in runs:
+            continue
+        mine, ref = result[name], result["released"]
+        # each round times all models back to back, so the ratio within a round shares that round's load
+        paired = [a / b for a, b in zip(times[name], times["released"], strict=True)]
+        result[f"{name}_vs_released"] = {
+            "ratio_median": mine["median_s"] / ref["median_s"],
+            "ratio_min": mine["min_s"] / ref["min_s"],
+            "ratio_paired_median": statistics.median(paired),
+            "ratio_cpu_median": mine["cpu_median_s"] / ref["cpu_median_s"],
+        }
     if cfg.only is not None:
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
@@ -164,7 +183,7 @@ def _parse(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--only", choices=("ours", "released"))
+    parser.add_argument("--only", choices=("ours", "ours_modules", "released"))
     parser.add_argument("--json", dest="json_path", help="also write the result here")
     args = parser.parse_args(argv)
     return BenchConfig(**vars(args))

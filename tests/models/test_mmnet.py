@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from actr_core.blocks.coarse_to_fine import reverse_correlation
 from actr_core.models.base import Matcher, parameter_count
+from actr_core.models.onednn import available as onednn_available
 from actr_core.models.mmnet import (
     MMNet,
     MMNetConfig,
@@ -273,3 +274,38 @@ def test_released_state_dict_converts_to_the_same_network():
 def test_released_state_dict_unknown_key(no_typecheck):
     with pytest.raises(ValueError, match="unknown key"):
         convert_released_state_dict({"head.weight": torch.zeros(1)})
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch has no oneDNN fused convolutions")
+def test_fused_onednn_path_equals_module_path():
+    torch.manual_seed(0)
+    fused = mmnet_tiny().eval()
+    with torch.no_grad():
+        for module in fused.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    reference = mmnet_tiny(onednn_inference=False).eval()
+    reference.load_state_dict(fused.state_dict())
+    x, y = torch.randn(2, 3, H, W), torch.randn(2, 3, H, W)
+    with torch.no_grad():
+        assert fused.uses_frozen_path(x) and not reference.uses_frozen_path(x)
+        a, b = fused(x, y), reference(x, y)
+        for ca, cb in zip(a.pyramid, b.pyramid):
+            torch.testing.assert_close(ca, cb, rtol=1e-4, atol=1e-4 * float(cb.abs().max()))
+        # weights changed in place: the cached frozen convolutions are rebuilt
+        for p_fused, p_ref in zip(fused.parameters(), reference.parameters()):
+            p_fused.mul_(1.5)
+            p_ref.mul_(1.5)
+        cb = reference(x, y).pyramid[-1]
+        torch.testing.assert_close(fused(x, y).pyramid[-1], cb, rtol=1e-4, atol=1e-4 * float(cb.abs().max()))
+
+
+def test_fused_path_only_without_autograd_in_eval(tiny):
+    x = torch.randn(1, 3, H, W)
+    tiny.eval()
+    assert not tiny.uses_frozen_path(x)  # autograd on
+    tiny.train()
+    with torch.no_grad():
+        assert not tiny.uses_frozen_path(x)
+    tiny.eval()
