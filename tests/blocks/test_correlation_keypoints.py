@@ -243,3 +243,15 @@ class TestTransfer:
             soft_argmax_transfer(torch.zeros(1, 1, 1, 1, 2), torch.zeros(1, 1, 2), 0.0)
         with pytest.raises(ValueError, match="5 dimensions"):
             argmax_flow(torch.zeros(1, 2, 2, 2))
+
+
+def test_argmax_flow_matches_plain_argmax_with_ties():
+    torch.manual_seed(0)
+    corr = torch.randint(0, 3, (2, 3, 4, 5, 6)).float()  # many ties: the first occurrence must win
+    flow = argmax_flow(corr)
+    index = corr.reshape(2, 12, 30).argmax(-1).view(2, 3, 4)
+    ys, xs = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
+    src_x = (xs + 0.5) * 6 / 4 - 0.5
+    src_y = (ys + 0.5) * 5 / 3 - 0.5
+    expected = torch.stack(((index % 6) - src_x, (index // 6) - src_y), dim=1).float()
+    torch.testing.assert_close(flow, expected)
