@@ -22,6 +22,7 @@ Convention:
     corner of the cell); :class:`actr_core.models.MMNet` uses the pixel-centre map both ways.
 """
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -185,7 +186,10 @@ def softmax_bce(
 
     ``-Σ_l [t_l log p_l + (1 - t_l) log(1 - p_l)]`` per keypoint, each log clamped at ``log_floor``
     (``nn.BCELoss`` clamps at -100). ``log p`` comes from ``log_softmax`` and ``log(1 - p)`` from
-    ``log(-expm1(log p))``, both stable. Invalid keypoints give 0 and their logits are replaced by
+    ``log(max(-expm1(log p), floor))``, both stable, with finite gradients even for a saturated
+    softmax (raw dot-product correlations reach hundreds); ``floor`` is ``e^log_floor`` but at
+    least the dtype's smallest normal number (float32: -87.3 where ``nn.BCELoss`` gives -100 for
+    ``p`` rounding to 1). Invalid keypoints give 0 and their logits are replaced by
     zeros before any arithmetic, so NaN or inf there reach neither the value nor the gradient.
     """
     check_rank("logits", logits, 3, "b n l")
@@ -198,8 +202,12 @@ def softmax_bce(
     logits = torch.where(keep, logits, torch.zeros_like(logits))
     target = torch.where(keep, target, torch.zeros_like(target))
     log_p = torch.log_softmax(logits, dim=-1)
-    log_not_p = torch.log(-torch.expm1(log_p))
-    per_cell = target * log_p.clamp(min=log_floor) + (1 - target) * log_not_p.clamp(min=log_floor)
+    # 1 - p is floored before the log (not after), so that a saturated softmax (p == 1) gives a
+    # finite gradient: the floor is e^log_floor, raised to the dtype's smallest normal number
+    # (float32: log(1 - p) >= -87.3 instead of -100) so that 1 / (1 - p) stays finite
+    floor = max(math.exp(log_floor), torch.finfo(log_p.dtype).tiny)
+    log_not_p = torch.log((-torch.expm1(log_p)).clamp(min=floor))
+    per_cell = target * log_p.clamp(min=log_floor) + (1 - target) * log_not_p
     return torch.where(valid, -per_cell.sum(dim=-1), torch.zeros_like(per_cell[..., 0]))
 
 

@@ -255,3 +255,12 @@ def test_argmax_flow_matches_plain_argmax_with_ties():
     src_y = (ys + 0.5) * 5 / 3 - 0.5
     expected = torch.stack(((index % 6) - src_x, (index // 6) - src_y), dim=1).float()
     torch.testing.assert_close(flow, expected)
+
+
+def test_saturated_softmax_has_finite_gradient():
+    # raw dot products of random features reach hundreds: p rounds to exactly 1 and 0
+    logits = torch.tensor([[[0.0, 400.0, -300.0, 1e4]]], requires_grad=True)
+    target = torch.tensor([[[0.1, 0.6, 0.0, 0.3]]])
+    loss = softmax_bce(logits, target, torch.ones(1, 1, dtype=torch.bool)).sum()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
