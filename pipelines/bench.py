@@ -63,7 +63,7 @@ __all__ = [
     "released_code_model",
 ]
 
-#: model name → (factory at 256, factory at 512, factory at any other size); None: size not offered
+#: model name → {size: factory}; "*" serves any size; a model without the size is skipped
 MODELS: dict[str, dict[str, str]] = {
     "actr_base": {"256": "actr_core.models:actr_base", "512": "actr_core.models:actr_base_512"},
     "actr_small": {"256": "actr_core.models:actr_small", "512": "actr_core.models:actr_small_512"},
@@ -71,6 +71,9 @@ MODELS: dict[str, dict[str, str]] = {
     "mmnet": {"*": "actr_core.models.mmnet:mmnet_resnet101"},
     "actr_released": {"256": "actr_core.models:actr_released"},
     "released_code": {"256": "pipelines.bench:released_code_model"},
+    # tiny models for smoke runs of the harness (any size; not among the defaults)
+    "actr_tiny": {"*": "actr_core.models:actr_tiny"},
+    "mmnet_tiny": {"*": "actr_core.models.mmnet:mmnet_tiny"},
 }
 DEFAULT_MODELS = ("actr_base", "actr_small", "baseline", "mmnet", "actr_released")
 MMNET_NATIVE_SIZE = "224x320"  # MMNet's released resize (H x W), measured beside the square sizes
@@ -255,7 +258,7 @@ def measure_group(specs: Sequence[CaseSpec], cfg: BenchConfig, log: Any = print)
         state_path = None
         for spec, worker in zip(specs, workers, strict=True):
             request = spec.setup_request()
-            if spec.label.startswith("actr_released") and state_path is not None and spec.autocast is None and not spec.compile:
+            if spec.label.startswith("actr_released") and state_path is not None:
                 request.update(factory="pipelines.bench:actr_released_from_released_code", kwargs={"path": state_path})
             log(f"  set up {spec.label}")
             setup = worker.call("setup", **request)
@@ -264,15 +267,16 @@ def measure_group(specs: Sequence[CaseSpec], cfg: BenchConfig, log: Any = print)
             results.append(CaseResult(spec, setup))
         if state_path is not None:
             os.remove(state_path)
-        log(f"  measuring {', '.join(s.label for s in specs)}")
-        measure_interleaved(workers, results, settings)
-        if state_path is not None:
+            # equality on the released code's weights, before any training step moves them
             outputs = {}
             for spec, worker in zip(specs, workers, strict=True):
                 if spec.label in ("released_code@256", "actr_released@256"):
                     outputs[spec.label] = worker.call("save_output", path=str(Path(tmp) / f"{spec.label}.pt"))["path"]
             if len(outputs) == 2:
                 extra["max_flow_difference"] = _flow_difference([outputs["released_code@256"], outputs["actr_released@256"]])
+                log(f"  max |flow difference| to the released code: {extra['max_flow_difference']:.3g}")
+        log(f"  measuring {', '.join(s.label for s in specs)}")
+        measure_interleaved(workers, results, settings)
     return results, extra
 
 

@@ -51,6 +51,32 @@ class FlowSRConfig:
             )
 
 
+def _check_sr_input(flow: Tensor, features: Tensor) -> None:
+    check_rank("flow", flow, 4, "b 2 h w")
+    check_rank("features", features, 4, "bf k h w")
+    b, two, h, w = flow.shape
+    if two != 2 or features.shape[2:] != flow.shape[2:] or features.shape[0] == 0 or b % features.shape[0]:
+        raise ValueError(
+            f"flow has shape {tuple(flow.shape)} and features has shape {tuple(features.shape)}: expected "
+            "flow (b, 2, h, w) and features (bf, k, h, w) on the same grid with b a multiple of bf"
+        )
+
+
+def _upsample(flow: Tensor, features: Tensor, upscale: int) -> tuple[Tensor, Tensor]:
+    """Flow and features bilinearly ×``upscale`` (flow values rescaled); features not repeated."""
+    size = (upscale * flow.shape[2], upscale * flow.shape[3])
+    return resize_flow(flow, size), F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+
+
+def _path_features(features: Tensor, start: int, stop: int) -> Tensor:
+    """Features of flows ``start..stop-1`` of a path-major batch: flow ``i`` reads feature ``i mod bf``."""
+    bf = features.shape[0]
+    if bf == 1:
+        return features.expand(stop - start, -1, -1, -1)
+    index = torch.arange(start, stop, device=features.device) % bf
+    return features.index_select(0, index)
+
+
 def flow_sr_input(
     flow: Float[Tensor, "b 2 h w"], features: Float[Tensor, "bf k h w"], upscale: int
 ) -> tuple[Float[Tensor, "b 2 H W"], Float[Tensor, "b k2 H W"]]:
@@ -62,19 +88,9 @@ def flow_sr_input(
     the batch, path-major (``torch.cat([flow_path_1, flow_path_2, ...])``); the features are repeated
     per path after upsampling, so they are upsampled once.
     """
-    check_rank("flow", flow, 4, "b 2 h w")
-    check_rank("features", features, 4, "bf k h w")
-    b, two, h, w = flow.shape
-    if two != 2 or features.shape[2:] != flow.shape[2:] or features.shape[0] == 0 or b % features.shape[0]:
-        raise ValueError(
-            f"flow has shape {tuple(flow.shape)} and features has shape {tuple(features.shape)}: expected "
-            "flow (b, 2, h, w) and features (bf, k, h, w) on the same grid with b a multiple of bf"
-        )
-    size = (upscale * h, upscale * w)
-    up_flow = resize_flow(flow, size)
-    up_features = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
-    up_features = up_features.repeat(b // features.shape[0], 1, 1, 1)
-    return up_flow, torch.cat((up_flow, up_features), dim=1)
+    _check_sr_input(flow, features)
+    up_flow, up_features = _upsample(flow, features, upscale)
+    return up_flow, torch.cat((up_flow, _path_features(up_features, 0, flow.shape[0])), dim=1)
 
 
 class DualWindowRound(nn.Module):
@@ -120,11 +136,20 @@ class DualWindowFlowSR(nn.Module):
     pointing into the target). Any ``h, w`` works (windows pad and crop). Batch-generic: paths may
     be concatenated along the batch of ``flow`` (path-major) while ``features`` keeps the batch of
     one path; see :func:`flow_sr_input`.
+
+    Execution (no effect on values): the features are projected and upsampled once for all paths
+    and never repeated; the maps stay channels-last, the layout the window branches read, so no
+    branch copies between layouts; ``chunk`` flows go through the rounds per call (0: all at once).
+    Every operation is per sample, so chunks give the outputs of one batched call (tested); small
+    chunks keep the working set small and inside the CPU caches.
     """
 
-    def __init__(self, feature_dim: int, config: FlowSRConfig = FlowSRConfig()) -> None:
+    def __init__(self, feature_dim: int, config: FlowSRConfig = FlowSRConfig(), *, chunk: int = 1) -> None:
         super().__init__()
+        if chunk < 0:
+            raise ValueError(f"chunk = {chunk}: expected 0 (all flows at once) or a positive number of flows")
         self.config = config
+        self.chunk = chunk
         self.feature_dim = feature_dim
         self.feature_proj = nn.Conv2d(feature_dim, config.dim - 2, kernel_size=1)
         self.rounds = nn.ModuleList(
@@ -144,10 +169,20 @@ class DualWindowFlowSR(nn.Module):
             raise ValueError(
                 f"features has shape {tuple(features.shape)}: expected {self.feature_dim} channels"
             )
-        up_flow, x = flow_sr_input(flow, self.feature_proj(features), self.config.upscale)
-        for round_ in self.rounds:
-            x = round_(x)
-        return up_flow + self.head(x)
+        projected = self.feature_proj(features)
+        _check_sr_input(flow, projected)
+        up_flow, up_features = _upsample(flow, projected, self.config.upscale)  # once for all paths
+        b = flow.shape[0]
+        step = b if self.chunk == 0 else self.chunk
+        outs = []
+        for start in range(0, b, step):
+            stop = min(start + step, b)
+            x = torch.cat((up_flow[start:stop], _path_features(up_features, start, stop)), dim=1)
+            x = x.contiguous(memory_format=torch.channels_last)  # the layout the window branches read
+            for round_ in self.rounds:
+                x = round_(x)
+            outs.append(up_flow[start:stop] + self.head(x))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def extra_repr(self) -> str:
-        return f"feature_dim={self.feature_dim}, config={self.config}"
+        return f"feature_dim={self.feature_dim}, config={self.config}, chunk={self.chunk}"

@@ -268,7 +268,9 @@ class ReleasedAsymmetricBlock(nn.Module):
         T ← reweighting(T, A)                                      (identity in the last block)
 
     Returns ``(S, T, A)`` with ``A`` the head-summed attention ``(b, n, n)`` ([cls] row/column
-    included). The target never attends to the source.
+    included). The target never attends to the source. S and T go through the shared
+    self-attention stage as one batch of ``2b`` sequences (per-sequence operations: the same values
+    as two calls).
     """
 
     def __init__(
@@ -302,10 +304,12 @@ class ReleasedAsymmetricBlock(nn.Module):
             f"{self.source_pos.shape[1]} (the released model takes one input size only)",
         )
         s = source + self.source_pos
-        s_att = self.self_attn(self.norm1(s))
-        t_att = self.self_attn(self.norm1(target))
-        s = s + s_att + self.mlp(self.norm2(s_att))
-        t = target + t_att + self.mlp(self.norm2(t_att))
+        b = s.shape[0]
+        # S and T share norm1, the self-attention, norm2 and the MLP: one batched call for both
+        both = torch.cat((s, target))
+        both_att = self.self_attn(self.norm1(both))
+        both = both + both_att + self.mlp(self.norm2(both_att))
+        s, t = both[:b], both[b:]
         c_att, attention = self.cross_attn(self.norm1(s), self.norm1(t))
         c_att = self.activation(c_att)
         s = s + c_att + self.mlp(self.norm2(c_att))
@@ -508,7 +512,16 @@ class ReleasedFlowRefiner(nn.Module):
     """The released flow super-resolution after upsampling: rounds of summed Swin branches on
     ``[flow_up, guidance]``, then conv3×3 → ReLU → conv3×3 to a residual flow.
 
-    ``forward(flow_up, guidance) = flow_up + head(rounds(cat(flow_up, guidance)))``.
+    ``forward(flow_up, guidance) = flow_up + head(rounds(cat(flow_up, guidance)))``, sample by sample.
+    ``guidance`` may have fewer samples than ``flow_up``: with ``bf`` guidance maps and ``b = bf·m``
+    flows, flow ``i`` is refined with guidance ``i // m`` (the ``(b m)`` batch-major order of the
+    paths; the released code computes the guidance once and reuses it for every path).
+
+    Execution (no effect on values): the maps are kept channels-last, the layout the Swin branches
+    read, so that no branch copies between layouts; ``chunk`` flows are refined per call (0: all at
+    once). Every operation is per sample, so chunks give the outputs of one batched call; small
+    chunks keep the working set small (the released code refines one path at a time) and inside the
+    CPU caches.
     """
 
     def __init__(
@@ -522,8 +535,11 @@ class ReleasedFlowRefiner(nn.Module):
         mlp_ratio: float = 4.0,
         reduction: int = 16,
         kernel_size: int = 3,
+        chunk: int = 0,
     ) -> None:
         super().__init__()
+        _check(chunk >= 0, f"chunk = {chunk}: expected 0 (all at once) or a positive number of flows")
+        self.chunk = chunk
         self.rounds = nn.Sequential(
             *(ReleasedSRRound(dim, num_heads, windows, mlp_ratio=mlp_ratio, reduction=reduction) for _ in range(rounds))
         )
@@ -534,11 +550,37 @@ class ReleasedFlowRefiner(nn.Module):
             nn.Conv2d(hidden, 2, kernel_size, padding=pad),
         )
 
-    def forward(
-        self, flow_up: Float[Tensor, "b 2 h w"], guidance: Float[Tensor, "b k h w"]
-    ) -> Float[Tensor, "b 2 h w"]:
-        x = torch.cat((flow_up, guidance), dim=1)
+    def _refine(self, flow_up: Tensor, guidance: Tensor) -> Tensor:
+        x = torch.cat((flow_up, guidance), dim=1).contiguous(memory_format=torch.channels_last)
         return flow_up + self.head(self.rounds(x))
+
+    def forward(
+        self, flow_up: Float[Tensor, "b 2 h w"], guidance: Float[Tensor, "bf k h w"]
+    ) -> Float[Tensor, "b 2 h w"]:
+        b, bf = flow_up.shape[0], guidance.shape[0]
+        _check(
+            bf > 0 and b % bf == 0 and guidance.shape[2:] == flow_up.shape[2:],
+            f"flow_up has shape {tuple(flow_up.shape)} and guidance {tuple(guidance.shape)}: expected the same "
+            "grid and a flow batch that is a multiple of the guidance batch",
+        )
+        per_guidance = b // bf
+        step = b if self.chunk == 0 else self.chunk
+        outs = []
+        for start in range(0, b, step):
+            stop = min(start + step, b)
+            first, last = start // per_guidance, (stop - 1) // per_guidance
+            if per_guidance == 1:
+                chunk_guidance = guidance[start:stop]
+            elif first == last:
+                chunk_guidance = guidance[first : first + 1].expand(stop - start, -1, -1, -1)
+            else:
+                index = torch.arange(start, stop, device=guidance.device) // per_guidance
+                chunk_guidance = guidance.index_select(0, index)
+            outs.append(self._refine(flow_up[start:stop], chunk_guidance))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def extra_repr(self) -> str:
+        return f"chunk={self.chunk}"
 
 
 # ----------------------------------------------------------------------------------------------

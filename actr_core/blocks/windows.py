@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from actr_core.blocks._checks import check_divisible, check_rank
 
 __all__ = [
+    "FUSED_MIN_WINDOW_TOKENS",
     "WindowAttention",
     "WindowTransformerBlock",
     "relative_position_index",
@@ -102,6 +103,13 @@ def shifted_window_mask(
     return labels[:, :, None] == labels[:, None, :]
 
 
+#: windows of at least this many tokens use the fused kernel when ``fused=None``: on CPU the fused
+#: kernel is ~4× faster than an explicit softmax for 8×8 windows (64 tokens) and ~1.5× slower for
+#: 4×4 windows (16 tokens), whose 16×16 score tiles an explicit softmax handles well (measured with
+#: 8 heads of 12 channels on 64×64 maps, docs/benchmarks.md)
+FUSED_MIN_WINDOW_TOKENS = 32
+
+
 def window_self_attention(
     x: Float[Tensor, "b h w c"],
     qkv_weight: Float[Tensor, "c3 c"],
@@ -113,7 +121,7 @@ def window_self_attention(
     window_size: int,
     shift: int = 0,
     scale: float | None = None,
-    fused: bool = True,
+    fused: bool | None = None,
 ) -> Float[Tensor, "b h w c"]:
     """(Shifted-)window multi-head self-attention with a learned relative position bias (Swin [31]).
 
@@ -121,7 +129,14 @@ def window_self_attention(
     (:func:`relative_position_index`), heads ``g = bias_table.shape[1]``, then ``proj``. Works for
     any ``h, w``: padding, shift and mask as in the module's Convention. The bias and the masks go
     in as one additive float mask (``finfo.min`` where masked) to ``F.scaled_dot_product_attention``
-    (``fused``) or to an explicit softmax (the reference path; the two are tested equal).
+    (``fused=True``) or to an explicit softmax (``fused=False``, the reference path; the two are
+    tested equal); ``fused=None`` picks the fused kernel for windows of at least
+    :data:`FUSED_MIN_WINDOW_TOKENS` tokens unless the bias needs a gradient (the fused CPU kernel
+    has none for its mask, and torch's fallback is slower than the explicit path).
+
+    Without shift and padding the mask is the bias alone, ``(g, n, n)``, broadcast to every window
+    without being copied (windows then form the batch of the attention); with them, each window
+    has its own mask ``(nw, g, n, n)``. Queries, keys and values are cut into windows by one copy.
     """
     check_rank("x", x, 4, "b h w c")
     check_rank("bias_table", bias_table, 2, "m g")
@@ -137,35 +152,44 @@ def window_self_attention(
         raise ValueError(f"shift = {shift}: expected 0 <= shift < window_size = {window_size}")
     pad_h, pad_w = (-h) % window_size, (-w) % window_size
     hp, wp = h + pad_h, w + pad_w
-    qkv = F.linear(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)), qkv_weight, qkv_bias)
-    valid_key = torch.zeros(1, hp, wp, 1, dtype=torch.bool, device=x.device)
-    valid_key[:, :h, :w] = True
-    if shift:
-        qkv = torch.roll(qkv, shifts=(-shift, -shift), dims=(1, 2))
-        valid_key = torch.roll(valid_key, shifts=(-shift, -shift), dims=(1, 2))
-    q, k, v = rearrange(
-        window_partition(qkv, window_size), "b nw n (three g d) -> three b (nw g) n d", three=3, g=num_heads
-    )
-    valid_pair = shifted_window_mask((hp, wp), window_size, shift, device=x.device)
-    valid_pair = valid_pair & window_partition(valid_key.float(), window_size)[0, :, None, :, 0].bool()
-    # A padded query may be left with no valid key; letting every token see itself keeps all rows
-    # finite (padded queries are cropped; real queries never see padded keys).
-    valid_pair = valid_pair | torch.eye(window_size**2, dtype=torch.bool, device=x.device)
-    index = relative_position_index(window_size, device=x.device)
-    bias = rearrange(bias_table[index].to(q.dtype), "n1 n2 g -> g n1 n2")
-    mask = torch.where(valid_pair[:, None], bias[None], torch.finfo(q.dtype).min)
-    mask = rearrange(mask, "nw g n1 n2 -> (nw g) n1 n2")
+    nh, nw = hp // window_size, wp // window_size
+    qkv = F.linear(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x, qkv_weight, qkv_bias)
+    bias = rearrange(bias_table[relative_position_index(window_size, device=x.device)].to(qkv.dtype), "n1 n2 g -> g n1 n2")
+    per_window = bool(shift or pad_h or pad_w)
+    if per_window:  # every window has its own mask: windows and heads share the attention's head axis
+        valid_key = torch.zeros(1, hp, wp, 1, dtype=torch.bool, device=x.device)
+        valid_key[:, :h, :w] = True
+        if shift:
+            qkv = torch.roll(qkv, shifts=(-shift, -shift), dims=(1, 2))
+            valid_key = torch.roll(valid_key, shifts=(-shift, -shift), dims=(1, 2))
+        valid_pair = shifted_window_mask((hp, wp), window_size, shift, device=x.device)
+        valid_pair = valid_pair & window_partition(valid_key.float(), window_size)[0, :, None, :, 0].bool()
+        # A padded query may be left with no valid key; letting every token see itself keeps all rows
+        # finite (padded queries are cropped; real queries never see padded keys).
+        valid_pair = valid_pair | torch.eye(window_size**2, dtype=torch.bool, device=x.device)
+        mask = torch.where(valid_pair[:, None], bias[None], torch.finfo(qkv.dtype).min)
+        mask = rearrange(mask, "nw g n1 n2 -> 1 (nw g) n1 n2")
+        layout = "b (nh wh) (nw ww) (three g d) -> three b (nh nw g) (wh ww) d"
+        inverse = "b (nh nw g) (wh ww) d -> b (nh wh) (nw ww) (g d)"
+    else:  # the bias alone: one (g, n, n) mask broadcast (stride 0) over all windows
+        mask = bias[None].expand(b * nh * nw, -1, -1, -1)
+        layout = "b (nh wh) (nw ww) (three g d) -> three (b nh nw) g (wh ww) d"
+        inverse = "(b nh nw) g (wh ww) d -> b (nh wh) (nw ww) (g d)"
+    q, k, v = rearrange(qkv, layout, three=3, g=num_heads, wh=window_size, ww=window_size)
     scale = (c // num_heads) ** -0.5 if scale is None else scale
+    if fused is None:  # the fused CPU kernel has no gradient for the mask: with one, torch falls back
+        #   to a slower unfused path, so training the bias table takes the explicit softmax instead
+        fused = window_size**2 >= FUSED_MIN_WINDOW_TOKENS and not (torch.is_grad_enabled() and mask.requires_grad)
     if fused:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     else:
-        attn = torch.softmax(torch.einsum("bknd,bkmd->bknm", q, k) * scale + mask, dim=-1)
-        out = torch.einsum("bknm,bkmd->bknd", attn, v)
-    out = rearrange(out, "b (nw g) n d -> b nw n (g d)", g=num_heads)
-    out = window_reverse(F.linear(out, proj_weight, proj_bias), window_size, (hp, wp))
+        attn = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale + mask, dim=-1)
+        out = torch.matmul(attn, v)
+    out = rearrange(out, inverse, b=b, nh=nh, nw=nw, g=num_heads, wh=window_size, ww=window_size)
+    out = F.linear(out, proj_weight, proj_bias)
     if shift:
         out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
-    return out[:, :h, :w]
+    return out[:, :h, :w] if pad_h or pad_w else out
 
 
 class WindowAttention(nn.Module):
@@ -191,7 +215,7 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         trunc_normal_(self.relative_position_bias_table, std=bias_init_std)
-        self.fused = True
+        self.fused: bool | None = None  # None: by window size (FUSED_MIN_WINDOW_TOKENS); True/False forces a path
 
     def forward(self, x: Float[Tensor, "b h w c"]) -> Float[Tensor, "b h w c"]:
         return window_self_attention(

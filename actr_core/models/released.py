@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -83,6 +83,9 @@ class ACTRReleasedConfig:
     channel_reduction: int = 16  # ChannelAttention: in_planes // 16 (hard-coded)
     beta: float = 0.02  # ACTR.soft_argmax(beta=0.02), temperature of the softmax over target cells
     freeze_backbone: bool = True  # train_DP.py --freeze True: backbone requires_grad=False
+    refine_chunk: int = 1  # execution only (no effect on values): paths refined per call, 0 = all in
+    #   one call. The released ACTR.forward refines one path at a time; 1 keeps that working set
+    #   (peak memory) and is no slower on CPU (docs/benchmarks.md)
 
     @property
     def sr_dim(self) -> int:
@@ -144,6 +147,7 @@ class ACTRReleased(Matcher):
             hidden=config.sr_hidden,
             mlp_ratio=config.sr_mlp_ratio,
             reduction=config.channel_reduction,
+            chunk=config.refine_chunk,
         )
 
     def forward(self, src: Float[Tensor, "b 3 H W"], trg: Float[Tensor, "b 3 H W"]) -> MatchOutput:
@@ -169,7 +173,7 @@ class ACTRReleased(Matcher):
         coarse = self.soft_argmax(rearrange(corr, "b m hs ws ht wt -> (b m) hs ws ht wt"))
         flow_up = nearest_upsample_flow(coarse, self.config.flow_upsample)
         guidance = self.guidance(s[:, 1:], self.grid)  # from the last block's source tokens, shared by all paths
-        flows = self.refiner(flow_up, repeat(guidance, "b k h w -> (b m) k h w", m=m))
+        flows = self.refiner(flow_up, guidance)  # the (b m) flows, guidance b: computed once, never repeated
         flows = rearrange(flows, "(b m) two h w -> b m two h w", m=m)
         return MatchOutput(
             flow=flows.mean(dim=1),
