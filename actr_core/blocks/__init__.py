@@ -7,6 +7,8 @@
 - :mod:`~actr_core.blocks.windows`: (shifted-)window attention with relative position bias.
 - :mod:`~actr_core.blocks.flow_sr`: dual-window matching-flow super-resolution, Sec. 3.4.
 - :mod:`~actr_core.blocks.loss`: masked flow loss, Eq. 4.
+- MMNet (ICCV 2021): :mod:`~actr_core.blocks.multiscale`, :mod:`~actr_core.blocks.coarse_to_fine`,
+  :mod:`~actr_core.blocks.correlation_keypoints` (see ``docs/mmnet.md``).
 
 See ``docs/blocks.md`` for shapes, equations and the choices made where the paper is silent.
 """
@@ -22,6 +24,35 @@ from actr_core.blocks.reweighting import (
     target_token_weights,
 )
 from actr_core.blocks.soft_argmax import SoftArgmax, soft_argmax
+# MMNet (ICCV 2021): multi-scale blocks, coarse-to-fine correlation, keypoint loss and transfer (docs/mmnet.md)
+from actr_core.blocks.coarse_to_fine import (
+    coarse_to_fine_correlation,
+    correlation_pyramid,
+    dot_product_correlation,
+    reverse_correlation,
+    upsample_correlation,
+)
+from actr_core.blocks.correlation_keypoints import (
+    CorrelationKeypointLoss,
+    argmax_flow,
+    argmax_transfer,
+    correlation_keypoint_loss,
+    gaussian_kernel2d,
+    keypoint_target_map,
+    sample_correlation,
+    soft_argmax_transfer,
+    softmax_bce,
+)
+from actr_core.blocks.multiscale import (
+    LocalSelfAttention,
+    MultiScaleDilatedBlock,
+    MultiScaleStage,
+    TopDownFusion,
+    local_self_attention,
+    multiscale_dilated_conv,
+    multiscale_stage,
+    top_down_fusion,
+)
 from actr_core.blocks.windows import (
     WindowAttention,
     WindowTransformerBlock,
@@ -64,4 +95,27 @@ __all__ = [
     # Eq. 4: masked flow loss
     "masked_flow_loss",
     "MaskedFlowLoss",
+    # MMNet (ICCV 2021)
+    "multiscale_dilated_conv",
+    "MultiScaleDilatedBlock",
+    "multiscale_stage",
+    "MultiScaleStage",
+    "local_self_attention",
+    "LocalSelfAttention",
+    "top_down_fusion",
+    "TopDownFusion",
+    "dot_product_correlation",
+    "upsample_correlation",
+    "coarse_to_fine_correlation",
+    "correlation_pyramid",
+    "reverse_correlation",
+    "sample_correlation",
+    "gaussian_kernel2d",
+    "keypoint_target_map",
+    "softmax_bce",
+    "correlation_keypoint_loss",
+    "CorrelationKeypointLoss",
+    "argmax_transfer",
+    "soft_argmax_transfer",
+    "argmax_flow",
 ]
