@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from actr_core.models.base import parameter_count
 from actr_core.models.mmnet import MMNet, convert_released_state_dict, mmnet_resnet50, mmnet_resnet101
 
-_BACKBONE_LAYERS = {"resnet101": mmnet_resnet101, "resnet50": mmnet_resnet50}
+_BUILDERS = {"resnet101": mmnet_resnet101, "resnet50": mmnet_resnet50}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +73,6 @@ def load_released(path: str, backbone: str) -> nn.Module:
 
     opt = types.SimpleNamespace(backbone_name=backbone, ms_rate=4, feature_channel=21)
     return ReleasedMMNet(opt, device="cpu").eval()
-
-
-def _ours_pyramid(model: MMNet, src: torch.Tensor, trg: torch.Tensor) -> list[torch.Tensor]:
-    return list(model(src, trg).pyramid)
-
-
-def _released_pyramid(model: nn.Module, src: torch.Tensor, trg: torch.Tensor) -> list[torch.Tensor]:
-    return [level[0] for level in model({"src_img": src, "trg_img": trg})]
 
 
 def check_equal(ours: MMNet, released: nn.Module, src: torch.Tensor, trg: torch.Tensor) -> list[float]:
@@ -121,12 +113,12 @@ def main(cfg: BenchConfig) -> dict[str, Any]:
     runs: dict[str, Callable[[], Any]] = {}
     result: dict[str, Any] = {"config": dataclasses.asdict(cfg), "torch": torch.__version__}
     if cfg.only in (None, "ours"):
-        ours = _BACKBONE_LAYERS[cfg.backbone]().eval()
+        ours = _BUILDERS[cfg.backbone]().eval()
         runs["ours"] = lambda: ours(src, trg)
         result["ours_params"] = parameter_count(ours)
     if cfg.only in (None, "ours_modules"):
         # the same network through its nn.Modules (no fused oneDNN path): the reference path
-        modules = _BACKBONE_LAYERS[cfg.backbone](onednn_inference=False).eval()
+        modules = _BUILDERS[cfg.backbone](onednn_inference=False).eval()
         if "ours" in runs:
             modules.load_state_dict(ours.state_dict())
         runs["ours_modules"] = lambda: modules(src, trg)
@@ -178,7 +170,7 @@ def main(cfg: BenchConfig) -> dict[str, Any]:
 def _parse(argv: list[str] | None = None) -> BenchConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", help="path of a released MMNet checkout (github wintersun661/MMNet)")
-    parser.add_argument("--backbone", default="resnet101", choices=sorted(_BACKBONE_LAYERS))
+    parser.add_argument("--backbone", default="resnet101", choices=sorted(_BUILDERS))
     parser.add_argument("--height", type=int, default=224)
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--batch", type=int, default=1)
