@@ -401,19 +401,14 @@ class ACTR(Matcher):
         grid = (height // self.patch_size, width // self.patch_size)
         tokens = self.backbone(torch.cat((src, trg)))  # one backbone call for both images
         s, t = tokens.chunk(2)
-        attns = []
-        for block in self.blocks:
+        per_path = {}
+        for index, block in enumerate(self.blocks):
             s, t, attn = block(s, t, grid)
-            attns.append(attn)
-        corr = torch.stack(
-            [
-                correlation_from_attention(
-                    attns[i], src_size=grid, trg_size=grid, num_prefix_tokens=NUM_PREFIX_TOKENS
+            if index in self.path_blocks:  # Eq. 2 at once: the per-head map (g times larger) is not kept
+                per_path[index] = correlation_from_attention(
+                    attn, src_size=grid, trg_size=grid, num_prefix_tokens=NUM_PREFIX_TOKENS
                 )
-                for i in self.path_blocks
-            ],
-            dim=1,
-        )  # b m hs ws ht wt
+        corr = torch.stack([per_path[i] for i in self.path_blocks], dim=1)  # b m hs ws ht wt
         coarse = self.soft_argmax(rearrange(corr, "b m hs ws ht wt -> (m b) hs ws ht wt"))
         features = rearrange(s[:, NUM_PREFIX_TOKENS:], "b (hs ws) c -> b c hs ws", hs=grid[0], ws=grid[1])
         fine = self.upsampler(coarse, features)  # all paths in one call; features shared by the paths

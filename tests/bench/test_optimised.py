@@ -261,3 +261,25 @@ def test_torch_compile_captures_tiny_models_in_one_graph():
 def test_torch_compile_inductor_equals_eager():
     """The full compiler (inductor code generation; minutes on two cores)."""
     _compile_check("inductor")
+
+
+def test_no_attention_falls_back_to_the_unfused_kernel():
+    """Every fused attention call of the tiny models reaches the fused kernel (a 3-D mask or a mask
+    that needs a gradient would send it to torch's slower math fallback)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for model, (src, trg) in ((_tiny_actr(), _pair()), (_released_tiny(), _pair(64, 64))):
+        with profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad():
+            model(src, trg)
+        names = {event.key for event in prof.key_averages()}
+        assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+        assert "aten::_scaled_dot_product_attention_math" not in names
+
+
+def test_the_fallback_detector_sees_a_fallback():
+    from torch.profiler import ProfilerActivity, profile
+
+    q = torch.randn(1, 2, 16, 4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(2, 16, 16))  # 3-D mask: fallback
+    assert "aten::_scaled_dot_product_attention_math" in {event.key for event in prof.key_averages()}
