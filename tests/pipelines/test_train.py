@@ -108,6 +108,9 @@ def test_ray_run_survives_a_killed_worker_and_resumes_from_the_last_checkpoint(t
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({train.FAULT_STEP_ENV: str(kill_after), train.FAULT_RANK_ENV: "1", "HF_HUB_OFFLINE": "1"})
+    # The failure under test is the injected one: Ray's own out-of-memory killer (which acts on the
+    # whole machine's memory, other processes included) must not add a second, unplanned one.
+    env["RAY_memory_monitor_refresh_ms"] = "0"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "pipelines" / "train.py"), *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
