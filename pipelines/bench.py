@@ -105,6 +105,8 @@ class BenchConfig:
     device: str = "cpu"
     seed: int = 0
     actr_repo: str | None = None  # checkout of the released ACTR code: adds it beside actr_released
+    train_sizes: tuple[str, ...] | None = None  # sizes whose training steps are timed (None: all)
+    memory_limit_gb: float | None = None  # cap per worker; None: half the memory available at start
     out: str = "bench_out"
 
 
@@ -151,6 +153,17 @@ def actr_released_from_released_code(path: str) -> torch.nn.Module:
 # planning
 
 
+def _available_mb() -> float:
+    """MemAvailable of /proc/meminfo in MiB (0 where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+    return 0.0
+
+
 def _parse_size(size: str) -> tuple[int, int]:
     parts = size.lower().split("x")
     try:
@@ -185,9 +198,16 @@ def plan_cases(cfg: BenchConfig) -> list[list[CaseSpec]]:
             models.append("actr_released")
     elif "released_code" in models:
         raise ValueError("released_code needs --actr-repo PATH (a checkout of the released ACTR code)")
+    limit_mb = (cfg.memory_limit_gb * 1024) if cfg.memory_limit_gb is not None else _available_mb() / 2
     common = dict(
-        batch=cfg.batch, train_batch=cfg.train_batch, seed=cfg.seed, threads=cfg.threads, device=cfg.device
+        batch=cfg.batch,
+        train_batch=cfg.train_batch,
+        seed=cfg.seed,
+        threads=cfg.threads,
+        device=cfg.device,
+        memory_limit_mb=limit_mb if limit_mb and limit_mb > 0 else None,
     )
+    train_sizes = None if cfg.train_sizes is None else {_size_name(*_parse_size(s)) for s in cfg.train_sizes}
     groups: list[list[CaseSpec]] = []
     released_group: list[CaseSpec] = []
     for model in models:
@@ -203,7 +223,8 @@ def plan_cases(cfg: BenchConfig) -> list[list[CaseSpec]]:
             height, width = _parse_size(size)
             for variant in cfg.variants:
                 label = f"{model}@{size}" + ("" if variant == "fp32" else f"[{variant}]")
-                group.append(CaseSpec(label, factory, height, width, **common, **VARIANTS[variant]))
+                train = train_sizes is None or size in train_sizes
+                group.append(CaseSpec(label, factory, height, width, train=train, **common, **VARIANTS[variant]))
         if model == "actr_released" and cfg.actr_repo is not None:
             theirs = CaseSpec(
                 "released_code@256", MODELS["released_code"]["256"], 256, 256, kwargs={"repo": str(cfg.actr_repo)}, **common
@@ -363,6 +384,7 @@ def to_dataset(results: Sequence[CaseResult], cfg: BenchConfig, extra: dict[str,
             "height": ("case", [r.spec.height for r in results]),
             "width": ("case", [r.spec.width for r in results]),
             "variant": ("case", [_variant(r.spec) for r in results]),
+            "train_note": ("case", [_train_note(r) for r in results]),
         },
     )
     ds["forward_peak_mb"].attrs["kind"] = ",".join(sorted({r.peak_kind for r in results}))
@@ -377,6 +399,18 @@ def to_dataset(results: Sequence[CaseResult], cfg: BenchConfig, extra: dict[str,
         **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))},
     )
     return ds
+
+
+def _train_note(result: CaseResult) -> str:
+    """Why a case has no training time ("" when it has one)."""
+    if result.train_error is not None:
+        limit = result.spec.memory_limit_mb
+        if "memory" in result.train_error.lower() or "died" in result.train_error:
+            return "out of memory" + (f" (cap {limit / 1024:.0f} GiB)" if limit else "")
+        return result.train_error
+    if not result.train_s:
+        return "not measured"
+    return ""
 
 
 def _cpu_name() -> str:
@@ -430,6 +464,11 @@ def _fraction(row: "xr.Dataset") -> str:
     return "–" if np.isnan(value) else f"{value:.0%} of {'bf16' if bf16 else 'fp32'}"
 
 
+def _train(row: "xr.Dataset", f: Any) -> str:
+    note = str(row.train_note.values)
+    return note if note and note != "not measured" else f("train_step_median_s", ".2f")
+
+
 def format_table(ds: "xr.Dataset") -> str:
     """A markdown table of the per-case figures."""
     header = (
@@ -446,7 +485,7 @@ def format_table(ds: "xr.Dataset") -> str:
 
         lines.append(
             f"| {case} | {float(row.params) / 1e6:.1f} | {f('gflop_per_pair', '.1f')} | {f('forward_median_s', '.3f')} "
-            f"| {f('forward_cpu_median_s', '.2f')} | {f('train_step_median_s', '.2f')} | {f('forward_peak_mb', '.0f')} | {f('forward_peak_minus_baseline_mb', '.0f')} "
+            f"| {f('forward_cpu_median_s', '.2f')} | {_train(row, f)} | {f('forward_peak_mb', '.0f')} | {f('forward_peak_minus_baseline_mb', '.0f')} "
             f"| {f('achieved_gflops', '.1f')} | {_fraction(row)} |"
         )
     rates = ", ".join(
@@ -523,6 +562,13 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed forward passes per case (default: %(default)s)")
     p.add_argument("--no-train", action="store_true", help="skip the training steps")
     p.add_argument("--train-repeats", type=int, default=d.train_repeats)
+    p.add_argument("--train-sizes", nargs="+", default=None, help="time training steps at these sizes only (default: all)")
+    p.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        default=None,
+        help="cap per worker process (default: half the memory available at start); a case beyond it is reported, not run",
+    )
     p.add_argument("--matmul-dtypes", nargs="*", default=list(d.matmul_dtypes), help="yardsticks (default: %(default)s)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -546,6 +592,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         device=a.device,
         seed=a.seed,
         actr_repo=a.actr_repo,
+        train_sizes=None if a.train_sizes is None else tuple(a.train_sizes),
+        memory_limit_gb=a.memory_limit_gb,
         out=a.out,
     )
 

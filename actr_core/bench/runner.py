@@ -18,11 +18,26 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import IO, Any, Protocol, runtime_checkable
 
-__all__ = ["BenchWorker", "CaseResult", "CaseSpec", "MeasureSettings", "WorkerError", "measure_interleaved"]
+__all__ = [
+    "BenchWorker",
+    "CaseResult",
+    "CaseSpec",
+    "MeasureSettings",
+    "Requester",
+    "WorkerError",
+    "measure_interleaved",
+]
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@runtime_checkable
+class Requester(Protocol):
+    """What :func:`measure_interleaved` drives: ``call(op, **kwargs) -> reply`` (a :class:`BenchWorker`)."""
+
+    def call(self, op: str, **kwargs: Any) -> dict[str, Any]: ...
 
 
 class WorkerError(RuntimeError):
@@ -47,10 +62,12 @@ class CaseSpec:
     autocast: str | None = None  # "bfloat16": the forward runs under torch.autocast
     channels_last: bool = False
     compile: bool = False
+    memory_limit_mb: float | None = None  # cap of the worker's data segment (None: no cap)
+    train: bool = True  # time training steps for this case (when the settings ask for training)
 
     def setup_request(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        del out["label"]
+        del out["label"], out["train"]
         return out
 
 
@@ -91,6 +108,7 @@ class CaseResult:
     train_peak_mb: float | None = None
     peak_kind: str = "rss"
     peak_reset: bool = True
+    train_error: str | None = None  # why training steps could not be timed (e.g. out of memory)
 
     @property
     def forward_median_s(self) -> float:
@@ -170,7 +188,7 @@ def _rounds(workers: Sequence[Any], count: int) -> list[list[int]]:
 
 
 def measure_interleaved(
-    workers: Sequence[BenchWorker], results: Sequence[CaseResult], settings: MeasureSettings
+    workers: Sequence[Requester], results: Sequence[CaseResult], settings: MeasureSettings
 ) -> Sequence[CaseResult]:
     """Measure set-up workers (``results[i]`` belongs to ``workers[i]``) in interleaved rounds.
 
@@ -178,9 +196,10 @@ def measure_interleaved(
     untimed forward passes run (the first call's one-off allocations included) and the peak is
     read, before any yardstick operand exists; (2) timing: ``repeats`` timed forward passes, each
     followed in the same process by one timed matrix product per ``settings.matmul_dtypes``;
-    (3) the FLOPs of one forward pass; (4) with ``settings.train``: training mode, the peak reset
-    (yardstick operands dropped), ``train_warmup`` untimed and ``train_repeats`` timed steps, and
-    the training peak.
+    (3) the FLOPs of one forward pass; (4) with ``settings.train``, for the cases whose spec asks
+    for it: training mode, the peak reset (yardstick operands dropped), ``train_warmup`` untimed
+    and ``train_repeats`` timed steps, and the training peak. A failed training step (e.g. beyond
+    the case's memory cap) is recorded in ``train_error`` and that case's training is given up.
     """
     for w, res in zip(workers, results, strict=True):
         res.peak_reset = bool(w.call("reset_peak")["reset"])
@@ -203,17 +222,32 @@ def measure_interleaved(
             reply = w.call("flops")
             res.flops, res.flops_per_op = int(reply["flops"]), reply["per_op"]  # per pair (batch 1)
     if settings.train:
-        for w in workers:
-            w.call("train_setup")
-            w.call("reset_peak")
-        for order in _rounds(workers, settings.train_warmup):
-            for i in order:
-                workers[i].call("train_step")
-        for order in _rounds(workers, settings.train_repeats):
-            for i in order:
+        training = [i for i, r in enumerate(results) if r.spec.train]
+
+        def step(i: int, timed: bool) -> None:
+            if results[i].train_error is not None:
+                return
+            try:
                 reply = workers[i].call("train_step")
+            except WorkerError as error:  # e.g. the memory cap: this case's training is given up
+                results[i].train_error = str(error).strip().splitlines()[-1]
+                results[i].train_s.clear()
+                results[i].train_cpu_s.clear()
+                return
+            if timed:
                 results[i].train_s.append(reply["seconds"])
                 results[i].train_cpu_s.append(reply["cpu_seconds"])
-        for w, res in zip(workers, results, strict=True):
-            res.train_peak_mb = w.call("peak")["peak_mb"]
+
+        for i in training:
+            workers[i].call("train_setup")
+            workers[i].call("reset_peak")
+        for order in _rounds(training, settings.train_warmup):
+            for j in order:
+                step(training[j], timed=False)
+        for order in _rounds(training, settings.train_repeats):
+            for j in order:
+                step(training[j], timed=True)
+        for i in training:
+            if results[i].train_error is None:
+                results[i].train_peak_mb = workers[i].call("peak")["peak_mb"]
     return results

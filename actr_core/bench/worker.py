@@ -10,7 +10,9 @@ builds). :class:`actr_core.bench.runner.BenchWorker` is the client. Requests (``
     build the model ``factory(**kwargs)`` (``"package.module:function"``), make the seeded inputs
     (``(batch, 3, H, W)`` source and target, the same in every process for the same seed), return
     the parameter counts and the resident memory after the imports (the baseline) and after
-    building (the C heap trimmed).
+    building (the C heap trimmed). ``memory_limit_mb`` caps the process's data segment
+    (``RLIMIT_DATA``, anonymous mappings included): an allocation beyond it raises, so a case too
+    large for the machine fails alone instead of calling the kernel's out-of-memory killer.
 ``forward``
     one timed forward pass (inference mode, bf16 autocast if asked) → wall seconds, and the CPU
     seconds of all the process's threads (less sensitive to other processes' load than wall time).
@@ -35,6 +37,7 @@ import contextlib
 import importlib
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -146,9 +149,13 @@ class BenchState:
         autocast: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        memory_limit_mb: float | None = None,
     ) -> dict[str, Any]:
         if threads is not None:
             torch.set_num_threads(threads)
+        if memory_limit_mb is not None:  # an allocation beyond it fails (an error reply), not the machine
+            limit = int(memory_limit_mb * MIB)
+            resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
         self.options = dict(
             height=height, width=width, batch=batch, train_batch=train_batch, seed=seed, device=device,
             dtype=dtype, autocast=autocast, channels_last=channels_last, compile=compile,

@@ -67,3 +67,46 @@ def test_memory_peak_resets_to_the_current_resident_set():
 def test_case_spec_rejects_bad_settings():
     with pytest.raises(ValueError, match="repeats"):
         MeasureSettings(repeats=0)
+
+
+def test_memory_cap_turns_an_allocation_into_an_error_reply():
+    with BenchWorker(threads=1) as worker:
+        with pytest.raises(WorkerError, match="allocate memory"):
+            worker.call("setup", factory="actr_core.models:actr_tiny", height=32, width=32, memory_limit_mb=50)
+        assert worker.call("matmul", dtype="float32", n=8)["seconds"] >= 0  # the process lives on
+
+
+class _FakeWorker:
+    """Canned replies; training fails for ``fail_training`` (as a memory cap would make it)."""
+
+    def __init__(self, fail_training: bool) -> None:
+        self.fail_training = fail_training
+        self.calls: list[str] = []
+
+    def call(self, op, **kwargs):
+        self.calls.append(op)
+        if op == "train_step" and self.fail_training:
+            raise WorkerError("'train_step' failed in the worker:\nRuntimeError: can't allocate memory")
+        return {
+            "reset": True,
+            "seconds": 0.5,
+            "cpu_seconds": 1.0,
+            "flops": 10**9,
+            "per_op": {"mm": 10**9},
+            "peak_mb": 1000.0,
+            "kind": "rss",
+            "loss": 1.0,
+        }
+
+
+def test_a_failed_training_step_is_recorded_and_the_others_go_on():
+    specs = [CaseSpec("a@32", "x:y", 32, 32), CaseSpec("b@32", "x:y", 32, 32), CaseSpec("c@32", "x:y", 32, 32, train=False)]
+    workers = [_FakeWorker(fail_training=True), _FakeWorker(fail_training=False), _FakeWorker(fail_training=False)]
+    results = [CaseResult(s, {}) for s in specs]
+    measure_interleaved(workers, results, MeasureSettings(warmup=0, repeats=2, train_warmup=1, train_repeats=3))
+    failed, fine, untrained = results
+    assert failed.train_error.endswith("can't allocate memory") and failed.train_s == [] and failed.train_peak_mb is None
+    assert workers[0].calls.count("train_step") == 1  # given up after the failure
+    assert fine.train_error is None and fine.train_s == [0.5] * 3 and fine.train_peak_mb == 1000.0
+    assert "train_setup" not in workers[2].calls and untrained.train_s == []
+    assert all(r.forward_s == [0.5, 0.5] and r.flops == 10**9 for r in results)
