@@ -106,7 +106,8 @@ class BenchConfig:
     seed: int = 0
     actr_repo: str | None = None  # checkout of the released ACTR code: adds it beside actr_released
     train_sizes: tuple[str, ...] | None = None  # sizes whose training steps are timed (None: all)
-    memory_limit_gb: float | None = None  # cap per worker; None: half the memory available at start
+    memory_limit_gb: float | None = None  # cap per worker; None: the memory available at start over
+    #   (workers in the group + 1), so a group never takes all of a shared machine
     out: str = "bench_out"
 
 
@@ -198,15 +199,7 @@ def plan_cases(cfg: BenchConfig) -> list[list[CaseSpec]]:
             models.append("actr_released")
     elif "released_code" in models:
         raise ValueError("released_code needs --actr-repo PATH (a checkout of the released ACTR code)")
-    limit_mb = (cfg.memory_limit_gb * 1024) if cfg.memory_limit_gb is not None else _available_mb() / 2
-    common = dict(
-        batch=cfg.batch,
-        train_batch=cfg.train_batch,
-        seed=cfg.seed,
-        threads=cfg.threads,
-        device=cfg.device,
-        memory_limit_mb=limit_mb if limit_mb and limit_mb > 0 else None,
-    )
+    common = dict(batch=cfg.batch, train_batch=cfg.train_batch, seed=cfg.seed, threads=cfg.threads, device=cfg.device)
     train_sizes = None if cfg.train_sizes is None else {_size_name(*_parse_size(s)) for s in cfg.train_sizes}
     groups: list[list[CaseSpec]] = []
     released_group: list[CaseSpec] = []
@@ -236,7 +229,12 @@ def plan_cases(cfg: BenchConfig) -> list[list[CaseSpec]]:
         groups.append(released_group)
     if not groups:
         raise ValueError(f"nothing to measure: models {models} offer none of the sizes {cfg.sizes}")
-    return groups
+    available = _available_mb()
+    capped = []
+    for group in groups:  # the workers of a group live together: their caps share the memory available
+        limit = cfg.memory_limit_gb * 1024 if cfg.memory_limit_gb is not None else available / (len(group) + 1)
+        capped.append([dataclasses.replace(s, memory_limit_mb=limit if limit > 0 else None) for s in group])
+    return capped
 
 
 # ------------------------------------------------------------------------------------------------
@@ -567,7 +565,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         "--memory-limit-gb",
         type=float,
         default=None,
-        help="cap per worker process (default: half the memory available at start); a case beyond it is reported, not run",
+        help="cap per worker process (default: available memory / (workers in the group + 1)); "
+        "a case beyond it is reported, not run",
     )
     p.add_argument("--matmul-dtypes", nargs="*", default=list(d.matmul_dtypes), help="yardsticks (default: %(default)s)")
     p.add_argument("--device", default=d.device)

@@ -19,6 +19,9 @@ def test_plan_groups_model_families_and_sizes():
     base_512 = groups[0][1]
     assert base_512.factory == "actr_core.models:actr_base_512" and (base_512.height, base_512.width) == (512, 512)
     assert all(s.threads == 2 and s.batch == 1 and s.train_batch == 2 for g in groups for s in g)
+    assert all(s.memory_limit_mb is None or s.memory_limit_mb > 0 for g in groups for s in g)
+    capped = plan_cases(BenchConfig(models=("actr_small",), sizes=("256",), memory_limit_gb=2, train_sizes=("512",)))
+    assert capped[0][0].memory_limit_mb == 2048 and not capped[0][0].train
 
 
 def test_plan_variants_and_the_released_pair(tmp_path):
