@@ -232,7 +232,7 @@ def plan_cases(cfg: BenchConfig) -> list[list[CaseSpec]]:
     available = _available_mb()
     capped = []
     for group in groups:  # the workers of a group live together: their caps share the memory available
-        limit = cfg.memory_limit_gb * 1024 if cfg.memory_limit_gb is not None else available / (len(group) + 1)
+        limit = float(cfg.memory_limit_gb * 1024 if cfg.memory_limit_gb is not None else available / (len(group) + 1))
         capped.append([dataclasses.replace(s, memory_limit_mb=limit if limit > 0 else None) for s in group])
     return capped
 
