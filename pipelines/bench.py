@@ -106,6 +106,7 @@ class BenchConfig:
     seed: int = 0
     actr_repo: str | None = None  # checkout of the released ACTR code: adds it beside actr_released
     train_sizes: tuple[str, ...] | None = None  # sizes whose training steps are timed (None: all)
+    micro: bool = False  # instead: the micro-benchmarks behind the blocks' execution choices
     memory_limit_gb: float | None = None  # cap per worker; None: the memory available at start over
     #   (workers in the group + 1), so a group never takes all of a shared machine
     out: str = "bench_out"
@@ -509,8 +510,36 @@ def _as_json(result: CaseResult) -> dict[str, Any]:
     return out
 
 
-def main(cfg: BenchConfig) -> "xr.Dataset":
-    """Measure every planned case, print the table and the ratios, write CSV, netCDF and markdown."""
+def micro(cfg: BenchConfig) -> str:
+    """The micro-benchmarks of :mod:`actr_core.bench.micro`, one thread, in this process."""
+    from actr_core.bench.micro import refiner_chunk_timings, window_attention_timings
+
+    torch.set_num_threads(1)
+    lines = [
+        f"one thread, CPU seconds of the thread (best of 5); load average {_load()}",
+        "",
+        "| window | tokens | fused kernel (ms) | explicit softmax (ms) |",
+        "|---|---|---|---|",
+    ]
+    for row in window_attention_timings():
+        lines.append(f"| {row['window']}×{row['window']} | {row['tokens']} | {1e3 * row['fused_s']:.1f} | {1e3 * row['explicit_s']:.1f} |")
+    lines += ["", "| module (6 paths, 64 × 64) | paths per call | time (ms) | peak RSS above the start (MiB) |", "|---|---|---|---|"]
+    for row in refiner_chunk_timings():
+        chunk = "all 6" if row["chunk"] == 0 else str(row["chunk"])
+        lines.append(f"| {row['module']} | {chunk} | {1e3 * row['seconds']:.0f} | {row['peak_mb']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "micro.md").write_text(text)
+    print(text)
+    return text
+
+
+def main(cfg: BenchConfig) -> "xr.Dataset | str":
+    """Measure every planned case, print the table and the ratios, write CSV, netCDF and markdown
+    (with ``cfg.micro``: the micro-benchmarks instead)."""
+    if cfg.micro:
+        return micro(cfg)
     groups = plan_cases(cfg)
     load_before = _load()
     start = time.perf_counter()
@@ -573,6 +602,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--actr-repo", default=None, help="checkout of the released ACTR code, measured beside actr_released")
     p.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
+    p.add_argument("--micro", action="store_true", help="run the micro-benchmarks of the blocks' execution choices instead")
     a = p.parse_args(argv)
     if a.repeats < 1 or a.train_repeats < 1 or a.warmup < 0 or a.threads < 1 or a.batch < 1 or a.train_batch < 1:
         p.error("--repeats, --train-repeats, --threads, --batch, --train-batch must be >= 1 and --warmup >= 0")
@@ -593,11 +623,12 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         actr_repo=a.actr_repo,
         train_sizes=None if a.train_sizes is None else tuple(a.train_sizes),
         memory_limit_gb=a.memory_limit_gb,
+        micro=a.micro,
         out=a.out,
     )
 
 
-def cli(argv: Sequence[str] | None = None) -> "xr.Dataset":
+def cli(argv: Sequence[str] | None = None) -> "xr.Dataset | str":
     """``actr bench``: parse the arguments and run :func:`main`."""
     return main(parse_args(argv))
 
