@@ -9,7 +9,7 @@ and a runner that measures each model in its own process, interleaved with the o
 ``pipelines/bench.py`` (``actr bench``) puts them together; docs/benchmarks.md has the figures.
 """
 
-from actr_core.bench.flops import count_flops, register_sdpa_flop_formulas
+from actr_core.bench.flops import count_flops, register_flop_formulas, register_sdpa_flop_formulas
 from actr_core.bench.memory import peak_rss_mb, release_free_memory, reset_peak_rss, rss_mb
 from actr_core.bench.rates import matmul_rate
 from actr_core.bench.runner import BenchWorker, CaseResult, CaseSpec, MeasureSettings, WorkerError, measure_interleaved
@@ -24,6 +24,7 @@ __all__ = [
     "matmul_rate",
     "measure_interleaved",
     "peak_rss_mb",
+    "register_flop_formulas",
     "register_sdpa_flop_formulas",
     "release_free_memory",
     "reset_peak_rss",

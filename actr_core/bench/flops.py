@@ -11,6 +11,11 @@ other fused variants torch leaves out), so that a fused forward counts exactly w
 ``softmax(q kᵀ) v`` path counts: ``2·b·g·s·t·d`` for ``q kᵀ`` plus as much for ``· v`` (tested).
 The backward formula is torch's: it includes the recomputation of ``q kᵀ`` that fused kernels do.
 
+oneDNN's fused convolution (``torch.ops.mkldnn._convolution_pointwise``, both overloads: the
+frozen inference path of MMNet's backbone) is not counted either; :func:`register_onednn_flop_formulas`
+counts it as the convolution it computes (torch's ``conv_flop_count``; the fused bias, activation
+and residual add are not matrix products, as for an ordinary convolution).
+
 Registration changes a process-wide table, so it happens only when called (never at import) and
 is idempotent.
 """
@@ -22,7 +27,13 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["FUSED_ATTENTION_OPS", "count_flops", "register_sdpa_flop_formulas"]
+__all__ = [
+    "FUSED_ATTENTION_OPS",
+    "count_flops",
+    "register_flop_formulas",
+    "register_onednn_flop_formulas",
+    "register_sdpa_flop_formulas",
+]
 
 #: fused attention kernels without a formula in torch (forward, backward); registered when present
 FUSED_ATTENTION_OPS: tuple[tuple[str, str], ...] = (
@@ -60,13 +71,35 @@ def register_sdpa_flop_formulas() -> tuple[str, ...]:
     return tuple(registered)
 
 
+def _onednn_conv_formula(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """``mkldnn::_convolution_pointwise(X, W, B, padding, ...)`` or ``.binary(X, other, W, B, padding, ...)``."""
+    del kwargs
+    binary = not isinstance(args[3], (list, tuple))  # the default overload has the padding there
+    x, w = args[0], args[2] if binary else args[1]
+    return flop_counter.conv_flop_count(list(x.shape), list(w.shape), list(out_val.shape), transposed=False)
+
+
+def register_onednn_flop_formulas() -> tuple[str, ...]:
+    """Register a FLOP formula for oneDNN's fused convolution when torch has the operator and none."""
+    packet = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+    if packet is None or packet in flop_counter.flop_registry:
+        return ()
+    flop_counter.register_flop_formula(packet, get_raw=True)(_onednn_conv_formula)
+    return ("mkldnn._convolution_pointwise",)
+
+
+def register_flop_formulas() -> tuple[str, ...]:
+    """Every formula of this module (fused attention, oneDNN convolution); names newly registered."""
+    return register_sdpa_flop_formulas() + register_onednn_flop_formulas()
+
+
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
     """FLOPs of one call ``fn(*args, **kwargs)``: ``(total, per operator)``.
 
-    Fused attention is counted (:func:`register_sdpa_flop_formulas` is called first). Operators
-    are keyed by name (``"mm"``, ``"bmm"``, ``"convolution"``, ...).
+    Fused attention and oneDNN convolutions are counted (:func:`register_flop_formulas` is called
+    first). Operators are keyed by name (``"mm"``, ``"bmm"``, ``"convolution"``, ...).
     """
-    register_sdpa_flop_formulas()
+    register_flop_formulas()
     with FlopCounterMode(display=False) as counter:
         fn(*args, **kwargs)
     per_op = {str(op).split(".")[-1]: int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}

@@ -63,3 +63,22 @@ def test_count_flops_of_a_linear_layer():
     total, per_op = count_flops(layer, torch.randn(3, 16))
     assert total == 2 * 3 * 16 * 8
     assert set(per_op) == {"addmm"}
+
+
+def test_onednn_inference_path_counts_what_the_module_path_counts():
+    """MMNet's frozen oneDNN convolutions (eval, no autograd) count the FLOPs of its plain convolutions."""
+    import dataclasses
+    import warnings
+
+    from actr_core.models.mmnet import MMNet, mmnet_tiny
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = mmnet_tiny().eval()
+    plain = MMNet(dataclasses.replace(fast.config, onednn_inference=False)).eval()
+    src, trg = torch.randn(1, 3, 64, 96), torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        fused, per_op = count_flops(fast, src, trg)
+        reference, _ = count_flops(plain, src, trg)
+    assert fused == reference > 0
+    assert "_convolution_pointwise" in per_op
