@@ -22,7 +22,7 @@ from jaxtyping import Float
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
-from actr_core.flow import coords_grid, rescale_keypoints, resize_flow, sample_flow, transfer_keypoints
+from actr_core.flow import coords_grid, rescale_keypoints, sample_flow, transfer_keypoints
 from actr_core.imaging import normalise_image
 
 __all__ = ["Matcher", "MatchResult", "ImageError", "load_image"]

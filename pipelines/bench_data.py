@@ -3,8 +3,11 @@
     python pipelines/make_shards.py --source synthetic --out shards/synthetic --pairs 2000
     python pipelines/bench_data.py --shards shards/synthetic --workers 2 --batch-size 32
 
-Reads the training split as training does (shard and sample shuffling, full batches in the schema,
-ImageNet-normalised float images) through a ``DataLoader`` with ``--workers`` processes. The clock
+Reads the training split as training does (shard and sample shuffling, full batches in the schema)
+through a ``DataLoader`` with ``--workers`` processes, with the images delivered either as uint8
+(``images="uint8"``, what ``pipelines/train.py`` and ``pipelines/evaluate.py`` use: the batch is
+normalised on the model's device by ``prepare_batch``) or as ImageNet-normalised float32
+(``images="normalised"``, normalised in the loader workers). The clock
 starts when the first batch arrives (worker start-up excluded) and stops after ``--epochs`` epochs.
 Also reports the CPU time per pair of the loader workers and of the main process, which shows
 what the figures would be on idle cores when the machine is shared. Prints one line per mode
@@ -22,7 +25,7 @@ import time
 
 import torch
 
-from actr_core.data import ShardDataset, read_manifest, train_transforms
+from actr_core.data import IMAGE_MODES, ShardDataset, read_manifest, train_transforms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +38,11 @@ class Config:
     workers: int = 2  # DataLoader worker processes
     epochs: int = 2  # epochs timed per mode (after the first batch)
     modes: tuple[str, ...] = ("plain", "augmented")  # without / with the training augmentation
+    images: tuple[str, ...] = ("uint8", "normalised")  # image modes of ShardDataset
     json_path: str | None = None  # where to write the results
 
 
-def measure(cfg: Config, augmented: bool) -> dict[str, float]:
+def measure(cfg: Config, augmented: bool, images: str) -> dict[str, float]:
     """Pairs per second of one mode."""
     dataset = ShardDataset(
         cfg.shards,
@@ -48,6 +52,7 @@ def measure(cfg: Config, augmented: bool) -> dict[str, float]:
         transforms=train_transforms() if augmented else (),
         rank=0,
         world_size=1,
+        images=images,
     )
     pairs, start, every = 0, None, 0
     children, main_cpu = _children_cpu(), time.process_time()
@@ -96,13 +101,14 @@ def main(cfg: Config) -> dict[str, object]:
         "torch": torch.__version__,
     }
     for mode in cfg.modes:
-        figures = measure(cfg, augmented=mode == "augmented")
-        results[mode] = figures
-        print(
-            f"{mode:>10}: {figures['pairs_per_second']:8.1f} pairs/s ({figures['pairs']} pairs in "
-            f"{figures['seconds']:.1f} s); CPU per pair: loader workers {figures['worker_cpu_ms_per_pair']:.2f} ms, "
-            f"main process {figures['main_cpu_ms_per_pair']:.2f} ms"
-        )
+        for images in cfg.images:
+            figures = measure(cfg, augmented=mode == "augmented", images=images)
+            results[f"{mode}/{images}"] = figures
+            print(
+                    f"{figures['pairs_per_second']:8.1f} pairs/s ({figures['pairs']} pairs in "
+                f"{figures['seconds']:.1f} s); CPU per pair: loader workers {figures['worker_cpu_ms_per_pair']:.2f} ms, "
+                f"main process {figures['main_cpu_ms_per_pair']:.2f} ms"
+            )
     results["load_average_after"] = os.getloadavg()
     print(f"load average before {results['load_average_before']}, after {results['load_average_after']}")
     if cfg.json_path:
@@ -120,9 +126,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--modes", nargs="+", choices=("plain", "augmented"), default=["plain", "augmented"])
+    parser.add_argument("--images", nargs="+", choices=IMAGE_MODES, default=["uint8", "normalised"])
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args(argv)
-    return Config(args.shards, args.split, args.batch_size, args.workers, args.epochs, tuple(args.modes), args.json_path)
+    return Config(
+        args.shards,
+        args.split,
+        args.batch_size,
+        args.workers,
+        args.epochs,
+        tuple(args.modes),
+        tuple(args.images),
+        args.json_path,
+    )
 
 
 if __name__ == "__main__":

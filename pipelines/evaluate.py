@@ -24,6 +24,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from actr_core.data.pipeline import prepare_batch
 from actr_core.metrics import (
     DEFAULT_ALPHAS,
     PROTOCOLS,
@@ -97,6 +98,7 @@ def open_batches(cfg: EvaluateConfig, size: tuple[int, int]) -> tuple[Iterable[M
         rank=0,
         world_size=1,
         max_batches=cfg.limit or None,
+        images="uint8",  # normalised on the model's device (prepare_batch)
     )
     return data.loader(num_workers=cfg.loader_workers), len(data)
 
@@ -117,7 +119,7 @@ def make_figures(
     out.mkdir(parents=True, exist_ok=True)
     written = [plot_pck_curves({name: results}, out / "pck_curve.png", alphas=CURVE_ALPHAS)]
     device = torch.device(cfg.device)
-    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    batch = prepare_batch(batch, device)
     model.eval()
     with torch.no_grad():
         output = model(batch["src_image"], batch["trg_image"])

@@ -220,9 +220,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer,
         max_batches=cfg.steps_per_epoch or None,
+        images="uint8",  # normalised on the training device (move_batch)
     )
     val_data = ShardDataset(
-        cfg.shards, cfg.val_split, batch_size=cfg.val_batch_size, transforms=[resize], seed=cfg.seed
+        cfg.shards, cfg.val_split, batch_size=cfg.val_batch_size, transforms=[resize], seed=cfg.seed, images="uint8"
     )
     loader_kwargs = {"worker_init_fn": _one_thread}
 

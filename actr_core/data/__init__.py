@@ -5,10 +5,12 @@ See ``docs/data.md``. The batch schema lives in :mod:`actr_core.data.schema`.
 
 from actr_core.data.errors import DataError, SkipLog
 from actr_core.data.pipeline import (
+    IMAGE_MODES,
     EpochPlan,
     ShardDataset,
     collate,
     plan_epoch,
+    prepare_batch,
     register_fsspec_opener,
     split_by_node,
     split_by_worker,
@@ -31,6 +33,7 @@ from actr_core.data.transforms import (
 
 __all__ = [
     "BATCH_KEYS",
+    "IMAGE_MODES",
     "PHOTOS",
     "READERS",
     "SCHEMA_VERSION",
@@ -62,6 +65,7 @@ __all__ = [
     "make_shards",
     "open_reader",
     "plan_epoch",
+    "prepare_batch",
     "pseudo_flow",
     "read_manifest",
     "reframe",

@@ -9,7 +9,8 @@ Stages (a ``webdataset.DataPipeline`` built per epoch in each loader worker)::
     -> split_by_node (rank r takes shards r, r + R, ...)
     -> split_by_worker (loader worker w of W takes every W-th of those)
     -> tar reading through webdataset's gopen, with fsspec registered for every URL scheme
-    -> decode (JPEG/PNG, npy, JSON) -> shuffle buffer (training) -> transforms (augmentation)
+    -> shuffle buffer of encoded samples (training) -> decode (JPEG/PNG, npy, JSON)
+    -> transforms (augmentation)
     -> batching + collation into the batch schema (``actr_core.data.schema``)
 
 Epoch guarantees (:func:`plan_epoch` computes them; ``ShardDataset.plan`` exposes them):
@@ -47,16 +48,18 @@ from webdataset.gopen import gopen, gopen_schemes
 
 from actr_core.data.errors import DataError, SkipLog, check_on_error
 from actr_core.data.samples import PairSample, decode_sample
-from actr_core.data.schema import SPAIR_FLAGS
+from actr_core.data.schema import SPAIR_FLAGS, SRC_IMAGE, TRG_IMAGE
 from actr_core.data.shards import iter_tar, read_manifest, shard_urls
 from actr_core.imaging import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "EpochPlan",
+    "IMAGE_MODES",
     "ShardDataset",
     "collate",
     "distributed_rank",
     "plan_epoch",
+    "prepare_batch",
     "register_fsspec_opener",
     "split_by_node",
     "split_by_worker",
@@ -220,15 +223,58 @@ def _empty(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     return like.new(storage).view(tuple(shape))
 
 
-def _normalised_images(images: Sequence[Tensor]) -> Tensor:
-    """uint8 (3, H, W) images -> ImageNet-normalised float batch: (x/255 - mean)/std as x·a - c with
-    a = 1/(255 std), c = mean/std (equal to ``actr_core.imaging.normalise_image`` to float rounding)."""
-    h, w = images[0].shape[-2:]
-    out = _empty((len(images), 3, h, w), torch.float32)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    scale, shift = 1.0 / (255.0 * std), torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / std
+def _normalise_into(out: Tensor, images: Sequence[Tensor] | Tensor) -> Tensor:
+    """uint8 (3, H, W) images, any strides -> ImageNet-normalised float ``out`` (b, 3, H, W):
+    (x/255 - mean)/std as x·a - c with a = 1/(255 std), c = mean/std (equal to
+    ``actr_core.imaging.normalise_image`` to float rounding)."""
+    std = torch.tensor(IMAGENET_STD, device=out.device).view(3, 1, 1)
+    scale, shift = 1.0 / (255.0 * std), torch.tensor(IMAGENET_MEAN, device=out.device).view(3, 1, 1) / std
     for slot, image in zip(out, images, strict=True):  # image by image, while it is in cache
         slot.copy_(image).mul_(scale).sub_(shift)
+    return out
+
+
+def _normalised_images(images: Sequence[Tensor]) -> Tensor:
+    """uint8 (3, H, W) images -> ImageNet-normalised float32 batch (b, 3, H, W), contiguous."""
+    h, w = images[0].shape[-2:]
+    return _normalise_into(_empty((len(images), 3, h, w), torch.float32), images)
+
+
+def _uint8_images(images: Sequence[Tensor]) -> Tensor:
+    """uint8 (3, H, W) images -> uint8 batch (b, 3, H, W) stored channels-last, i.e. (b, H, W, 3) in memory.
+
+    Decoded images are (H, W, 3) arrays viewed as (3, H, W), so each image is one plain copy; the
+    batch is a quarter of the normalised float batch's bytes. :func:`prepare_batch` normalises it
+    on the device that runs the model.
+    """
+    h, w = images[0].shape[-2:]
+    out = _empty((len(images), h, w, 3), torch.uint8)
+    for slot, image in zip(out, images, strict=True):
+        slot.copy_(image.permute(1, 2, 0))
+    return out.permute(0, 3, 1, 2)
+
+
+IMAGE_MODES: tuple[str, ...] = ("normalised", "uint8")
+
+
+def prepare_batch(batch: Mapping[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+    """A batch ready for a model on ``device``: every tensor moved there (non-blocking), uint8 images
+    (``images="uint8"`` batches) turned into contiguous ImageNet-normalised float32 there.
+
+    Float images pass through unchanged, so this serves batches of either image mode; lists of
+    strings pass through. ``device=None`` keeps every tensor where it is.
+    """
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            if device is not None:
+                value = value.to(device, non_blocking=True)
+            if key in (SRC_IMAGE, TRG_IMAGE) and value.dtype == torch.uint8:
+                if value.ndim != 4 or value.shape[1] != 3:
+                    raise ValueError(f"{key} must be (b, 3, H, W), got shape {tuple(value.shape)}")
+                b, _, h, w = value.shape
+                value = _normalise_into(torch.empty((b, 3, h, w), dtype=torch.float32, device=value.device), value)
+        out[key] = value
     return out
 
 
@@ -239,13 +285,19 @@ def _padded(rows: Sequence[Tensor], n: int, fill: float | bool, dtype: torch.dty
     return out
 
 
-def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None) -> dict[str, Any]:
+def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images: str = "normalised") -> dict[str, Any]:
     """Stack samples into a batch of the schema (``actr_core.data.schema``).
+
+    ``images``: "normalised" gives ImageNet-normalised float32 images, ready for a model;
+    "uint8" gives the raw RGB bytes (b, 3, H, W) in channels-last memory, for
+    :func:`prepare_batch` to normalise on the model's device (less work and memory in the loader).
 
     Keypoint rows are padded with zeros (``valid_kps`` False) to the largest count in the batch,
     or to ``pad_kps_to`` when given (ValueError if a sample has more). SPair flags are included when
     every sample has them.
     """
+    if images not in IMAGE_MODES:
+        raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     sizes = {s.frame_size for s in samples}
@@ -256,9 +308,10 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None) -> dic
         if n > pad_kps_to:
             raise ValueError(f"a sample has {n} keypoints, more than pad_kps_to={pad_kps_to}")
         n = pad_kps_to
+    stack_images = _normalised_images if images == "normalised" else _uint8_images
     batch: dict[str, Any] = {
-        "src_image": _normalised_images([s.src_image for s in samples]),
-        "trg_image": _normalised_images([s.trg_image for s in samples]),
+        "src_image": stack_images([s.src_image for s in samples]),
+        "trg_image": stack_images([s.trg_image for s in samples]),
         "src_kps": _padded([s.src_kps for s in samples], n, 0.0, torch.float32),
         "trg_kps": _padded([s.trg_kps for s in samples], n, 0.0, torch.float32),
         "valid_kps": _padded([s.valid_kps for s in samples], n, False, torch.bool),
@@ -301,6 +354,9 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: samples in the training shuffle buffer per worker.
         max_batches: cap on each rank's batches per epoch (None: the plan's full length).
         pad_kps_to: pad keypoint rows to this count (None: the batch's largest count).
+        images: "normalised" (float32 ImageNet-normalised, ready for a model) or "uint8" (raw RGB
+            in channels-last memory; pass each batch through :func:`prepare_batch`, which
+            normalises on the model's device — the faster choice for training and evaluation).
         storage_options: fsspec options for ``url``.
     """
 
@@ -319,6 +375,7 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: int = SHUFFLE_BUFFER,
         max_batches: int | None = None,
         pad_kps_to: int | None = None,
+        images: str = "normalised",
         storage_options: Mapping[str, Any] | None = None,
     ):
         super().__init__()
@@ -326,6 +383,8 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if (rank is None) != (world_size is None):
             raise ValueError(f"give both rank and world_size or neither (got rank={rank}, world_size={world_size})")
+        if images not in IMAGE_MODES:
+            raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
         if rank is None:
             rank, world_size = distributed_rank()
         if not 0 <= rank < world_size:
@@ -341,6 +400,7 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.max_batches = max_batches
         self.pad_kps_to = pad_kps_to
+        self.images = images
         self.storage_options = dict(storage_options or {})
         manifest = read_manifest(self.url, self.storage_options)
         self.shards = shard_urls(self.url, split, manifest)
@@ -416,12 +476,12 @@ class ShardDataset(IterableDataset):
         for sample in src:
             bucket.append(sample)
             if len(bucket) == self.batch_size:
-                yield collate(bucket, self.pad_kps_to)
+                yield collate(bucket, self.pad_kps_to, self.images)
                 made, bucket = made + 1, []
                 if made >= limit:
                     return
         if bucket and not self.training:
-            yield collate(bucket, self.pad_kps_to)
+            yield collate(bucket, self.pad_kps_to, self.images)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _worker()
@@ -437,11 +497,11 @@ class ShardDataset(IterableDataset):
             lambda src: split_by_node(src, self.rank, self.world_size),
             lambda src: split_by_worker(src, worker, num_workers),
             lambda src: self._read(src, log),
-            lambda src: self._decode(src, log),
         ]
-        if self.training and self.shuffle_buffer > 1:
+        if self.training and self.shuffle_buffer > 1:  # shuffles the encoded samples: 6x smaller than decoded
             rng = random.Random(int(np.random.SeedSequence([*stream_seed, 1]).generate_state(1)[0]))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
+        stages.append(lambda src: self._decode(src, log))  # decoded right before use, while in cache
         stages.append(lambda src: self._transform(src, generator))
         stages.append(lambda src: self._batch(src, plan.batches[self.rank][worker]))
         pipeline = wds.DataPipeline(lambda: iter(shard_list), *stages)

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -302,7 +303,7 @@ def _load_npy(data: bytes, where: str) -> np.ndarray:
             raise ValueError("not a version 1.0 .npy file")
         header_len = int.from_bytes(data[8:10], "little")
         dtype, shape, offset = _npy_header(bytes(data[: 10 + header_len]))
-        count = int(np.prod(shape))
+        count = math.prod(shape)  # (np.prod costs more than the read here)
         if len(data) - offset != count * dtype.itemsize:
             raise ValueError(f"{len(data) - offset} data bytes for shape {shape} {dtype}")
         return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
@@ -352,11 +353,12 @@ def _decode(members: Mapping[str, bytes], where: str) -> PairSample:
         raise DataError(
             where, f"flow {flow.shape} / bool mask {valid_flow.shape} {valid_flow.dtype} do not fit the frame {size}"
         )
-    if not np.isfinite(flow).all():
+    flow = flow.astype(np.float32)  # float16 on disk
+    if not math.isfinite(float(flow.sum())):  # a NaN or inf anywhere makes the sum non-finite (|flow| <= 65504)
         raise DataError(where, "NaN or inf in the stored flow")
     try:
         rows = [kps["src"], kps["trg"], kps["src_orig"], kps["trg_orig"]]
-        valid_kps = torch.tensor(kps["valid"], dtype=torch.bool).reshape(-1)
+        valid_kps = torch.from_numpy(np.asarray(kps["valid"], dtype=np.bool_).reshape(-1))
     except KeyError as error:
         raise DataError(where, f"kps.json lacks {error}") from error
     counts = sorted({len(row) for row in rows} | {len(valid_kps)})
@@ -387,7 +389,7 @@ def _decode(members: Mapping[str, bytes], where: str) -> PairSample:
         valid_kps=valid_kps,
         src_kps_orig=src_orig,
         trg_kps_orig=trg_orig,
-        flow=torch.from_numpy(flow.astype(np.float32)),
+        flow=torch.from_numpy(flow),
         valid_flow=torch.from_numpy(valid_flow.copy()),
         flow_kind=str(meta["flow_kind"]),
         src_size=src_size,

@@ -9,7 +9,9 @@ A batch is a ``dict`` with string keys (:data:`BATCH_KEYS`):
 key                type / shape            meaning
 ================== ======================= ==================================================
 src_image          Float (b, 3, H, W)      ImageNet-normalised source image, model input frame
-trg_image          Float (b, 3, H, W)      ImageNet-normalised target image
+                                           (uint8 RGB in channels-last memory when read with
+                                           ``images="uint8"``: ``prepare_batch`` normalises it)
+trg_image          Float (b, 3, H, W)      ImageNet-normalised target image (same rule)
 src_kps, trg_kps   Float (b, n, 2)         keypoints in input-frame pixels; padded rows are 0
 valid_kps          Bool (b, n)             which keypoint rows are real and inside both frames
 flow               Float (b, 2, h, w)      ground-truth flow on the H/4 source grid, in pixels

@@ -26,6 +26,7 @@ import xarray as xr
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from actr_core.data.pipeline import prepare_batch
 from actr_core.metrics.pck import keypoint_distances, pck_per_keypoint
 from actr_core.metrics.protocols import (
     ScoringProtocol,
@@ -81,10 +82,6 @@ class BatchScores:
     threshold_kind: list[str]  # (b,) bbox / img / bkp
     n_correct: np.ndarray  # (alpha, b) int
     meta: dict[str, list[Any]]  # pair_id, category, dataset, SPair flags
-
-
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -196,7 +193,7 @@ def evaluate(
         with torch.no_grad():
             bar = tqdm(batches, total=total, disable=not progress, desc=f"PCK ({protocol.name})", unit="batch")
             for batch in bar:
-                batch = _to_device(batch, device)
+                batch = prepare_batch(batch, device)
                 input_size = tuple(batch["src_image"].shape[-2:])  # type: ignore[assignment]
                 scores.append(score_batch(model, batch, protocol, alphas))
                 n_pairs += len(scores[-1].threshold)

@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from actr_core.data.pipeline import prepare_batch
 from actr_core.training.optim import unwrap_model
 
 __all__ = ["StepSettings", "StepResult", "train_step", "move_batch", "autocast_context", "precision_settings"]
@@ -77,8 +78,9 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
 
 
 def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """A new dict with every tensor on ``device`` (non-blocking); lists of strings pass through."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    """A new dict with every tensor on ``device`` (non-blocking) and uint8 images normalised there
+    (:func:`actr_core.data.prepare_batch`); lists of strings pass through."""
+    return prepare_batch(batch, device)
 
 
 def train_step(

@@ -13,6 +13,7 @@ from actr_core.data import (
     build_sample,
     collate,
     plan_epoch,
+    prepare_batch,
     read_manifest,
     register_fsspec_opener,
     split_by_node,
@@ -95,6 +96,40 @@ def test_collated_images_equal_normalise_image(tiny_shards):
     batch = collate(samples)
     expected = normalise_image(torch.stack([s.src_image for s in samples]))
     torch.testing.assert_close(batch["src_image"], expected, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_uint8_batches_through_workers_equal_normalised_batches(tiny_shards, augment):
+    """images="uint8" batches (channels-last bytes, through worker processes) become, after
+    prepare_batch, the batches images="normalised" gives; every other key is identical."""
+    kwargs = dict(batch_size=3, training=True, rank=0, world_size=1, transforms=train_transforms() if augment else ())
+    raw = list(ShardDataset(tiny_shards, "train", images="uint8", **kwargs).loader(2))
+    ready = list(ShardDataset(tiny_shards, "train", images="normalised", **kwargs).loader(2))
+    assert len(raw) == len(ready) > 0
+    for a, b in zip(raw, ready, strict=True):
+        image = a["src_image"]
+        assert image.dtype == torch.uint8 and image.shape == b["src_image"].shape
+        assert image.is_contiguous(memory_format=torch.channels_last)  # (b, H, W, 3) bytes
+        prepared = prepare_batch(a)
+        for key in ("src_image", "trg_image"):
+            assert prepared[key].is_contiguous() and prepared[key].dtype == torch.float32
+            torch.testing.assert_close(prepared[key], b[key], atol=1e-6, rtol=0)
+            torch.testing.assert_close(prepared[key], normalise_image(a[key]), atol=1e-5, rtol=1e-6)
+        for key, value in b.items():
+            if key not in ("src_image", "trg_image"):
+                assert (torch.equal(prepared[key], value) if isinstance(value, torch.Tensor) else prepared[key] == value), key
+
+
+def test_prepare_batch_passes_float_batches_and_rejects_bad_images(tiny_shards):
+    batch = next(iter(ShardDataset(tiny_shards, "val", batch_size=2, rank=0, world_size=1)))
+    prepared = prepare_batch(batch, "cpu")
+    assert all(prepared[k] is batch[k] for k in batch)  # float images and everything else unchanged
+    with pytest.raises(ValueError, match=r"src_image must be \(b, 3, H, W\)"):
+        prepare_batch({"src_image": torch.zeros(2, 4, 8, 8, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match="images must be one of"):
+        ShardDataset(tiny_shards, "val", batch_size=2, rank=0, world_size=1, images="float16")
+    with pytest.raises(ValueError, match="images must be one of"):
+        collate([], images="bytes")
 
 
 def test_collate_pads_keypoints_and_keeps_flags(builders, memory_root):
