@@ -39,6 +39,15 @@ __all__ = [
 ]
 
 
+def _checked_dilations(kernel_size: int, dilations: Sequence[int]) -> tuple[int, ...]:
+    """The dilation rates as a tuple, after checking them and the kernel (odd: same-size convolutions)."""
+    if kernel_size % 2 != 1:
+        raise ValueError(f"kernel_size = {kernel_size}: expected an odd kernel (same-size convolutions)")
+    if any(r < 1 for r in dilations):
+        raise ValueError(f"dilations = {tuple(dilations)}: expected integers >= 1")
+    return tuple(int(r) for r in dilations)
+
+
 def multiscale_dilated_conv(
     x: Float[Tensor, "b c h w"],
     weight: Float[Tensor, "m c kh kw"],
@@ -93,11 +102,7 @@ class MultiScaleDilatedBlock(nn.Module):
         init_std: float = 0.01,
     ) -> None:
         super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size = {kernel_size}: expected an odd kernel (same-size convolutions)")
-        if any(r < 1 for r in dilations):
-            raise ValueError(f"dilations = {tuple(dilations)}: expected integers >= 1")
-        self.dilations = tuple(int(r) for r in dilations)
+        self.dilations = _checked_dilations(kernel_size, dilations)
         self.conv = nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=kernel_size // 2)
         self.branches = nn.ModuleList(
             nn.Conv2d(hidden_channels, hidden_channels, kernel_size, padding=r * (kernel_size // 2), dilation=r)
@@ -198,14 +203,10 @@ class MultiScaleStage(nn.Module):
         init_std: float = 0.01,
     ) -> None:
         super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size = {kernel_size}: expected an odd kernel (same-size convolutions)")
-        if any(r < 1 for r in dilations):
-            raise ValueError(f"dilations = {tuple(dilations)}: expected integers >= 1")
+        self.dilations = _checked_dilations(kernel_size, dilations)
         if num_maps < 1:
             raise ValueError(f"num_maps = {num_maps}: expected >= 1")
         self.num_maps = num_maps
-        self.dilations = tuple(int(r) for r in dilations)
         width = num_maps * hidden_channels
         self.inputs = nn.ModuleList(
             nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=kernel_size // 2) for _ in range(num_maps)
