@@ -257,6 +257,13 @@ def _uint8_images(images: Sequence[Tensor]) -> Tensor:
 IMAGE_MODES: tuple[str, ...] = ("normalised", "uint8")
 
 
+def _check_image_mode(images: str) -> str:
+    """``images`` if it is one of :data:`IMAGE_MODES`, else ValueError naming it."""
+    if images not in IMAGE_MODES:
+        raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
+    return images
+
+
 def prepare_batch(batch: Mapping[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
     """A batch ready for a model on ``device``: every tensor moved there (non-blocking), uint8 images
     (``images="uint8"`` batches) turned into contiguous ImageNet-normalised float32 there.
@@ -296,8 +303,7 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images
     or to ``pad_kps_to`` when given (ValueError if a sample has more). SPair flags are included when
     every sample has them.
     """
-    if images not in IMAGE_MODES:
-        raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
+    _check_image_mode(images)
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     sizes = {s.frame_size for s in samples}
@@ -383,8 +389,7 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if (rank is None) != (world_size is None):
             raise ValueError(f"give both rank and world_size or neither (got rank={rank}, world_size={world_size})")
-        if images not in IMAGE_MODES:
-            raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
+        _check_image_mode(images)
         if rank is None:
             rank, world_size = distributed_rank()
         if not 0 <= rank < world_size:
