@@ -15,23 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from tiny_released import TINY_RELEASED, tiny_released_model
 
 from actr_core.blocks import DualWindowFlowSR, FlowSRConfig, flow_sr_input, window_self_attention
 from actr_core.blocks.released import ReleasedAsymmetricBlock, ReleasedFlowRefiner, ReleasedTargetReweighting
 from actr_core.blocks.windows import FUSED_MIN_WINDOW_TOKENS, relative_position_index
-from actr_core.models import ACTRReleased, ACTRReleasedConfig, actr_tiny
+from actr_core.models import ACTRReleased, actr_tiny
 
-TINY_RELEASED = ACTRReleasedConfig(
-    backbone="vit_small_patch16_224",
-    backbone_kwargs=(("depth", 1), ("embed_dim", 32), ("num_heads", 2), ("img_size", 48)),
-    image_size=64,
-    depth=2,
-    num_heads=2,
-    guidance_dim=14,
-    sr_heads=2,
-    sr_hidden=8,
-    channel_reduction=4,
-)
 TINY_SR = FlowSRConfig(dim=16, num_heads=2, head_hidden=8)
 
 
@@ -172,9 +162,7 @@ def test_released_block_batched_self_attention_equals_two_calls():
 
 def _released_tiny(**changes) -> ACTRReleased:
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ACTRReleased(dataclasses.replace(TINY_RELEASED, **changes)).eval()
+    return tiny_released_model(**changes).eval()
 
 
 def test_released_model_refine_chunk_changes_no_value():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_released import TINY_RELEASED, tiny_released_model
 
 from actr_core.blocks.released import (
     arf,
@@ -27,7 +28,6 @@ from actr_core.blocks.released import (
 )
 from actr_core.models import (
     ACTRReleased,
-    ACTRReleasedConfig,
     MatchOutput,
     OfficialCheckpointError,
     build_model,
@@ -43,27 +43,6 @@ from actr_core.models.released import (
 )
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "actr_released_keys.json"
-
-# A tiny released composition: 48-px native ViT (3×3 grid) resampled to 64-px input (4×4 tokens),
-# 2 blocks, 16×16 flow; windows 8 and 4 as released.
-TINY = ACTRReleasedConfig(
-    backbone="vit_small_patch16_224",
-    backbone_kwargs=(("depth", 1), ("embed_dim", 32), ("num_heads", 2), ("img_size", 48)),
-    image_size=64,
-    depth=2,
-    num_heads=2,
-    guidance_dim=14,
-    sr_heads=2,
-    sr_hidden=8,
-    channel_reduction=4,
-)
-
-
-def tiny_model(**changes) -> ACTRReleased:
-    config = ACTRReleasedConfig(**{**TINY.__dict__, **changes})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return ACTRReleased(config)
 
 
 def released_table() -> dict[str, tuple[tuple[int, ...], str, bool]]:
@@ -245,7 +224,7 @@ def test_released_epe_loss_pools_valid_cells_and_ignores_nan():
 
 
 def test_shapes_batch_two():
-    model = tiny_model().eval()
+    model = tiny_released_model().eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64))
     assert isinstance(out, MatchOutput)
@@ -259,7 +238,7 @@ def test_shapes_batch_two():
 
 
 def test_batch_elements_are_independent():
-    model = tiny_model().eval()
+    model = tiny_released_model().eval()
     src, trg = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         both = model(src, trg).flow
@@ -269,7 +248,7 @@ def test_batch_elements_are_independent():
 
 def test_every_trainable_parameter_gets_a_gradient_and_backbone_is_frozen():
     torch.manual_seed(0)
-    model = tiny_model(freeze_backbone=False).train()
+    model = tiny_released_model(freeze_backbone=False).train()
     out = model(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64))
     batch = {"flow": torch.randn(2, 2, 16, 16), "valid_flow": torch.rand(2, 16, 16) > 0.5}
     loss = model.loss(out, batch)
@@ -278,20 +257,20 @@ def test_every_trainable_parameter_gets_a_gradient_and_backbone_is_frozen():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
-    frozen = tiny_model()
+    frozen = tiny_released_model()
     assert not any(p.requires_grad for p in frozen.backbone.parameters())
     assert all(p.requires_grad for n, p in frozen.named_parameters() if not n.startswith("backbone."))
 
 
 def test_soft_argmax_grids_are_buffers_not_parameters():
-    model = tiny_model()
+    model = tiny_released_model()
     names = {n for n, _ in model.named_parameters()}
     assert not any("grid" in n for n in names)
     assert {"soft_argmax.x_grid", "soft_argmax.y_grid"} <= set(model.state_dict())
 
 
 def test_transfer_and_loss_use_the_matcher_interface():
-    model = tiny_model().eval()
+    model = tiny_released_model().eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64))
     kps = torch.tensor([[[10.0, 20.0], [63.0, 0.0]]])
@@ -312,7 +291,7 @@ def test_transfer_and_loss_use_the_matcher_interface():
     ],
 )
 def test_bad_input_raises_value_error(no_typecheck, src_shape, trg_shape, dtype, match):
-    model = tiny_model()
+    model = tiny_released_model()
     with pytest.raises(ValueError, match=match):
         model(torch.zeros(src_shape, dtype=dtype), torch.zeros(trg_shape, dtype=dtype))
 
@@ -323,11 +302,11 @@ def test_bad_input_raises_value_error(no_typecheck, src_shape, trg_shape, dtype,
 def test_key_mapping_round_trip_and_outputs():
     """ours → released names → load_official_actr gives the same keys, values and outputs."""
     torch.manual_seed(0)
-    model = tiny_model().eval()
+    model = tiny_released_model().eval()
     official = to_official_state_dict(model)
     for key in model.state_dict():
-        assert official_key_to_ours(our_key_to_official(key, TINY), TINY) == key
-    loaded = load_official_actr({"state_dict": {f"module.{k}": v for k, v in official.items()}}, config=TINY).eval()
+        assert official_key_to_ours(our_key_to_official(key, TINY_RELEASED), TINY_RELEASED) == key
+    loaded = load_official_actr({"state_dict": {f"module.{k}": v for k, v in official.items()}}, config=TINY_RELEASED).eval()
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     src, trg = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
@@ -338,10 +317,10 @@ def test_key_mapping_round_trip_and_outputs():
 
 
 def test_load_from_file(tmp_path):
-    model = tiny_model()
+    model = tiny_released_model()
     path = tmp_path / "model_best.pth"
     torch.save({"epoch": 3, "state_dict": to_official_state_dict(model), "best_loss": 1.0}, path)
-    loaded = load_official_actr(path, config=TINY)
+    loaded = load_official_actr(path, config=TINY_RELEASED)
     assert torch.equal(loaded.refiner.head[0].weight, model.refiner.head[0].weight)
 
 
@@ -372,10 +351,10 @@ def test_dropped_released_keys_are_exactly_the_unused_ones():
 
 
 def test_trained_soft_argmax_grids_are_loaded_into_buffers():
-    model = tiny_model()
+    model = tiny_released_model()
     official = to_official_state_dict(model)
     official["x_normal"] = official["x_normal"] * 0.9
-    loaded = load_official_actr(official, config=TINY)
+    loaded = load_official_actr(official, config=TINY_RELEASED)
     assert torch.equal(loaded.soft_argmax.x_grid, official["x_normal"])
     assert "soft_argmax.x_grid" in dict(loaded.named_buffers())
 
@@ -403,12 +382,12 @@ def test_wrong_shapes_list_the_first_mismatched_keys():
 
 
 def test_wrong_derived_buffer_is_an_error():
-    model = tiny_model()
+    model = tiny_released_model()
     official = to_official_state_dict(model)
     key = "refine_swin_decoder_1_1.0.transformer.layers.0.blocks.0.attn.relative_position_index"
     official[key] = official[key].flip(0)
     with pytest.raises(OfficialCheckpointError, match="derived buffers differ"):
-        load_official_actr(official, config=TINY)
+        load_official_actr(official, config=TINY_RELEASED)
 
 
 def test_registry_builds_the_released_model():
