@@ -33,6 +33,7 @@ the epoch by each worker. Skips in training shorten that rank's epoch (the count
 
 import dataclasses
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -215,12 +216,68 @@ def _empty(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     to the main process copies nothing (the allocation ``default_collate`` makes)."""
     if get_worker_info() is None:
         return torch.empty(tuple(shape), dtype=dtype)
-    numel = 1
-    for side in shape:
-        numel *= int(side)
     like = torch.empty(0, dtype=dtype)
-    storage = like._typed_storage()._new_shared(numel, device="cpu")  # noqa: SLF001 (as default_collate)
+    storage = like._typed_storage()._new_shared(math.prod(shape), device="cpu")  # noqa: SLF001 (as default_collate)
     return like.new(storage).view(tuple(shape))
+
+
+_ALIGN = 64  # bytes: each tensor carved from a batch buffer starts on a cache line
+
+
+def _carve(specs: Sequence[tuple[Sequence[int], torch.dtype]]) -> list[Tensor]:
+    """Uninitialised contiguous tensors of the given (shape, dtype), all views of one buffer (shared memory
+    inside a loader worker, see :func:`_empty`): one allocation, and one buffer to hand over, per group."""
+    offsets, total = [], 0
+    for shape, dtype in specs:
+        offsets.append(total)
+        total += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+    buffer = _empty((total,), torch.uint8)
+    return [
+        buffer[start : start + math.prod(shape) * dtype.itemsize].view(dtype).view(tuple(shape))
+        for start, (shape, dtype) in zip(offsets, specs, strict=True)
+    ]
+
+
+def _packed(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` copied into views of one buffer (see :func:`_carve`), same keys, shapes and dtypes."""
+    views = _carve([(tuple(t.shape), t.dtype) for t in tensors.values()])
+    return {key: view.copy_(t) for (key, t), view in zip(tensors.items(), views, strict=True)}
+
+
+class _WorkerBatch(dict):
+    """A batch made in a loader worker. It pickles (to the main process) as one shared-memory buffer per
+    distinct storage with a view description per tensor, instead of one buffer and one file-descriptor
+    hand-over per tensor, and unpickles as a plain ``dict`` of the same tensors (views of those buffers)."""
+
+    def __reduce__(self) -> tuple[Callable[..., dict[str, Any]], tuple[list[Tensor], list[tuple[str, Any, Any]]]]:
+        slots: dict[int, int] = {}
+        buffers: list[Tensor] = []
+        entries: list[tuple[str, Any, Any]] = []
+        for key, value in self.items():
+            if isinstance(value, Tensor) and value.device.type == "cpu" and not value.requires_grad and value.numel():
+                storage = value.untyped_storage()
+                slot = slots.setdefault(storage.data_ptr(), len(buffers))
+                if slot == len(buffers):
+                    buffers.append(torch.empty(0, dtype=torch.uint8).set_(storage))
+                entries.append((key, (slot, value.dtype, value.storage_offset(), tuple(value.shape), value.stride()), None))
+            else:
+                entries.append((key, None, value))
+        return _rebuild_batch, (buffers, entries)
+
+    def __copy__(self) -> "_WorkerBatch":  # default_convert copies the batch: keep the packing
+        return type(self)(self)
+
+
+def _rebuild_batch(buffers: Sequence[Tensor], entries: Sequence[tuple[str, Any, Any]]) -> dict[str, Any]:
+    """The plain ``dict`` a pickled :class:`_WorkerBatch` stands for."""
+    out: dict[str, Any] = {}
+    for key, view, value in entries:
+        if view is None:
+            out[key] = value
+        else:
+            slot, dtype, offset, shape, stride = view
+            out[key] = torch.empty(0, dtype=dtype).set_(buffers[slot].untyped_storage(), offset, shape, stride)
+    return out
 
 
 def _normalise_into(out: Tensor, images: Sequence[Tensor] | Tensor) -> Tensor:
@@ -234,24 +291,23 @@ def _normalise_into(out: Tensor, images: Sequence[Tensor] | Tensor) -> Tensor:
     return out
 
 
-def _normalised_images(images: Sequence[Tensor]) -> Tensor:
-    """uint8 (3, H, W) images -> ImageNet-normalised float32 batch (b, 3, H, W), contiguous."""
-    h, w = images[0].shape[-2:]
-    return _normalise_into(_empty((len(images), 3, h, w), torch.float32), images)
+def _stacked_images(src: Sequence[Tensor], trg: Sequence[Tensor], images: str) -> tuple[Tensor, Tensor]:
+    """uint8 (3, H, W) source and target images -> two batches (b, 3, H, W) in one buffer.
 
-
-def _uint8_images(images: Sequence[Tensor]) -> Tensor:
-    """uint8 (3, H, W) images -> uint8 batch (b, 3, H, W) stored channels-last, i.e. (b, H, W, 3) in memory.
-
-    Decoded images are (H, W, 3) arrays viewed as (3, H, W), so each image is one plain copy; the
-    batch is a quarter of the normalised float batch's bytes. :func:`prepare_batch` normalises it
-    on the device that runs the model.
+    "normalised": ImageNet-normalised float32, contiguous. "uint8": the bytes stored channels-last,
+    i.e. (b, H, W, 3) in memory; decoded images are (H, W, 3) arrays viewed as (3, H, W), so each
+    image is one plain copy and the batch is a quarter of the float batch's bytes
+    (:func:`prepare_batch` normalises it on the device that runs the model).
     """
-    h, w = images[0].shape[-2:]
-    out = _empty((len(images), h, w, 3), torch.uint8)
-    for slot, image in zip(out, images, strict=True):
-        slot.copy_(image.permute(1, 2, 0))
-    return out.permute(0, 3, 1, 2)
+    b, (h, w) = len(src), src[0].shape[-2:]
+    if images == "normalised":
+        outs = _carve([((b, 3, h, w), torch.float32)] * 2)
+        return tuple(_normalise_into(out, group) for out, group in zip(outs, (src, trg), strict=True))
+    outs = _carve([((b, h, w, 3), torch.uint8)] * 2)
+    for out, group in zip(outs, (src, trg), strict=True):
+        for slot, image in zip(out, group, strict=True):
+            slot.copy_(image.permute(1, 2, 0))
+    return tuple(out.permute(0, 3, 1, 2) for out in outs)
 
 
 IMAGE_MODES: tuple[str, ...] = ("normalised", "uint8")
@@ -302,6 +358,10 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images
     Keypoint rows are padded with zeros (``valid_kps`` False) to the largest count in the batch,
     or to ``pad_kps_to`` when given (ValueError if a sample has more). SPair flags are included when
     every sample has them.
+
+    Memory: the tensors of a batch are views of three buffers, one each for the two images, the
+    dense targets (``flow``, ``valid_flow``) and the small per-pair fields; a tensor kept beyond
+    its batch keeps its whole buffer (``.clone()`` what you keep, as usual for views).
     """
     _check_image_mode(images)
     if not samples:
@@ -314,28 +374,35 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images
         if n > pad_kps_to:
             raise ValueError(f"a sample has {n} keypoints, more than pad_kps_to={pad_kps_to}")
         n = pad_kps_to
-    stack_images = _normalised_images if images == "normalised" else _uint8_images
-    batch: dict[str, Any] = {
-        "src_image": stack_images([s.src_image for s in samples]),
-        "trg_image": stack_images([s.trg_image for s in samples]),
+    src_image, trg_image = _stacked_images([s.src_image for s in samples], [s.trg_image for s in samples], images)
+    b, grid = len(samples), tuple(samples[0].flow.shape[-2:])
+    flow, valid_flow = _carve([((b, 2, *grid), torch.float32), ((b, *grid), torch.bool)])
+    small = {
         "src_kps": _padded([s.src_kps for s in samples], n, 0.0, torch.float32),
         "trg_kps": _padded([s.trg_kps for s in samples], n, 0.0, torch.float32),
         "valid_kps": _padded([s.valid_kps for s in samples], n, False, torch.bool),
-        "flow": torch.stack([s.flow.float() for s in samples], out=_empty((len(samples), *samples[0].flow.shape), torch.float32)),
-        "valid_flow": torch.stack([s.valid_flow for s in samples]),
         "src_kps_orig": _padded([s.src_kps_orig for s in samples], n, 0.0, torch.float32),
         "trg_kps_orig": _padded([s.trg_kps_orig for s in samples], n, 0.0, torch.float32),
         "src_size": torch.tensor([s.src_size for s in samples], dtype=torch.int64),
         "trg_size": torch.tensor([s.trg_size for s in samples], dtype=torch.int64),
         "src_bbox": torch.stack([s.src_bbox.float() for s in samples]),
         "trg_bbox": torch.stack([s.trg_bbox.float() for s in samples]),
+    }
+    if all(all(flag in s.flags for flag in SPAIR_FLAGS) for s in samples):
+        for flag in SPAIR_FLAGS:
+            small[flag] = torch.tensor([s.flags[flag] for s in samples], dtype=torch.int64)
+    small = _packed(small)
+    batch: dict[str, Any] = {
+        "src_image": src_image,
+        "trg_image": trg_image,
+        **{key: small.pop(key) for key in ("src_kps", "trg_kps", "valid_kps")},
+        "flow": torch.stack([s.flow.float() for s in samples], out=flow),
+        "valid_flow": torch.stack([s.valid_flow for s in samples], out=valid_flow),
+        **small,
         "category": [s.category for s in samples],
         "pair_id": [s.pair_id for s in samples],
         "dataset": [s.dataset for s in samples],
     }
-    if all(all(flag in s.flags for flag in SPAIR_FLAGS) for s in samples):
-        for flag in SPAIR_FLAGS:
-            batch[flag] = torch.tensor([s.flags[flag] for s in samples], dtype=torch.int64)
     return batch
 
 
@@ -409,13 +476,19 @@ class ShardDataset(IterableDataset):
         self.storage_options = dict(storage_options or {})
         manifest = read_manifest(self.url, self.storage_options)
         self.shards = shard_urls(self.url, split, manifest)
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by persistent workers
         self.num_workers = 1  # set by loader(); used by __len__ and plan()
         self.skipped = SkipLog(on_error)
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration reads (see :meth:`set_epoch`)."""
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (shard order and shuffling) before iterating."""
-        self.epoch = epoch
+        """Select the epoch (shard order and shuffling) before iterating; it is held in shared memory, so
+        the workers of a loader with persistent workers read it when the next iteration starts."""
+        self._epoch.fill_(int(epoch))
 
     def plan(self, num_workers: int | None = None) -> EpochPlan:
         """The current epoch's plan for ``num_workers`` loader workers (default: the loader's)."""
@@ -434,9 +507,13 @@ class ShardDataset(IterableDataset):
         return self.plan().batches_per_rank[self.rank]
 
     def loader(self, num_workers: int = 2, **kwargs: Any) -> DataLoader:
-        """A ``DataLoader`` over this data set (batches are made in the workers)."""
+        """A ``DataLoader`` over this data set (batches are made in the workers).
+
+        The workers persist across epochs by default (``persistent_workers=True``: no start-up per
+        epoch); call :meth:`set_epoch` before each pass over the loader, as without them.
+        """
         self.num_workers = max(1, num_workers)
-        kwargs.setdefault("persistent_workers", False)
+        kwargs.setdefault("persistent_workers", num_workers > 0)
         return DataLoader(self, batch_size=None, num_workers=num_workers, **kwargs)
 
     # -- stages --------------------------------------------------------------------------------
@@ -495,7 +572,7 @@ class ShardDataset(IterableDataset):
         plan = self.plan(num_workers)
         log = SkipLog(self.on_error)
         self.skipped = log
-        stream_seed = [self.seed, self.epoch, self.rank, worker]
+        stream_seed = [self.seed, plan.epoch, self.rank, worker]
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence(stream_seed).generate_state(1)[0]))
         shard_list = [(i, *self.shards[i]) for i in plan.order]
         stages: list[Callable[[Iterator[Any]], Iterator[Any]]] = [
@@ -510,5 +587,8 @@ class ShardDataset(IterableDataset):
         stages.append(lambda src: self._transform(src, generator))
         stages.append(lambda src: self._batch(src, plan.batches[self.rank][worker]))
         pipeline = wds.DataPipeline(lambda: iter(shard_list), *stages)
-        yield from pipeline
-        log.report(logger, f"{self.url} {self.split} epoch {self.epoch} rank {self.rank} worker {worker}")
+        if get_worker_info() is None:
+            yield from pipeline
+        else:
+            yield from map(_WorkerBatch, pipeline)
+        log.report(logger, f"{self.url} {self.split} epoch {plan.epoch} rank {self.rank} worker {worker}")

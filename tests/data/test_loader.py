@@ -120,6 +120,49 @@ def test_uint8_batches_through_workers_equal_normalised_batches(tiny_shards, aug
                 assert (torch.equal(prepared[key], value) if isinstance(value, torch.Tensor) else prepared[key] == value), key
 
 
+def test_persistent_workers_follow_set_epoch(tiny_shards):
+    """One loader with persistent workers reads each epoch's shuffle, as fresh loaders do."""
+    kwargs = dict(batch_size=2, training=True, rank=0, world_size=1)
+    dataset = ShardDataset(tiny_shards, "train", **kwargs)
+    loader = dataset.loader(2)
+    assert loader.persistent_workers
+    seen = []
+    for epoch in (0, 1, 0):
+        dataset.set_epoch(epoch)
+        seen.append([p for batch in loader for p in batch["pair_id"]])
+    fresh = []
+    for epoch in (0, 1):
+        other = ShardDataset(tiny_shards, "train", **kwargs)
+        other.set_epoch(epoch)
+        fresh.append([p for batch in other.loader(2, persistent_workers=False) for p in batch["pair_id"]])
+    assert seen[0] == seen[2] == fresh[0]
+    assert seen[1] == fresh[1] != fresh[0]
+
+
+def test_worker_batches_arrive_as_plain_dicts_in_three_buffers(tiny_shards):
+    """A batch from a worker process is a plain dict equal to the in-process batch, its tensors views of
+    three shared buffers (images, dense targets, small fields); pickling keeps every view exact."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from actr_core.data.pipeline import _WorkerBatch
+
+    kwargs = dict(batch_size=3, rank=0, world_size=1, images="uint8")
+    via_worker = list(ShardDataset(tiny_shards, "test", **kwargs).loader(1))  # one worker: the in-process order
+    in_process = list(ShardDataset(tiny_shards, "test", **kwargs).loader(0))
+    assert len(via_worker) == len(in_process) > 0
+    for got, want in zip(via_worker, in_process, strict=True):
+        assert type(got) is dict and list(got) == list(want)
+        tensors = {k: v for k, v in got.items() if isinstance(v, torch.Tensor)}
+        assert len({v.untyped_storage().data_ptr() for v in tensors.values()}) == 3
+        assert all(v.is_shared() for v in tensors.values())
+        for key, value in want.items():
+            assert (torch.equal(got[key], value) and got[key].stride() == value.stride()) if key in tensors else got[key] == value
+        again = pickle.loads(ForkingPickler.dumps(_WorkerBatch(want)))
+        assert type(again) is dict and list(again) == list(want)
+        assert all(torch.equal(again[k], v) and again[k].stride() == v.stride() for k, v in tensors.items())
+
+
 def test_prepare_batch_passes_float_batches_and_rejects_bad_images(tiny_shards):
     batch = next(iter(ShardDataset(tiny_shards, "val", batch_size=2, rank=0, world_size=1)))
     prepared = prepare_batch(batch, "cpu")
