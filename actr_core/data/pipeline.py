@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen, gopen_schemes
 
+from actr_core.data.buffers import BufferPool, WorkerBatch, carve, packed
 from actr_core.data.errors import DataError, SkipLog, check_on_error
 from actr_core.data.samples import PairSample, decode_sample
 from actr_core.data.schema import SPAIR_FLAGS, SRC_IMAGE, TRG_IMAGE
@@ -211,75 +212,6 @@ def _eval_used(counts: Sequence[int], shards: Sequence, batches: Sequence, batch
 # Collation into the batch schema.
 
 
-def _empty(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """An uninitialised tensor; inside a loader worker it lives in shared memory, so that handing the batch
-    to the main process copies nothing (the allocation ``default_collate`` makes)."""
-    if get_worker_info() is None:
-        return torch.empty(tuple(shape), dtype=dtype)
-    like = torch.empty(0, dtype=dtype)
-    storage = like._typed_storage()._new_shared(math.prod(shape), device="cpu")  # noqa: SLF001 (as default_collate)
-    return like.new(storage).view(tuple(shape))
-
-
-_ALIGN = 64  # bytes: each tensor carved from a batch buffer starts on a cache line
-
-
-def _carve(specs: Sequence[tuple[Sequence[int], torch.dtype]]) -> list[Tensor]:
-    """Uninitialised contiguous tensors of the given (shape, dtype), all views of one buffer (shared memory
-    inside a loader worker, see :func:`_empty`): one allocation, and one buffer to hand over, per group."""
-    offsets, total = [], 0
-    for shape, dtype in specs:
-        offsets.append(total)
-        total += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
-    buffer = _empty((total,), torch.uint8)
-    return [
-        buffer[start : start + math.prod(shape) * dtype.itemsize].view(dtype).view(tuple(shape))
-        for start, (shape, dtype) in zip(offsets, specs, strict=True)
-    ]
-
-
-def _packed(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``tensors`` copied into views of one buffer (see :func:`_carve`), same keys, shapes and dtypes."""
-    views = _carve([(tuple(t.shape), t.dtype) for t in tensors.values()])
-    return {key: view.copy_(t) for (key, t), view in zip(tensors.items(), views, strict=True)}
-
-
-class _WorkerBatch(dict):
-    """A batch made in a loader worker. It pickles (to the main process) as one shared-memory buffer per
-    distinct storage with a view description per tensor, instead of one buffer and one file-descriptor
-    hand-over per tensor, and unpickles as a plain ``dict`` of the same tensors (views of those buffers)."""
-
-    def __reduce__(self) -> tuple[Callable[..., dict[str, Any]], tuple[list[Tensor], list[tuple[str, Any, Any]]]]:
-        slots: dict[int, int] = {}
-        buffers: list[Tensor] = []
-        entries: list[tuple[str, Any, Any]] = []
-        for key, value in self.items():
-            if isinstance(value, Tensor) and value.device.type == "cpu" and not value.requires_grad and value.numel():
-                storage = value.untyped_storage()
-                slot = slots.setdefault(storage.data_ptr(), len(buffers))
-                if slot == len(buffers):
-                    buffers.append(torch.empty(0, dtype=torch.uint8).set_(storage))
-                entries.append((key, (slot, value.dtype, value.storage_offset(), tuple(value.shape), value.stride()), None))
-            else:
-                entries.append((key, None, value))
-        return _rebuild_batch, (buffers, entries)
-
-    def __copy__(self) -> "_WorkerBatch":  # default_convert copies the batch: keep the packing
-        return type(self)(self)
-
-
-def _rebuild_batch(buffers: Sequence[Tensor], entries: Sequence[tuple[str, Any, Any]]) -> dict[str, Any]:
-    """The plain ``dict`` a pickled :class:`_WorkerBatch` stands for."""
-    out: dict[str, Any] = {}
-    for key, view, value in entries:
-        if view is None:
-            out[key] = value
-        else:
-            slot, dtype, offset, shape, stride = view
-            out[key] = torch.empty(0, dtype=dtype).set_(buffers[slot].untyped_storage(), offset, shape, stride)
-    return out
-
-
 def _normalise_into(out: Tensor, images: Sequence[Tensor] | Tensor) -> Tensor:
     """uint8 (3, H, W) images, any strides -> ImageNet-normalised float ``out`` (b, 3, H, W):
     (x/255 - mean)/std as x·a - c with a = 1/(255 std), c = mean/std (equal to
@@ -291,23 +223,76 @@ def _normalise_into(out: Tensor, images: Sequence[Tensor] | Tensor) -> Tensor:
     return out
 
 
-def _stacked_images(src: Sequence[Tensor], trg: Sequence[Tensor], images: str) -> tuple[Tensor, Tensor]:
+def _stacked_images(
+    src: Sequence[Tensor], trg: Sequence[Tensor], images: str, buffers: "_ImageBuffers | None" = None
+) -> tuple[Tensor, Tensor]:
     """uint8 (3, H, W) source and target images -> two batches (b, 3, H, W) in one buffer.
 
     "normalised": ImageNet-normalised float32, contiguous. "uint8": the bytes stored channels-last,
     i.e. (b, H, W, 3) in memory; decoded images are (H, W, 3) arrays viewed as (3, H, W), so each
     image is one plain copy and the batch is a quarter of the float batch's bytes
-    (:func:`prepare_batch` normalises it on the device that runs the model).
+    (:func:`prepare_batch` normalises it on the device that runs the model). ``buffers`` supplies
+    the memory (a worker's reused buffers; rows already holding decoded images, not copied again).
     """
     b, (h, w) = len(src), src[0].shape[-2:]
+    pool = None if buffers is None else buffers.pool
     if images == "normalised":
-        outs = _carve([((b, 3, h, w), torch.float32)] * 2)
+        outs = carve([((b, 3, h, w), torch.float32)] * 2, pool)
         return tuple(_normalise_into(out, group) for out, group in zip(outs, (src, trg), strict=True))
-    outs = _carve([((b, h, w, 3), torch.uint8)] * 2)
+    rows = None if buffers is None else buffers.take((h, w))
+    if rows is not None and rows[0].shape[1:] == (h, w, 3) and len(rows[0]) >= b:
+        outs = [row[:b] for row in rows]
+    else:
+        if rows is not None:
+            buffers.release(rows[0])  # rows of another frame size: never handed over
+        outs = carve([((b, h, w, 3), torch.uint8)] * 2, pool)
     for out, group in zip(outs, (src, trg), strict=True):
         for slot, image in zip(out, group, strict=True):
-            slot.copy_(image.permute(1, 2, 0))
+            if image.data_ptr() != slot.data_ptr():  # else decoded straight into its row
+                slot.copy_(image.permute(1, 2, 0))
     return tuple(out.permute(0, 3, 1, 2) for out in outs)
+
+
+class _ImageBuffers:
+    """Memory for the images of one iteration's batches: buffers from the loader worker's pool (fresh
+    ones in-process), and with ``direct`` (uint8 batches without transforms) the rows of the batch being
+    filled, which samples are decoded straight into (one copy per image less). Rows are sized by the
+    previous batch's frame, so the first batch of an iteration, and any sample of another size, is
+    copied as usual."""
+
+    def __init__(self, batch_size: int, pool: BufferPool | None, direct: bool):
+        self.batch_size = batch_size
+        self.pool = pool
+        self.direct = direct
+        self.frame: tuple[int, int] | None = None
+        self.rows: list[Tensor] | None = None
+        self.filled = 0  # samples of the current batch accepted so far
+
+    def next_rows(self) -> tuple[Tensor, Tensor] | None:
+        """(H, W, 3) source and target rows for the next sample, or None."""
+        if not self.direct or self.frame is None:
+            return None
+        if self.rows is None:
+            self.rows = carve([((self.batch_size, *self.frame, 3), torch.uint8)] * 2, self.pool)
+        return self.rows[0][self.filled], self.rows[1][self.filled]
+
+    def take(self, frame: tuple[int, int]) -> tuple[Tensor, Tensor] | None:
+        """The filled rows for the batch being collated (frame ``frame``); the next batch gets new ones."""
+        rows, self.rows, self.filled = self.rows, None, 0
+        if self.direct:
+            self.frame = frame
+        return None if rows is None else (rows[0], rows[1])
+
+    def release(self, buffer: Tensor) -> None:
+        """Give a buffer that was never handed over back to the pool."""
+        if self.pool is not None:
+            self.pool.release(buffer)
+
+    def close(self) -> None:
+        """End of the iteration: rows not collated go back to the pool."""
+        if self.rows is not None:
+            self.release(self.rows[0])
+            self.rows = None
 
 
 IMAGE_MODES: tuple[str, ...] = ("normalised", "uint8")
@@ -363,6 +348,13 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images
     dense targets (``flow``, ``valid_flow``) and the small per-pair fields; a tensor kept beyond
     its batch keeps its whole buffer (``.clone()`` what you keep, as usual for views).
     """
+    return _collate(samples, pad_kps_to, images)
+
+
+def _collate(
+    samples: Sequence[PairSample], pad_kps_to: int | None, images: str, buffers: _ImageBuffers | None = None
+) -> dict[str, Any]:
+    """:func:`collate`, with the image memory of ``buffers`` when given."""
     _check_image_mode(images)
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
@@ -374,9 +366,9 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images
         if n > pad_kps_to:
             raise ValueError(f"a sample has {n} keypoints, more than pad_kps_to={pad_kps_to}")
         n = pad_kps_to
-    src_image, trg_image = _stacked_images([s.src_image for s in samples], [s.trg_image for s in samples], images)
+    src_image, trg_image = _stacked_images([s.src_image for s in samples], [s.trg_image for s in samples], images, buffers)
     b, grid = len(samples), tuple(samples[0].flow.shape[-2:])
-    flow, valid_flow = _carve([((b, 2, *grid), torch.float32), ((b, *grid), torch.bool)])
+    flow, valid_flow = carve([((b, 2, *grid), torch.float32), ((b, *grid), torch.bool)])
     small = {
         "src_kps": _padded([s.src_kps for s in samples], n, 0.0, torch.float32),
         "trg_kps": _padded([s.trg_kps for s in samples], n, 0.0, torch.float32),
@@ -391,7 +383,7 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images
     if all(all(flag in s.flags for flag in SPAIR_FLAGS) for s in samples):
         for flag in SPAIR_FLAGS:
             small[flag] = torch.tensor([s.flags[flag] for s in samples], dtype=torch.int64)
-    small = _packed(small)
+    small = packed(small)
     batch: dict[str, Any] = {
         "src_image": src_image,
         "trg_image": trg_image,
@@ -479,6 +471,7 @@ class ShardDataset(IterableDataset):
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by persistent workers
         self.num_workers = 1  # set by loader(); used by __len__ and plan()
         self.skipped = SkipLog(on_error)
+        self._pool: BufferPool | None = None  # made in each loader worker (see actr_core.data.buffers)
 
     @property
     def epoch(self) -> int:
@@ -536,10 +529,12 @@ class ShardDataset(IterableDataset):
             if seen != expected:
                 log.handle(DataError(url, f"{seen} samples, the manifest says {expected}", count=max(expected - seen, 0)))
 
-    def _decode(self, src: Iterator[tuple[str, dict[str, bytes]]], log: SkipLog) -> Iterator[PairSample]:
+    def _decode(
+        self, src: Iterator[tuple[str, dict[str, bytes]]], log: SkipLog, buffers: _ImageBuffers | None = None
+    ) -> Iterator[PairSample]:
         for where, members in src:
             try:
-                sample = decode_sample(members, where)
+                sample = decode_sample(members, where, None if buffers is None else buffers.next_rows())
             except DataError as error:
                 log.handle(error)
                 continue
@@ -551,19 +546,23 @@ class ShardDataset(IterableDataset):
                 sample = transform(sample, generator)
             yield sample
 
-    def _batch(self, src: Iterator[PairSample], limit: int) -> Iterator[dict[str, Any]]:
+    def _batch(
+        self, src: Iterator[PairSample], limit: int, buffers: _ImageBuffers | None = None
+    ) -> Iterator[dict[str, Any]]:
         if limit <= 0:
             return
         made, bucket = 0, []
         for sample in src:
             bucket.append(sample)
+            if buffers is not None:
+                buffers.filled = len(bucket)
             if len(bucket) == self.batch_size:
-                yield collate(bucket, self.pad_kps_to, self.images)
+                yield _collate(bucket, self.pad_kps_to, self.images, buffers)
                 made, bucket = made + 1, []
                 if made >= limit:
                     return
         if bucket and not self.training:
-            yield collate(bucket, self.pad_kps_to, self.images)
+            yield _collate(bucket, self.pad_kps_to, self.images, buffers)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _worker()
@@ -583,12 +582,20 @@ class ShardDataset(IterableDataset):
         if self.training and self.shuffle_buffer > 1:  # shuffles the encoded samples: 6x smaller than decoded
             rng = random.Random(int(np.random.SeedSequence([*stream_seed, 1]).generate_state(1)[0]))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-        stages.append(lambda src: self._decode(src, log))  # decoded right before use, while in cache
+        in_worker = get_worker_info() is not None
+        if in_worker and self._pool is None:
+            self._pool = BufferPool()  # this worker's reused image buffers, kept across epochs
+        # images decoded straight into the batch when nothing transforms them in between
+        buffers = _ImageBuffers(self.batch_size, self._pool, direct=not self.transforms and self.images == "uint8")
+        stages.append(lambda src: self._decode(src, log, buffers))  # decoded right before use, while in cache
         stages.append(lambda src: self._transform(src, generator))
-        stages.append(lambda src: self._batch(src, plan.batches[self.rank][worker]))
+        stages.append(lambda src: self._batch(src, plan.batches[self.rank][worker], buffers))
         pipeline = wds.DataPipeline(lambda: iter(shard_list), *stages)
-        if get_worker_info() is None:
-            yield from pipeline
-        else:
-            yield from map(_WorkerBatch, pipeline)
+        try:
+            if in_worker:
+                yield from (WorkerBatch(batch, self._pool) for batch in pipeline)
+            else:
+                yield from pipeline
+        finally:
+            buffers.close()
         log.report(logger, f"{self.url} {self.split} epoch {plan.epoch} rank {self.rank} worker {worker}")

@@ -145,7 +145,7 @@ def test_worker_batches_arrive_as_plain_dicts_in_three_buffers(tiny_shards):
     import pickle
     from multiprocessing.reduction import ForkingPickler
 
-    from actr_core.data.pipeline import _WorkerBatch
+    from actr_core.data.buffers import WorkerBatch
 
     kwargs = dict(batch_size=3, rank=0, world_size=1, images="uint8")
     via_worker = list(ShardDataset(tiny_shards, "test", **kwargs).loader(1))  # one worker: the in-process order
@@ -158,7 +158,7 @@ def test_worker_batches_arrive_as_plain_dicts_in_three_buffers(tiny_shards):
         assert all(v.is_shared() for v in tensors.values())
         for key, value in want.items():
             assert (torch.equal(got[key], value) and got[key].stride() == value.stride()) if key in tensors else got[key] == value
-        again = pickle.loads(ForkingPickler.dumps(_WorkerBatch(want)))
+        again = pickle.loads(ForkingPickler.dumps(WorkerBatch(want)))
         assert type(again) is dict and list(again) == list(want)
         assert all(torch.equal(again[k], v) and again[k].stride() == v.stride() for k, v in tensors.items())
 
