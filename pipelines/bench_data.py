@@ -40,6 +40,7 @@ class Config:
     modes: tuple[str, ...] = ("plain", "augmented")  # without / with the training augmentation
     images: tuple[str, ...] = ("uint8", "normalised")  # image modes of ShardDataset
     json_path: str | None = None  # where to write the results
+    read: bool = False  # the main process reads every byte of each batch (a consumer's page faults)
 
 
 def measure(cfg: Config, augmented: bool, images: str) -> dict[str, float]:
@@ -61,6 +62,8 @@ def measure(cfg: Config, augmented: bool, images: str) -> dict[str, float]:
         dataset.set_epoch(epoch)
         for batch in loader:
             every += len(batch["pair_id"])
+            if cfg.read:
+                _read_every_byte(batch)
             if start is None:  # the first batch of the first epoch starts the clock
                 start = time.perf_counter()
                 continue
@@ -76,6 +79,13 @@ def measure(cfg: Config, augmented: bool, images: str) -> dict[str, float]:
         "worker_cpu_ms_per_pair": worker_ms,
         "main_cpu_ms_per_pair": main_ms,
     }
+
+
+def _read_every_byte(batch: dict[str, object]) -> None:
+    """Touch every page of the batch's buffers, as a consumer that uses all of it would."""
+    storages = {v.untyped_storage().data_ptr(): v.untyped_storage() for v in batch.values() if isinstance(v, torch.Tensor)}
+    for storage in storages.values():
+        torch.empty(0, dtype=torch.uint8).set_(storage).max()
 
 
 def _children_cpu() -> float:
@@ -97,6 +107,7 @@ def main(cfg: Config) -> dict[str, object]:
         "image_format": settings["image_format"],
         "batch_size": cfg.batch_size,
         "workers": cfg.workers,
+        "read": cfg.read,
         "cpus": os.cpu_count(),
         "load_average_before": os.getloadavg(),
         "machine": platform.processor() or platform.machine(),
@@ -107,7 +118,7 @@ def main(cfg: Config) -> dict[str, object]:
             figures = measure(cfg, augmented=mode == "augmented", images=images)
             results[f"{mode}/{images}"] = figures
             print(
-                    f"{figures['pairs_per_second']:8.1f} pairs/s ({figures['pairs']} pairs in "
+                f"{mode:9s} {images:10s} {figures['pairs_per_second']:8.1f} pairs/s ({figures['pairs']} pairs in "
                 f"{figures['seconds']:.1f} s); CPU per pair: loader workers {figures['worker_cpu_ms_per_pair']:.2f} ms, "
                 f"main process {figures['main_cpu_ms_per_pair']:.2f} ms"
             )
@@ -130,6 +141,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--modes", nargs="+", choices=("plain", "augmented"), default=["plain", "augmented"])
     parser.add_argument("--images", nargs="+", choices=IMAGE_MODES, default=["uint8", "normalised"])
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--read", action="store_true", help="read every byte of each batch in the main process")
     args = parser.parse_args(argv)
     return Config(
         args.shards,
@@ -140,6 +152,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         tuple(args.modes),
         tuple(args.images),
         args.json_path,
+        args.read,
     )
 
 

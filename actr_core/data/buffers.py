@@ -13,6 +13,10 @@ fills the buffer, the flags travel with the batch, and the main process clears a
 reference to the buffer's storage has expired (checked whenever a batch arrives). A worker with no
 free buffer allocates a fresh one, which is what happens without a pool. A buffer taken but never
 handed over (an abandoned iteration) stays out: the pool then has one buffer less.
+
+The guarantee holds for the process that receives the batches: a batch handed on from there to
+another process (a multiprocessing queue) is not tracked there, so clone it first, or read with
+``ShardDataset(reuse_buffers=False)``.
 """
 
 import math
@@ -28,7 +32,7 @@ from torch.utils.data import get_worker_info
 __all__ = ["BufferPool", "WorkerBatch", "carve", "empty", "packed"]
 
 ALIGN = 64  # bytes: each tensor carved from a buffer starts on a cache line
-POOL_BUFFERS = 8  # reused image buffers per worker: the batches in flight (prefetch 2) and held by the consumer, with room
+POOL_BUFFERS = 6  # reused image buffers per worker: 4 cover the batches in flight (prefetch 2) and the consumer's; 2 spare
 
 
 def empty(shape: Sequence[int], dtype: torch.dtype) -> Tensor:

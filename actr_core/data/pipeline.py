@@ -422,6 +422,9 @@ class ShardDataset(IterableDataset):
         images: "normalised" (float32 ImageNet-normalised, ready for a model) or "uint8" (raw RGB
             in channels-last memory; pass each batch through :func:`prepare_batch`, which
             normalises on the model's device — the faster choice for training and evaluation).
+        reuse_buffers: loader workers reuse their image buffers once the receiving process has
+            dropped every tensor viewing them (see ``actr_core.data.buffers``); False gives every
+            batch fresh memory (for batches handed on to yet another process without a copy).
         storage_options: fsspec options for ``url``.
     """
 
@@ -441,6 +444,7 @@ class ShardDataset(IterableDataset):
         max_batches: int | None = None,
         pad_kps_to: int | None = None,
         images: str = "normalised",
+        reuse_buffers: bool = True,
         storage_options: Mapping[str, Any] | None = None,
     ):
         super().__init__()
@@ -465,6 +469,7 @@ class ShardDataset(IterableDataset):
         self.max_batches = max_batches
         self.pad_kps_to = pad_kps_to
         self.images = images
+        self.reuse_buffers = reuse_buffers
         self.storage_options = dict(storage_options or {})
         manifest = read_manifest(self.url, self.storage_options)
         self.shards = shard_urls(self.url, split, manifest)
@@ -583,7 +588,7 @@ class ShardDataset(IterableDataset):
             rng = random.Random(int(np.random.SeedSequence([*stream_seed, 1]).generate_state(1)[0]))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
         in_worker = get_worker_info() is not None
-        if in_worker and self._pool is None:
+        if in_worker and self.reuse_buffers and self._pool is None:
             self._pool = BufferPool()  # this worker's reused image buffers, kept across epochs
         # images decoded straight into the batch when nothing transforms them in between
         buffers = _ImageBuffers(self.batch_size, self._pool, direct=not self.transforms and self.images == "uint8")

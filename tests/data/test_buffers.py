@@ -43,6 +43,12 @@ def test_image_buffers_are_reused_across_batches_and_epochs(tiny_shards):
     assert len(set(inodes)) <= 2 * POOL_BUFFERS  # never more than the two workers' pools
 
 
+def test_reuse_can_be_turned_off(tiny_shards):
+    dataset = ShardDataset(tiny_shards, "train", batch_size=2, rank=0, world_size=1, images="uint8", reuse_buffers=False)
+    held = list(dataset.loader(2))  # kept: a fresh buffer may not take a freed one's place
+    assert len({_inode(batch["src_image"]) for batch in held}) == len(held) >= 10
+
+
 def test_batches_held_by_the_consumer_are_never_overwritten(tiny_shards):
     """Batches kept alive (whole, or through one view) while the workers go on keep their contents,
     whether the pool is exhausted or reuses the buffers of the batches that were let go."""
