@@ -33,7 +33,6 @@ the epoch by each worker. Skips in training shorten that rank's epoch (the count
 
 import dataclasses
 import logging
-import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
