@@ -217,6 +217,8 @@ def _normalise_into(out: Tensor, images: Sequence[Tensor] | Tensor) -> Tensor:
     ``actr_core.imaging.normalise_image`` to float rounding)."""
     std = torch.tensor(IMAGENET_STD, device=out.device).view(3, 1, 1)
     scale, shift = 1.0 / (255.0 * std), torch.tensor(IMAGENET_MEAN, device=out.device).view(3, 1, 1) / std
+    if out.device.type != "cpu":  # a batch tensor (prepare_batch): one pass, not three kernel launches per image
+        return out.copy_(images).mul_(scale).sub_(shift)
     for slot, image in zip(out, images, strict=True):  # image by image, while it is in cache
         slot.copy_(image).mul_(scale).sub_(shift)
     return out
