@@ -10,6 +10,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from actr_core.data import SyntheticConfig
 from pipelines.make_shards import main, parse_args
 
 SCRIPT = Path(__file__).resolve().parents[2] / "pipelines" / "make_shards.py"
@@ -77,6 +78,21 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
     assert not manifest["complete"] and manifest["totals"]["shards"] == 3
     assert main(parse_args(["--out", killed, *SMALL])) == 0  # the same command again
     assert _files(killed) == _files(clean)
+
+
+def test_synthetic_warp_flags():
+    """Each warp factor has a flag; the defaults are the library's; the earlier mild set is reachable."""
+    assert parse_args([]).settings.synthetic == SyntheticConfig()
+    mild = parse_args(
+        ["--rotation", "0", "--scale", "1", "1", "--translation", "0", "--homography", "0.2", "--tps", "0.06"]
+        + ["--jitter", "0.15", "--crop-scale", "0.6", "1"]
+    ).settings.synthetic
+    assert (mild.rotation, mild.scale, mild.translation, mild.homography, mild.tps) == (0.0, (1.0, 1.0), 0.0, 0.2, 0.06)
+    assert (mild.jitter, mild.crop_scale) == (0.15, (0.6, 1.0))
+    with pytest.raises(ValueError, match=r"scale \(1.4, 0.7\)"):
+        parse_args(["--scale", "1.4", "0.7"])
+    with pytest.raises(ValueError, match="rotation must be .* got 200.0"):
+        parse_args(["--rotation", "200"])
 
 
 @pytest.mark.parametrize("argv", [["--size", "30"], ["--size", "2x3x4"], ["--format", "gif"]])
