@@ -1,8 +1,11 @@
 """MMNet's multi-scale blocks: dilated pyramid, local self-attention, top-down fusion."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import float32_tolerance
 from torch import nn
 
 from actr_core.blocks.multiscale import (
@@ -49,7 +52,9 @@ class TestMultiScaleDilated:
         branch_w = [torch.zeros(1, 1, 3, 3) for _ in range(3)]
         branch_b = [torch.tensor([0.5]), torch.tensor([-1.0]), torch.tensor([2.0])]
         out = multiscale_dilated_conv(x, weight, None, branch_w, branch_b, (4, 8, 12))
-        torch.testing.assert_close(out, x.relu() + 2.5)
+        expected = x.relu() + 2.5
+        # a 3x3 convolution (9 terms), then three branch additions
+        torch.testing.assert_close(out, expected, atol=float32_tolerance(expected, terms=12), rtol=0)
 
     def test_dilated_branch_reaches_exactly_rate_cells_away(self):
         x = torch.zeros(1, 1, 9, 9)
@@ -65,14 +70,16 @@ class TestMultiScaleDilated:
         # released: o = relu(conv(x)); o + relu(conv1(o)) + relu(conv2(o)) + relu(conv3(o)); then 1x1 down
         block = MultiScaleDilatedBlock(3, 2, hidden_channels=4, dilations=(1, 2, 3), init_std=0.3)
         x = torch.randn(2, 3, 6, 8)
-        o = block.conv(x).relu()
-        expected = block.proj(o + sum(conv(o).relu() for conv in block.branches))
-        torch.testing.assert_close(block(x), expected)
+        ref = copy.deepcopy(block).double()
+        o = ref.conv(x.double()).relu()
+        expected = ref.proj(o + sum(conv(o).relu() for conv in ref.branches))
+        # 3x3 over 3 channels (27), 3x3 over 4 (36), 4 summed maps, 1x1 over 4
+        torch.testing.assert_close(block(x).double(), expected, atol=float32_tolerance(expected, terms=71), rtol=0)
 
     def test_init_is_normal_with_zero_bias(self):
         torch.manual_seed(0)
         block = MultiScaleDilatedBlock(64, 3, hidden_channels=32, init_std=0.01)
-        assert abs(block.conv.weight.std().item() - 0.01) < 1e-3
+        assert abs(block.conv.weight.std().item() - 0.01) < 1e-3  # sampling bound (~20 standard errors), not rounding
         assert torch.count_nonzero(block.conv.bias) == 0
         assert all(torch.count_nonzero(c.bias) == 0 for c in block.branches)
 
@@ -111,17 +118,21 @@ class TestLocalSelfAttention:
         torch.manual_seed(0)
         module = LocalSelfAttention(6, kernel_size=3)
         x = torch.randn(2, 6, 5, 7)
-        torch.testing.assert_close(module(x), _released_order_attention(module, x), rtol=1e-5, atol=1e-5)
+        expected = _released_order_attention(copy.deepcopy(module).double(), x.double())
+        # qkv over 6 channels, cosine over 3 (+ norms), softmax and weighted sum over 9, proj over 3, residual
+        torch.testing.assert_close(module(x).double(), expected, atol=float32_tolerance(expected, terms=35), rtol=0)
 
     def test_constant_values_pass_through(self):
         # the weights sum to one, so a constant value field is returned unchanged
         q, k = torch.randn(2, 3, 4, 6), torch.randn(2, 3, 4, 6)
         v = torch.full((2, 3, 4, 6), 1.5)
-        torch.testing.assert_close(local_self_attention(q, k, v), v)
+        # softmax over 9 neighbours (exp, sum, divide), then a weighted sum of 9
+        torch.testing.assert_close(local_self_attention(q, k, v), v, atol=float32_tolerance(v, terms=20), rtol=0)
 
     def test_window_of_one_returns_values(self):
         q, k, v = torch.randn(3, 1, 2, 3, 4).unbind(0)
-        torch.testing.assert_close(local_self_attention(q, k, v, kernel_size=1), v)
+        # exact: a softmax over one neighbour is exp(0) / exp(0) = 1
+        torch.testing.assert_close(local_self_attention(q, k, v, kernel_size=1), v, atol=0, rtol=0)
 
     def test_known_value_two_cells(self):
         # 1 x 2 grid, one channel: cosine similarities are ±1; replicate padding repeats cells
@@ -134,7 +145,8 @@ class TestLocalSelfAttention:
         cell0 = (6 * e * 2 + 3 * ei * 4) / (6 * e + 3 * ei)
         cell1 = (3 * e * 2 + 6 * ei * 4) / (3 * e + 6 * ei)
         out = local_self_attention(q, k, v)
-        torch.testing.assert_close(out[0, 0, 0], torch.stack((cell0, cell1)))
+        expected = torch.stack((cell0, cell1))
+        torch.testing.assert_close(out[0, 0, 0], expected, atol=float32_tolerance(expected, terms=20), rtol=0)
 
     def test_gradcheck(self):
         torch.manual_seed(0)
@@ -164,7 +176,8 @@ class TestTopDownFusion:
         fine, coarse = torch.randn(2, 3, 4, 6), torch.randn(2, 3, 2, 3)
         up = nn.functional.conv_transpose2d(coarse, module.up.weight, stride=2, padding=1)
         expected = module.fuse(torch.cat((fine, up), dim=1))
-        torch.testing.assert_close(module(fine, coarse), expected)
+        # exact: the same two kernels on the same inputs
+        torch.testing.assert_close(module(fine, coarse), expected, atol=0, rtol=0)
         assert module.up.bias is None
 
     def test_gradcheck(self):
@@ -188,8 +201,9 @@ class TestMultiScaleStage:
         blocks = [MultiScaleDilatedBlock(6, 5, hidden_channels=4, dilations=(1, 2, 3), init_std=0.3) for _ in range(3)]
         stage = MultiScaleStage.from_blocks(blocks)
         xs = [torch.randn(2, 6, 5, 9) for _ in blocks]
-        expected = sum(block(x) for block, x in zip(blocks, xs))
-        torch.testing.assert_close(stage(xs), expected, rtol=1e-5, atol=1e-5)
+        expected = sum(copy.deepcopy(block).double()(x.double()) for block, x in zip(blocks, xs))
+        # 3x3 over 6 channels (54), 3x3 over 4 (36), 4 summed maps, 1x1 over 4, 3 blocks summed
+        torch.testing.assert_close(stage(xs).double(), expected, atol=float32_tolerance(expected, terms=101), rtol=0)
         assert stage(xs).shape == (2, 5, 5, 9)
 
     def test_gradients_equal_sum_of_blocks(self):
@@ -198,9 +212,12 @@ class TestMultiScaleStage:
         stage = MultiScaleStage.from_blocks(blocks)
         xs = [torch.randn(1, 3, 4, 6, requires_grad=True) for _ in blocks]
         g_stage = torch.autograd.grad(stage(xs).square().sum(), xs)
-        g_blocks = torch.autograd.grad(sum(b(x) for b, x in zip(blocks, xs)).square().sum(), xs)
+        xs64 = [x.detach().double().requires_grad_() for x in xs]
+        out64 = sum(copy.deepcopy(b).double()(x) for b, x in zip(blocks, xs64))
+        g_blocks = torch.autograd.grad(out64.square().sum(), xs64)
+        # forward 27 + 18 + 3 + 2 + 2 terms, backward through the 1x1 (2), the branches (18 + 3) and the input conv (18)
         for a, b in zip(g_stage, g_blocks):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.double(), b, atol=float32_tolerance(b, terms=93), rtol=0)
 
     def test_one_projection_bias(self):
         stage = MultiScaleStage(8, 3, 4, hidden_channels=2)
