@@ -16,8 +16,9 @@ no more (docs/conventions.md, "Testing: floating-point tolerances")::
 Summing ``n`` terms in float32 errs by at most ``(n - 1)·ε/2·Σ|terms|``; two float32 paths err
 independently, so they differ by at most ``n·ε·Σ|terms|``. The factor 4 covers the products'
 own roundings and transcendental functions (exp, sqrt: a few ulp each) and intermediates
-somewhat larger than the result. Where the summed terms cancel (random weights, gradients), pass
-a reference of the terms' magnitude, not of the result.
+somewhat larger than the result (and the √n-fold cancellation of random-sign terms). Where the
+terms cancel so far that the result is much smaller than they are (a difference of near-equal
+values, a sum compared near zero), pass a reference of the terms' magnitude, not of the result.
 """
 
 import math
