@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import float32_tolerance
 
 from actr_core.blocks.coarse_to_fine import (
     coarse_to_fine_correlation,
@@ -26,21 +27,26 @@ def test_dot_product_matches_einsum_h_ne_w():
     f_src, f_trg = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 2, 6)
     corr = dot_product_correlation(f_src, f_trg)
     assert corr.shape == (2, 3, 4, 2, 6)
-    torch.testing.assert_close(corr, torch.einsum("ijkl,ijmn->iklmn", f_src, f_trg))
+    expected = torch.einsum("ijkl,ijmn->iklmn", f_src.double(), f_trg.double())
+    tol = float32_tolerance(expected, terms=5)  # dot products over 5 channels
+    torch.testing.assert_close(corr.double(), expected, atol=tol, rtol=0)
 
 
 def test_dot_product_accepts_channels_last():
     f_src, f_trg = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)
     cl = torch.channels_last
-    torch.testing.assert_close(
+    expected = dot_product_correlation(f_src, f_trg)
+    torch.testing.assert_close(  # dot products over 5 channels, perhaps by another matrix-product kernel
         dot_product_correlation(f_src.contiguous(memory_format=cl), f_trg.contiguous(memory_format=cl)),
-        dot_product_correlation(f_src, f_trg),
+        expected,
+        atol=float32_tolerance(expected, terms=5),
+        rtol=0,
     )
 
 
 def test_upsample_matches_released_interpolation():
     corr = torch.randn(2, 2, 3, 3, 2)
-    torch.testing.assert_close(upsample_correlation(corr), _released_upsample(corr))
+    torch.testing.assert_close(upsample_correlation(corr), _released_upsample(corr), atol=0, rtol=0)  # exact: copies
     assert upsample_correlation(corr, 1) is corr
 
 
@@ -51,12 +57,13 @@ def test_fused_equals_reference_and_blocks_gradient_to_coarser():
     coarser = torch.randn(2, 2, 3, 2, 3, requires_grad=True)
     fused = coarse_to_fine_correlation(f_src, f_trg, coarser)
     reference = dot_product_correlation(f_src, f_trg) + upsample_correlation(coarser).detach()
-    torch.testing.assert_close(fused, reference)
+    torch.testing.assert_close(fused, reference, atol=0, rtol=0)  # exact: one matrix product, the same additions
     weight = torch.randn_like(fused)
     g_fused = torch.autograd.grad((fused * weight).sum(), (f_src, f_trg), retain_graph=True)
     g_ref = torch.autograd.grad((reference * weight).sum(), (f_src, f_trg))
+    # the gradient reaches the product through a strided view: sums over the 24 cells of the other grid
     for a, b in zip(g_fused, g_ref):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, atol=float32_tolerance(b, terms=24), rtol=0)
     (fused.sum()).backward()
     assert coarser.grad is None
 
@@ -64,7 +71,9 @@ def test_fused_equals_reference_and_blocks_gradient_to_coarser():
 def test_equal_grids_add_directly():
     f = torch.randn(1, 3, 2, 3)
     coarser = torch.randn(1, 2, 3, 2, 3)
-    torch.testing.assert_close(coarse_to_fine_correlation(f, f, coarser), dot_product_correlation(f, f) + coarser)
+    torch.testing.assert_close(  # exact: the same product and addition
+        coarse_to_fine_correlation(f, f, coarser), dot_product_correlation(f, f) + coarser, atol=0, rtol=0
+    )
     assert coarse_to_fine_correlation(f, f).shape == (1, 2, 3, 2, 3)
 
 
@@ -77,7 +86,8 @@ def test_convention_reverse_is_the_target_to_source_pyramid():
     ba_coarse = torch.einsum("ijkl,ijmn->iklmn", coarse_t, coarse_s)
     ba = torch.einsum("ijkl,ijmn->iklmn", fine_t, fine_s) + _released_upsample(ba_coarse)
     rev = reverse_correlation(ab)
-    torch.testing.assert_close(rev, ba)
+    # dot products over 3 channels at both levels, in another order, and one addition
+    torch.testing.assert_close(rev, ba, atol=float32_tolerance(ba, terms=7), rtol=0)
     assert rev.data_ptr() == ab.data_ptr()  # a view, no copy
 
 
@@ -122,13 +132,15 @@ def test_pyramid_equals_chained_coarse_to_fine_values_and_gradients():
     for s, t in zip(f_src, f_trg):
         chained.append(coarse_to_fine_correlation(s, t, chained[-1] if chained else None))
     weights = [torch.randn_like(c) for c in chained]
+    # one dot product over the 9 stacked channels against three of 3 added level by level
     for a, b in zip(fast, chained):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, atol=float32_tolerance(b, terms=9 + 2), rtol=0)
     inputs = (*f_src, *f_trg)
     g_fast = torch.autograd.grad(sum((c * w).sum() for c, w in zip(fast, weights)), inputs)
     g_chain = torch.autograd.grad(sum((c * w).sum() for c, w in zip(chained, weights)), inputs)
+    # each level's gradient: sums over the 32 cells of the other grid at most
     for a, b in zip(g_fast, g_chain):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, atol=float32_tolerance(b, terms=32), rtol=0)
 
 
 def test_pyramid_level_factor_must_match(no_typecheck):

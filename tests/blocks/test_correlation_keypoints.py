@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from tolerances import float32_tolerance
 
 from actr_core.blocks.coarse_to_fine import reverse_correlation
 from actr_core.blocks.correlation_keypoints import (
@@ -61,20 +62,25 @@ class TestSampleCorrelation:
         image = corr.flatten(3).permute(0, 3, 1, 2)  # b (ht wt) hs ws
         grid = normalise_coords(kps, (3, 5))[:, :, None]
         expected = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        torch.testing.assert_close(got, expected[..., 0].permute(0, 2, 1).reshape(2, 7, 2, 4))
+        expected = expected[..., 0].permute(0, 2, 1).reshape(2, 7, 2, 4)
+        # 4 weighted corners; weights from a few roundings of the position (normalised and back for grid_sample)
+        torch.testing.assert_close(got, expected, atol=float32_tolerance(expected, terms=8), rtol=0)
 
     def test_integer_keypoints_read_rows(self):
         corr = torch.randn(1, 3, 4, 2, 2)
         kps = torch.tensor([[[3.0, 2.0], [0.0, 1.0]]])
         out = sample_correlation(corr, kps)
-        torch.testing.assert_close(out[0, 0], corr[0, 2, 3])
-        torch.testing.assert_close(out[0, 1], corr[0, 1, 0])
+        # exact: integer keypoints give the weights (1, 0, 0, 0)
+        torch.testing.assert_close(out[0, 0], corr[0, 2, 3], atol=0, rtol=0)
+        torch.testing.assert_close(out[0, 1], corr[0, 1, 0], atol=0, rtol=0)
 
     def test_permuted_view_equals_contiguous_copy(self):
         corr = torch.randn(2, 3, 4, 5, 6)
         kps = torch.rand(2, 3, 2) * 4
         rev = reverse_correlation(corr)
-        torch.testing.assert_close(sample_correlation(rev, kps), sample_correlation(rev.contiguous(), kps))
+        expected = sample_correlation(rev.contiguous(), kps)
+        # 4 weighted corners, gathered from another memory layout (the sum may run in another order)
+        torch.testing.assert_close(sample_correlation(rev, kps), expected, atol=float32_tolerance(corr, terms=4), rtol=0)
 
     def test_errors(self, no_typecheck):
         with pytest.raises(ValueError, match="5 dimensions"):
@@ -85,33 +91,45 @@ class TestSampleCorrelation:
 
 class TestTargets:
     def test_gaussian_matches_released(self):
-        torch.testing.assert_close(gaussian_kernel2d(3, 3 / 2 / 2.354), _released_gaussian(3))
-        assert gaussian_kernel2d(5, 1.0).sum().item() == pytest.approx(1.0)
+        expected = _released_gaussian(3)
+        # the exponent in another order (4 steps), exp, a sum of 9 and a division
+        torch.testing.assert_close(
+            gaussian_kernel2d(3, 3 / 2 / 2.354), expected, atol=float32_tolerance(expected, terms=15), rtol=0
+        )
+        # normalised by a sum of 25, summed again
+        assert gaussian_kernel2d(5, 1.0).sum().item() == pytest.approx(1.0, abs=float32_tolerance(1.0, terms=51))
 
     @given(
         x=st.floats(0.0, 4.0, allow_nan=False),
         y=st.floats(0.0, 2.0, allow_nan=False),
     )
     def test_inverse_distance_matches_released_splat(self, x, y):
-        got = keypoint_target_map(torch.tensor([[[x, y]]]), (3, 5))[0, 0]
-        torch.testing.assert_close(got, _released_inverse_distance_splat(x, y, 3, 5), atol=5e-5, rtol=0)
-        assert got.sum().item() == pytest.approx(1.0, abs=1e-5)
+        kps = torch.tensor([[[x, y]]])
+        # the released splat in float64 from the same float32 point (rounding x can move it across a cell border)
+        expected = _released_inverse_distance_splat(*kps[0, 0].tolist(), 3, 5)
+        # distances (3 steps), inverses, their sum of 4, the division; weights are at most 1
+        torch.testing.assert_close(
+            keypoint_target_map(kps, (3, 5))[0, 0], expected, atol=float32_tolerance(1.0, terms=10), rtol=0
+        )
+        got = keypoint_target_map(kps, (3, 5))[0, 0]
+        assert got.sum().item() == pytest.approx(1.0, abs=float32_tolerance(1.0, terms=10 + 15))  # and a sum of 15 cells
 
     def test_bilinear_weights_known_value(self):
         got = keypoint_target_map(torch.tensor([[[1.25, 0.5]]]), (2, 3), weighting="bilinear")[0, 0]
         expected = torch.tensor([[0.0, 0.375, 0.125], [0.0, 0.375, 0.125]])
-        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)  # exact: products of quarters and halves
 
     def test_integer_point_bilinear_is_one_hot_then_blurred(self):
         kernel = gaussian_kernel2d(3, 0.637)
         got = keypoint_target_map(torch.tensor([[[2.0, 1.0]]]), (3, 5), kernel=kernel, weighting="bilinear")[0, 0]
         expected = torch.zeros(3, 5)
         expected[0:3, 1:4] = kernel
-        torch.testing.assert_close(got, expected)
+        # a 3x3 convolution of the one-hot map (exact unless the convolution transforms its input)
+        torch.testing.assert_close(got, expected, atol=float32_tolerance(kernel, terms=9), rtol=0)
 
     def test_points_off_the_grid_are_clamped(self):
         got = keypoint_target_map(torch.tensor([[[-3.0, 9.0]]]), (3, 4), weighting="bilinear")[0, 0]
-        assert got[2, 0].item() == pytest.approx(1.0) and got.sum().item() == pytest.approx(1.0)
+        assert got[2, 0].item() == 1.0 and got.sum().item() == 1.0  # exact: the clamped point is a cell centre
 
     def test_errors(self, no_typecheck):
         with pytest.raises(ValueError, match="weighting"):
@@ -131,7 +149,9 @@ class TestLoss:
         valid = torch.tensor([[True, False, True], [True, True, True]])
         got = softmax_bce(logits, target, valid)
         ref = F.binary_cross_entropy(logits.softmax(-1), target, reduction="none").sum(-1)
-        torch.testing.assert_close(got, torch.where(valid, ref, torch.zeros_like(ref)))
+        expected = torch.where(valid, ref, torch.zeros_like(ref))
+        # log-softmax against log of softmax over 10 cells (12 steps), then a sum of 10 logs
+        torch.testing.assert_close(got, expected, atol=float32_tolerance(expected, terms=22), rtol=0)
 
     def test_known_value(self):
         # one source cell, two target cells with logits (0, log 3): p = (1/4, 3/4); target one-hot on cell 1
@@ -140,7 +160,9 @@ class TestLoss:
             corr, torch.zeros(1, 1, 2), torch.tensor([[[1.0, 0.0]]]), torch.ones(1, 1, dtype=torch.bool),
             kernel=None, weighting="bilinear",
         )
-        assert loss.item() == pytest.approx(-2 * math.log(0.75), rel=1e-6)
+        expected = -2 * math.log(0.75)
+        # log-softmax over 2 cells, log(1 - p), a sum of 2 (and the rounding of log 3)
+        assert loss.item() == pytest.approx(expected, abs=float32_tolerance(expected, terms=8))
 
     def test_divides_by_batch_and_sums_keypoints(self):
         corr = torch.randn(2, 3, 4, 3, 4)
@@ -149,7 +171,9 @@ class TestLoss:
         loss = CorrelationKeypointLoss()
         total = loss(corr, kps, kps, valid)
         parts = [loss(corr[i : i + 1], kps[i : i + 1], kps[i : i + 1], valid[i : i + 1]) for i in range(2)]
-        torch.testing.assert_close(total, (parts[0] + parts[1]) / 2)
+        expected = (parts[0] + parts[1]) / 2
+        # per keypoint a log-softmax and a sum over 12 cells, then 10 keypoints summed and divided
+        torch.testing.assert_close(total, expected, atol=float32_tolerance(expected, terms=12 + 4 + 10 + 1), rtol=0)
 
     def test_invalid_keypoints_are_ignored_even_when_nan(self):
         corr = torch.randn(1, 3, 4, 3, 4, requires_grad=True)
@@ -160,7 +184,8 @@ class TestLoss:
         loss = CorrelationKeypointLoss()
         got = loss(corr, poisoned, poisoned, valid)
         expected = loss(corr, kps[:, [0, 2]], kps[:, [0, 2]], valid[:, [0, 2]])
-        torch.testing.assert_close(got, expected)
+        # per keypoint a log-softmax and a sum over 12 cells, then 3 keypoints (one exactly 0) summed
+        torch.testing.assert_close(got, expected, atol=float32_tolerance(expected, terms=12 + 4 + 3), rtol=0)
         got.backward()
         assert torch.isfinite(corr.grad).all()
 
@@ -171,7 +196,8 @@ class TestLoss:
         loss = CorrelationKeypointLoss()
         a = loss(reverse_correlation(corr), kps_t, kps_s, valid)
         b = loss(torch.einsum("bijkl->bklij", corr).contiguous(), kps_t, kps_s, valid)
-        torch.testing.assert_close(a, b)
+        # 4 weighted corners gathered from another layout, a log-softmax and a sum over 12 cells, 8 keypoints
+        torch.testing.assert_close(a, b, atol=float32_tolerance(b, terms=4 + 12 + 4 + 8 + 1), rtol=0)
 
     def test_gradcheck(self):
         torch.manual_seed(0)
@@ -213,13 +239,18 @@ class TestTransfer:
         kps = torch.stack((xs, ys), dim=-1).view(1, 15, 2).expand(2, 15, 2).float()
         got = argmax_transfer(corr, kps)
         flat = match.view(2, 15)
-        torch.testing.assert_close(got, torch.stack((flat % 4, flat // 4), dim=-1).float())
+        # exact: integer keypoints read one-hot rows, and cell centres are integers
+        torch.testing.assert_close(got, torch.stack((flat % 4, flat // 4), dim=-1).float(), atol=0, rtol=0)
 
     def test_soft_argmax_transfer_tends_to_argmax(self):
         match = torch.randint(0, 12, (1, 3, 5))
         corr = _one_hot_correlation(match, (3, 4))
         kps = torch.tensor([[[1.0, 2.0], [4.0, 0.0]]])
-        torch.testing.assert_close(soft_argmax_transfer(corr, kps, 0.01), argmax_transfer(corr, kps))
+        hard = argmax_transfer(corr, kps)
+        # softmax over 12 cells (the others weigh exp(-100)), a weighted sum of 12 positions
+        torch.testing.assert_close(
+            soft_argmax_transfer(corr, kps, 0.01), hard, atol=float32_tolerance(hard, terms=12 + 2 + 12), rtol=0
+        )
 
     def test_argmax_flow_one_hot_gives_integer_flow_and_matches_soft_argmax(self):
         match = torch.randint(0, 20, (2, 4, 5))
@@ -227,8 +258,9 @@ class TestTransfer:
         flow = argmax_flow(corr)
         ys, xs = torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij")
         expected = torch.stack(((match % 5) - xs, (match // 5) - ys), dim=1).float()
-        torch.testing.assert_close(flow, expected)
-        torch.testing.assert_close(soft_argmax(corr, 0.01), flow)
+        torch.testing.assert_close(flow, expected, atol=0, rtol=0)  # exact: integers on equal grids
+        # softmax over 20 cells (the others weigh exp(-100)), a weighted sum of 20 positions, the source position
+        torch.testing.assert_close(soft_argmax(corr, 0.01), flow, atol=float32_tolerance(4.0, terms=20 + 2 + 20 + 2), rtol=0)
 
     def test_argmax_flow_between_grids_uses_pixel_centres(self):
         # source 1 x 2 cells, target 1 x 4 cells: source cell 0 sits at x = 0.5 on the target grid
@@ -236,7 +268,7 @@ class TestTransfer:
         corr[0, 0, 0, 0, 0] = 1.0
         corr[0, 0, 1, 0, 3] = 1.0
         flow = argmax_flow(corr)
-        torch.testing.assert_close(flow[0, 0, 0], torch.tensor([-0.5, 0.5]))
+        torch.testing.assert_close(flow[0, 0, 0], torch.tensor([-0.5, 0.5]), atol=0, rtol=0)  # exact: halves
 
     def test_errors(self, no_typecheck):
         with pytest.raises(ValueError, match="tau"):
@@ -254,7 +286,8 @@ def test_argmax_flow_matches_plain_argmax_with_ties():
     src_x = (xs + 0.5) * 6 / 4 - 0.5
     src_y = (ys + 0.5) * 5 / 3 - 0.5
     expected = torch.stack(((index % 6) - src_x, (index // 6) - src_y), dim=1).float()
-    torch.testing.assert_close(flow, expected)
+    # the source position (x + 0.5)·5/3 − 0.5 in another order: 4 roundings
+    torch.testing.assert_close(flow, expected, atol=float32_tolerance(expected, terms=4), rtol=0)
 
 
 def test_saturated_softmax_has_finite_gradient():
