@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tolerances import float32_tolerance
 
 from actr_core import flow as F_
 from actr_core.flow import (
@@ -37,7 +38,9 @@ def test_convention_flow_channel_zero_is_x():
     flow[:, 0] = 2.0  # +2 in x
     kps = torch.tensor([[[1.0, 1.0]]])
     out = transfer_keypoints(flow, kps)
-    assert torch.allclose(out, torch.tensor([[[3.0, 1.0]]]))
+    expected = torch.tensor([[[3.0, 1.0]]])
+    # the point normalised and back (4 roundings), 4 bilinear weights, the addition
+    torch.testing.assert_close(out, expected, atol=float32_tolerance(expected, terms=9), rtol=0)
     assert not torch.allclose(out, torch.tensor([[[1.0, 3.0]]]))  # the (y, x) misreading
 
 
@@ -58,9 +61,10 @@ def test_convention_pixel_centres_at_integers():
     size = (4, 8)
     xy = torch.tensor([[0.0, 0.0], [-0.5, -0.5], [7.5, 3.5]])
     n = normalise_coords(xy, size)
-    assert torch.allclose(n[0], torch.tensor([-1 + 1 / 8, -1 + 1 / 4]))
-    assert torch.allclose(n[1], torch.tensor([-1.0, -1.0]))  # outer edge
-    assert torch.allclose(n[2], torch.tensor([1.0, 1.0]))
+    # exact: halves and powers of two
+    assert torch.equal(n[0], torch.tensor([-1 + 1 / 8, -1 + 1 / 4]))
+    assert torch.equal(n[1], torch.tensor([-1.0, -1.0]))  # outer edge
+    assert torch.equal(n[2], torch.tensor([1.0, 1.0]))
     assert not torch.allclose(n[0], torch.tensor([-1.0, -1.0]))  # align_corners=True misreading
 
 
@@ -68,7 +72,7 @@ def test_convention_rescaling_keypoints_uses_pixel_centres():
     """Downscaling 8 → 4 maps x = 0.5 (between pixels 0 and 1) to 0, and x = 0 to −0.25."""
     kps = torch.tensor([[[0.5, 1.5], [0.0, 0.0]]])
     out = rescale_keypoints(kps, (8, 8), (4, 4))
-    assert torch.allclose(out, torch.tensor([[[0.0, 0.5], [-0.25, -0.25]]]))
+    assert torch.equal(out, torch.tensor([[[0.0, 0.5], [-0.25, -0.25]]]))  # exact: halves and quarters
     assert not torch.allclose(out[0, 0], kps[0, 0] * 0.5)  # the naive x·s misreading
 
 
@@ -76,8 +80,9 @@ def test_convention_resize_flow_rescales_values():
     """A flow of 1 px on a 4-wide grid is 2 px on an 8-wide grid (values in pixels of the new grid)."""
     flow = torch.ones(1, 2, 4, 4)
     out = resize_flow(flow, (8, 16))
-    assert torch.allclose(out[:, 0], torch.full((1, 8, 16), 4.0))
-    assert torch.allclose(out[:, 1], torch.full((1, 8, 16), 2.0))
+    tol = float32_tolerance(4.0, terms=5)  # 4 bilinear weights, the scaling
+    torch.testing.assert_close(out[:, 0], torch.full((1, 8, 16), 4.0), atol=tol, rtol=0)
+    torch.testing.assert_close(out[:, 1], torch.full((1, 8, 16), 2.0), atol=tol, rtol=0)
 
 
 def test_convention_resize_then_transfer_commutes_with_rescaling():
@@ -88,7 +93,9 @@ def test_convention_resize_then_transfer_commutes_with_rescaling():
     kps = torch.tensor([[[1.2, 2.3]]])
     coarse = transfer_keypoints(flow, kps)
     fine = transfer_keypoints(resize_flow(flow, (16, 16)), rescale_keypoints(kps, (4, 4), (16, 16)))
-    assert torch.allclose(rescale_keypoints(fine, (16, 16), (4, 4)), coarse, atol=1e-5)
+    # rescaled there and back (3 + 3 roundings), the fine flow (4 weights and the scaling), the transfer (9)
+    tol = float32_tolerance(fine, terms=20)
+    torch.testing.assert_close(rescale_keypoints(fine, (16, 16), (4, 4)), coarse, atol=tol, rtol=0)
 
 
 # ---------------------------------------------------------------- properties
@@ -225,7 +232,9 @@ def test_invalid_keypoints_become_nan_without_reading_input():
 def test_sample_flow_clamps_outside_points_to_border():
     flow = torch.arange(4.0).view(1, 1, 1, 4).expand(1, 2, 3, 4).contiguous()
     out = sample_flow(flow, torch.tensor([[[-3.0, 1.0], [10.0, 1.0]]]))
-    assert torch.allclose(out[0, :, 0], torch.tensor([0.0, 3.0]))
+    expected = torch.tensor([0.0, 3.0])
+    # border points normalised and back (4 roundings), 4 bilinear weights
+    torch.testing.assert_close(out[0, :, 0], expected, atol=float32_tolerance(expected, terms=8), rtol=0)
 
 
 @pytest.mark.usefixtures("no_typecheck")
