@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from tolerances import float32_tolerance
 
 from actr_core.data import PairRecord, PseudoFlow, build_sample, decode_sample, encode_sample, pseudo_flow
 from actr_core.data.samples import rescale_box, sample_size
@@ -33,12 +34,14 @@ def test_build_resizes_and_rescales_with_pixel_centres():
     sample = build_sample(record, (64, 96))
     assert sample.src_image.shape == (3, 64, 96) and sample.trg_image.dtype == torch.uint8
     expected = (torch.from_numpy(record.src_kps).float() + 0.5) * torch.tensor([96 / 40, 64 / 30]) - 0.5
-    torch.testing.assert_close(sample.src_kps, expected)
+    # the scale, then x + 0.5, a product and − 0.5
+    torch.testing.assert_close(sample.src_kps, expected, atol=float32_tolerance(expected, terms=4), rtol=0)
     naive = torch.from_numpy(record.src_kps).float() * torch.tensor([96 / 40, 64 / 30])
     assert not torch.allclose(sample.src_kps, naive, atol=0.1)
-    torch.testing.assert_close(sample.src_kps_orig, torch.from_numpy(record.src_kps).float())
+    # exact: the same conversion, the same rescaling call
+    torch.testing.assert_close(sample.src_kps_orig, torch.from_numpy(record.src_kps).float(), atol=0, rtol=0)
     assert sample.src_size == (30, 40) and sample.trg_size == (36, 48)
-    torch.testing.assert_close(sample.trg_frame_bbox, rescale_box(sample.trg_bbox, (36, 48), (64, 96)))
+    torch.testing.assert_close(sample.trg_frame_bbox, rescale_box(sample.trg_bbox, (36, 48), (64, 96)), atol=0, rtol=0)
     assert sample.valid_kps.all()
 
 
@@ -49,7 +52,7 @@ def test_pseudo_flow_is_keypoints_to_flow_on_the_quarter_grid():
     trg = rescale_keypoints(sample.trg_kps, (64, 96), grid)
     flow, valid = keypoints_to_flow(src[None], trg[None], sample.valid_kps[None], grid)
     assert sample.flow_kind == "pseudo"
-    torch.testing.assert_close(sample.flow, flow[0])
+    torch.testing.assert_close(sample.flow, flow[0], atol=0, rtol=0)  # exact: the same rescaling and splatting
     assert torch.equal(sample.valid_flow, valid[0])
     assert sample.valid_flow.any()
 
@@ -64,7 +67,7 @@ def test_exact_flow_is_kept_and_must_fit_the_frame():
     record = generate_pair(SyntheticConfig(size=(32, 48), n_kps=4), "train", 0)
     sample = build_sample(record, (32, 48))
     assert sample.flow_kind == "exact"
-    torch.testing.assert_close(sample.flow, torch.from_numpy(record.flow))
+    torch.testing.assert_close(sample.flow, torch.from_numpy(record.flow), atol=0, rtol=0)  # exact: kept as it is
     with pytest.raises(ValueError, match="exact flow must come at the frame size"):
         build_sample(record, (64, 96))
 
@@ -88,13 +91,18 @@ def test_encode_decode_round_trip(image_format):
         torch.testing.assert_close(back.src_image, sample.src_image)
     else:
         assert (back.src_image.float() - sample.src_image.float()).abs().mean() < 40  # noise image, JPEG q90
-    torch.testing.assert_close(back.src_kps, sample.src_kps, atol=1e-4, rtol=0)
-    torch.testing.assert_close(back.trg_kps_orig, sample.trg_kps_orig, atol=1e-4, rtol=0)
-    torch.testing.assert_close(back.flow, sample.flow, atol=1e-2, rtol=1e-3)  # float16 storage
+    # keypoints stored to 1e-4 px: half of that, plus the rounding back to float32
+    for got, stored in ((back.src_kps, sample.src_kps), (back.trg_kps_orig, sample.trg_kps_orig)):
+        torch.testing.assert_close(got, stored, atol=0.5e-4 + float32_tolerance(stored, terms=1), rtol=0)
+    # float16 storage: half a float16 ulp (relative 2^-11, or 2^-25 among subnormals)
+    half = torch.finfo(torch.float16)
+    torch.testing.assert_close(back.flow, sample.flow, atol=half.smallest_normal * half.eps / 2, rtol=half.eps / 2)
     assert torch.equal(back.valid_flow, sample.valid_flow)
     assert torch.equal(back.valid_kps, sample.valid_kps)
     assert back.src_size == sample.src_size and back.flags == {"truncation": 1}
-    torch.testing.assert_close(back.trg_frame_bbox, sample.trg_frame_bbox)
+    # the box moved to the frame again, in numpy: x + 0.5, a product, − 0.5
+    expected = sample.trg_frame_bbox
+    torch.testing.assert_close(back.trg_frame_bbox, expected, atol=float32_tolerance(expected, terms=3), rtol=0)
 
 
 @pytest.mark.parametrize("image_format", ["jpg", "png"])
