@@ -2,11 +2,13 @@
 loss (Eq. 4), temperature (Eq. 3), tied branch weights, bad input. Tiny configs except one ViT-B
 smoke test."""
 
+import copy
 import dataclasses
 import io
 
 import pytest
 import torch
+from tolerances import float32_tolerance
 
 from actr_core.blocks import BiasedCrossAttention, masked_flow_loss, soft_argmax
 from actr_core.models import (
@@ -80,23 +82,30 @@ def test_flow_is_mean_of_paths_and_paths_read_correlations(tiny: ACTR) -> None:
     src, trg = _images(2, SMALL)
     with torch.no_grad():
         out = tiny(src, trg)
-    torch.testing.assert_close(out.flow, out.flows_per_path.mean(dim=1))
-    # Eq. 3 on every path's correlation with the configured temperature
+    torch.testing.assert_close(out.flow, out.flows_per_path.mean(dim=1), atol=0, rtol=0)  # exact: the same mean
+    # Eq. 3 on every path's correlation with the configured temperature (all paths in one call there):
+    # softmax over the l target cells, positions (at most the grid's size) weighted and summed
+    ht, wt = out.correlations.shape[-2:]
+    l = ht * wt
     for path in range(tiny.num_paths):
         expected = soft_argmax(out.correlations[:, path], tiny.config.soft_argmax_tau)
-        torch.testing.assert_close(out.coarse_flows[:, path], expected)
-    # Eq. 2: every source cell's correlation is a distribution over the target cells
+        torch.testing.assert_close(out.coarse_flows[:, path], expected, atol=float32_tolerance(max(ht, wt), terms=2 * l + 4), rtol=0)
+    # Eq. 2: every source cell's correlation is a distribution over the target cells: per head a softmax
+    # over [cls] and the l cells, renormalised over the l cells, a mean over the heads, the sum here
     sums = out.correlations.sum(dim=(-2, -1))
-    torch.testing.assert_close(sums, torch.ones_like(sums))
+    terms = (l + 3) + (l + 1) + tiny.config.decoder_heads + l
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=float32_tolerance(1.0, terms=terms), rtol=0)
 
 
 def test_batch_members_are_independent(tiny: ACTR) -> None:
-    src, trg = _images(2, SMALL)
+    # in float64: a whole model's float32 rounding bound would dwarf a small leak between batch members
+    model = copy.deepcopy(tiny).double()
+    src, trg = (x.double() for x in _images(2, SMALL))
     with torch.no_grad():
-        both = tiny(src, trg).flow
-        first = tiny(src[:1], trg[:1]).flow
-        second = tiny(src[1:], trg[1:]).flow
-    torch.testing.assert_close(both, torch.cat((first, second)), atol=1e-4, rtol=1e-4)
+        both = model(src, trg).flow
+        first = model(src[:1], trg[:1]).flow
+        second = model(src[1:], trg[1:]).flow
+    torch.testing.assert_close(both, torch.cat((first, second)))  # float64 defaults: 1e-7, far above its rounding
 
 
 def test_every_trainable_parameter_gets_a_finite_gradient() -> None:
@@ -123,7 +132,7 @@ def test_loss_is_eq4_masked_flow_loss(tiny: ACTR) -> None:
     batch = _batch(out)
     loss = tiny.loss(out, batch)
     assert loss.shape == ()
-    torch.testing.assert_close(loss, masked_flow_loss(out.flow, batch["flow"], batch["valid_flow"]))
+    torch.testing.assert_close(loss, masked_flow_loss(out.flow, batch["flow"], batch["valid_flow"]), atol=0, rtol=0)  # exact: this call
     assert torch.isfinite(loss)
 
 
@@ -147,7 +156,9 @@ def test_transfer_moves_keypoints_by_the_flow(tiny: ACTR) -> None:
     kps = torch.tensor([[[10.0, 20.0], [40.0, 33.0]]])
     moved = tiny.transfer(out, kps)
     # a constant flow of d grid pixels is d · stride input pixels (stride = 16 / 4 = 4)
-    torch.testing.assert_close(moved, kps + torch.tensor([1.5, -2.0]) * tiny.flow_stride)
+    expected = kps + torch.tensor([1.5, -2.0]) * tiny.flow_stride
+    # to the grid and back (3 + 3 roundings), normalised and back (4), 4 bilinear weights, the addition
+    torch.testing.assert_close(moved, expected, atol=float32_tolerance(expected, terms=15), rtol=0)
 
 
 def test_state_dict_round_trip() -> None:
@@ -162,17 +173,19 @@ def test_state_dict_round_trip() -> None:
     buffer.seek(0)
     b.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(a(src, trg).flow, b(src, trg).flow)
+        torch.testing.assert_close(a(src, trg).flow, b(src, trg).flow, atol=0, rtol=0)  # exact: equal weights, same kernels
 
 
 def test_temperature_matches_released_head_sum() -> None:
     """β on head-summed attention equals β / H on the head mean (Eq. 2 averages the heads)."""
     assert ACTR_BASE_CONFIG.soft_argmax_tau == pytest.approx(0.02 / 8)
     gen = torch.Generator().manual_seed(0)
-    heads = torch.softmax(torch.randn(1, 8, 3, 4, 3, 4, generator=gen).flatten(-2) * 4, -1).view(1, 8, 3, 4, 3, 4)
+    # an identity of the arithmetic, checked in float64: logits of up to 1/τ = 400 would amplify float32 rounding
+    heads = torch.randn(1, 8, 3, 4, 3, 4, generator=gen, dtype=torch.float64)
+    heads = torch.softmax(heads.flatten(-2) * 4, -1).view(1, 8, 3, 4, 3, 4)
     released = soft_argmax(heads.sum(1), ACTR_BASE_CONFIG.soft_argmax_beta)
     ours = soft_argmax(heads.mean(1), ACTR_BASE_CONFIG.soft_argmax_tau)
-    torch.testing.assert_close(ours, released)
+    torch.testing.assert_close(ours, released, atol=1e-12, rtol=0)
 
 
 def test_branch_weights_tied_or_separate() -> None:
@@ -196,7 +209,7 @@ def test_branch_weights_tied_or_separate() -> None:
 def test_source_pe_follows_the_grid() -> None:
     pe = LearnedSourcePE(8, (4, 6), init_std=0.02)
     tokens = torch.zeros(2, 1 + 24, 8)
-    torch.testing.assert_close(pe(tokens, (4, 6)), pe.pe.expand(2, -1, -1))  # native grid: added as is
+    torch.testing.assert_close(pe(tokens, (4, 6)), pe.pe.expand(2, -1, -1), atol=0, rtol=0)  # native grid: added as is
     assert pe(torch.zeros(2, 1 + 35, 8), (5, 7)).shape == (2, 36, 8)
 
 
@@ -211,7 +224,9 @@ def test_attention_map_only_equals_full_cross_attention() -> None:
         for a, b in ((only.norm_src, full.norm_src), (only.norm_trg, full.norm_trg)):
             a.weight.normal_()
             b.weight.copy_(a.weight)
-    src, trg = torch.randn(2, 7, dim), torch.randn(2, 5, dim)
+    # in float64: the same scores from a qk projection here and a qkv projection there (float64 defaults, 1e-7)
+    full, only = full.double(), only.double()
+    src, trg = torch.randn(2, 7, dim, dtype=torch.float64), torch.randn(2, 5, dim, dtype=torch.float64)
     expected = full(src, trg)[2]
     s, t, attn = only(src, trg)
     torch.testing.assert_close(attn, expected)
