@@ -3,6 +3,7 @@ and differs from ACTR in exactly the parts it names (tiny configs, small non-squ
 
 import pytest
 import torch
+from tolerances import float32_tolerance
 
 from actr_core.blocks import DualWindowFlowSR
 from actr_core.flow import resize_flow
@@ -125,7 +126,8 @@ def test_no_flow_sr_is_bilinear_multi_path(reference: ACTR) -> None:
         out = model(src, trg)
     for path in range(model.num_paths):
         expected = resize_flow(out.coarse_flows[:, path], out.flow.shape[-2:])
-        torch.testing.assert_close(out.flows_per_path[:, path], expected)
+        # 4 bilinear weights and the scaling, all paths in one call there
+        torch.testing.assert_close(out.flows_per_path[:, path], expected, atol=float32_tolerance(expected, terms=5), rtol=0)
 
 
 def test_baseline() -> None:
