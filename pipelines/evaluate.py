@@ -5,7 +5,9 @@
 
 Writes ``results.nc`` (xarray, engine h5netcdf), ``table.txt`` (per-image and per-keypoint PCK)
 and ``pck_curve.png``, ``matches.png``, ``tps_warp.png``, ``path_flows.png``; prints the table.
-CPU is enough. The ``released`` protocol reproduces how the released ACTR code scored; it is for
+The model is scored beside the reference predictors on the same pairs: identity (zero motion)
+and the classical peer (ORB + RANSAC homography; ``--no-peer`` skips it), with paired bootstrap
+intervals on the model's differences to them. CPU is enough. The ``released`` protocol reproduces how the released ACTR code scored; it is for
 comparison only, and this script never selects models on the split it scores.
 
 Two small functions know the outside world and are the ones to swap: :func:`load_model`
@@ -27,7 +29,10 @@ from torch import nn
 from actr_core.data.pipeline import prepare_batch
 from actr_core.metrics import (
     DEFAULT_ALPHAS,
+    IDENTITY,
+    MODEL,
     PROTOCOLS,
+    REFERENCE_NAMES,
     evaluate,
     format_table,
     keypoint_correctness,
@@ -59,6 +64,7 @@ class EvaluateConfig:
     image_size: tuple[int, int] | None = None  # model input (default: the checkpoint's; 256 for --model)
     loader_workers: int = 1  # DataLoader processes decoding shards
     progress: bool = True
+    peer: bool = True  # score the classical peer (ORB + RANSAC) beside the model; identity always
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +123,7 @@ def make_figures(
 ) -> list[Path]:
     """The four figures for one pair of ``batch`` (the first with enough valid keypoints)."""
     out.mkdir(parents=True, exist_ok=True)
-    written = [plot_pck_curves({name: results}, out / "pck_curve.png", alphas=CURVE_ALPHAS)]
+    written = [plot_pck_curves({name: results}, out / "pck_curve.png", alphas=CURVE_ALPHAS)]  # with the references
     device = torch.device(cfg.device)
     batch = prepare_batch(batch, device)
     model.eval()
@@ -129,7 +135,7 @@ def make_figures(
     n = int(valid.shape[0])
     pair = batch["pair_id"][i] if "pair_id" in batch else None
     if pair is not None and pair in results["pair"].values:
-        correct = keypoint_correctness(results, cfg.figure_alpha).sel(pair=pair).values[:n]
+        correct = keypoint_correctness(results, cfg.figure_alpha, MODEL).sel(pair=pair).values[:n]
         label = f"{pair}: PCK@{cfg.figure_alpha:g} {results.attrs['protocol']} protocol"
     else:
         correct = np.zeros(n, dtype=bool)
@@ -174,6 +180,7 @@ def main(cfg: EvaluateConfig) -> xr.Dataset:
         progress=cfg.progress,
         total=total,
         model_name=name,
+        references=REFERENCE_NAMES if cfg.peer else (IDENTITY,),
     )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,6 +216,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--image-size", type=int, nargs="+", help="model input: N or H W (default: the checkpoint's)")
     p.add_argument("--loader-workers", type=int, default=defaults.loader_workers)
+    p.add_argument("--no-peer", action="store_true", help="skip the classical peer (identity is always scored)")
     a = p.parse_args(argv)
     if a.image_size is not None and len(a.image_size) not in (1, 2):
         p.error(f"--image-size takes N or H W, got {a.image_size}")
@@ -230,6 +238,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
         progress=not a.no_progress,
         image_size=None if a.image_size is None else (a.image_size[0], a.image_size[-1]),
         loader_workers=a.loader_workers,
+        peer=not a.no_peer,
     )
 
 

@@ -23,12 +23,28 @@ def test_main_writes_results_table_and_figures(tmp_path, monkeypatch, capsys, ba
     results = pipeline.main(cfg)
     printed = capsys.readouterr().out
     assert "all pairs" in printed and "66.7" in printed  # 2 of 3 keypoints within 20 px in both pairs
-    assert results["pck_image_overall"].values.tolist()[0] == 2 / 3
+    assert results["pck_image_overall"].sel(predictor="model").values.tolist()[0] == 2 / 3
+    assert results["predictor"].values.tolist() == ["model", "identity", "classical_peer"]
     back = load_results(tmp_path / "results.nc")
     assert back.attrs["protocol"] == "standard" and back.attrs["split"] == "test"
-    assert (tmp_path / "table.txt").read_text().count("PCK per") == 2
+    assert back["predictor"].values.tolist() == ["model", "identity", "classical_peer"]
+    table = (tmp_path / "table.txt").read_text()
+    assert table.count("PCK per") == 2 and table.count("model − identity") == 2
+    assert "classical peer: ORB + RANSAC homography" in table and "not run" not in table
     for name in ("pck_curve.png", "matches.png", "tps_warp.png", "path_flows.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_no_peer_scores_identity_only_and_says_so(tmp_path, monkeypatch, capsys, batch_factory, shift_matcher):
+    batch = batch_factory([[[100.0, 100.0]]], [[[132.0, 100.0]]])
+    monkeypatch.setattr(pipeline, "load_model", lambda cfg: (shift_matcher, "shift", (64, 64)))
+    monkeypatch.setattr(pipeline, "open_batches", lambda cfg, size: ([batch], 1))
+    cfg = pipeline.parse_args(["--model", "fake", "--out", str(tmp_path), "--no-progress", "--no-figures", "--no-peer"])
+    assert not cfg.peer and pipeline.parse_args(["--model", "fake"]).peer
+    results = pipeline.main(cfg)
+    assert results["predictor"].values.tolist() == ["model", "identity"]
+    assert "classical peer: not run" in capsys.readouterr().out
+    assert load_results(tmp_path / "results.nc").attrs["reference_classical_peer"] == "not run"
 
 
 def test_cli_reports_user_errors_in_one_line(capsys, tmp_path):

@@ -117,6 +117,46 @@ def test_plot_pck_curves(tmp_path):
         plot_pck_curves({}, tmp_path / "none.png")
 
 
+def _with_references(shift: float) -> xr.Dataset:
+    """Results of a model, identity (shift 40) and the peer (shift 1) on the same six pairs."""
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(0, 100, (6, 5, 2))
+    noise = rng.standard_normal((6, 5, 2))
+
+    def scores(s: float) -> BatchScores:
+        pred = gt + s * noise
+        return BatchScores(
+            pred=pred, gt=gt, valid=np.ones((6, 5), dtype=bool), distance=np.hypot(*(pred - gt).transpose(2, 0, 1)),
+            threshold=np.full(6, 100.0), threshold_kind=["bbox"] * 6, n_correct=np.zeros((1, 6), dtype=np.int64),
+            meta={"pair_id": [f"p{i}" for i in range(6)], "category": ["a", "b"] * 3, "dataset": ["spair"] * 6},
+        )
+
+    by = {"model": [scores(shift)], "identity": [scores(40.0)], "classical_peer": [scores(1.0)]}
+    return summarise(by, STANDARD, (0.1,), bootstrap_resamples=50)
+
+
+def test_plot_pck_curves_draws_the_references_once_and_labelled(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    labels = []
+    original = Axes.plot
+
+    def spy(self, *args, **kwargs):
+        labels.append((kwargs.get("label"), kwargs.get("linestyle")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    path = plot_pck_curves({"trained": _with_references(3.0), "untrained": _with_references(30.0)},
+                           tmp_path / "refs.png", alphas=np.linspace(0.01, 0.3, 10))  # fmt: skip
+    _check_png(path)
+    assert labels == [
+        ("trained", None),
+        ("untrained", None),
+        ("identity (zero motion)", "--"),
+        ("classical peer (ORB + RANSAC homography)", ":"),
+    ]
+
+
 def test_plot_matches_and_tps_warps(tmp_path):
     src_img, trg_img = _picture(48, 64, 1), _picture(40, 56, 2)  # H != W, different sizes
     src = np.array([[10.0, 10.0], [50.0, 12.0], [30.0, 35.0], [15.0, 30.0], [0.0, 0.0]])
