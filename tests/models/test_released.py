@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny_released import TINY_RELEASED, tiny_released_model
+from tolerances import float32_tolerance
 
 from actr_core.blocks.released import (
     arf,
@@ -71,7 +72,10 @@ def test_arf_equals_the_released_form_where_that_is_finite():
     assert finite[torch.abs(x) < 300].all()
     assert torch.allclose(arf(x)[finite], ref[finite], rtol=1e-12, atol=1e-15)
     x32 = torch.linspace(-80, 80, 16001)
-    assert torch.allclose(arf(x32), naive_arf(x32), rtol=1e-6, atol=1e-6)
+    # float32 against the released form in float64: expm1, exp, a product, a sum and a division of terms
+    # at most 1 (the numerator and denominator scaled by e^-z), results in [0, 1)
+    expected = naive_arf(x32.double())
+    torch.testing.assert_close(arf(x32).double(), expected, atol=float32_tolerance(1.0, terms=6), rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -80,7 +84,7 @@ def test_arf_is_stable_for_large_inputs(dtype):
     y = arf(x)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
-    assert (y[:3] == 0).all() and torch.allclose(y[3:].float(), torch.ones(4))
+    assert (y[:3] == 0).all() and (y[3:] == 1).all()  # exact: e^-200 and below vanish next to 1 in every dtype
     assert torch.isnan(naive_arf(torch.tensor([100.0]))).all()  # what the released form gives in float32
 
 
@@ -111,10 +115,19 @@ def test_head_summed_cross_attention_equals_reference_and_rows_sum_to_heads():
     x, y = torch.randn(2, 5, 12), torch.randn(2, 7, 12)
     w, b, pw, pb = torch.randn(36, 12), torch.randn(36), torch.randn(12, 12), torch.randn(12)
     out, attn = head_summed_cross_attention(x, y, w, b, pw, pb, num_heads=3)
-    ref_out, ref_attn = reference_cross_attention(x, y, w, b, pw, pb, 3)
+    args64 = [t.double() for t in (x, y, w, b, pw, pb)]
+    ref_out, ref_attn = reference_cross_attention(*args64, 3)
     assert attn.shape == (2, 5, 7)
-    assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(attn, ref_attn, atol=1e-6)
-    assert torch.allclose(attn.sum(-1), torch.full((2, 5), 3.0))
+    # projections over 12 channels, dots over 4, softmax over 7, a weighted sum of 7, proj over 12
+    torch.testing.assert_close(out.double(), ref_out, atol=float32_tolerance(ref_out, terms=44), rtol=0)
+    # probabilities err by the scores' error, at the scale of the scores; 3 heads summed
+    q = F.linear(args64[0], args64[2][:12], args64[3][:12]).view(2, 5, 3, 4)
+    k = F.linear(args64[1], args64[2][12:24], args64[3][12:24]).view(2, 7, 3, 4)
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * 4**-0.5
+    torch.testing.assert_close(attn.double(), ref_attn, atol=float32_tolerance(scores, terms=12 + 4 + 9 + 3), rtol=0)
+    # each head's softmax over 7 sums to 1 (9 steps), 3 heads and 7 targets summed
+    three = torch.full((2, 5), 3.0)
+    torch.testing.assert_close(attn.sum(-1), three, atol=float32_tolerance(three, terms=9 + 3 + 7), rtol=0)
 
 
 def test_head_summed_cross_attention_gradcheck():
@@ -129,7 +142,7 @@ def test_target_reweighting_adds_weighted_target_and_stops_gradient():
     w = torch.randn(1, 1, 4)
     out = released_target_reweighting(t, attention, w)
     h = attention.detach().mean(1).unsqueeze(-1)
-    assert torch.allclose(out, t + t * w * torch.sigmoid(h))
+    torch.testing.assert_close(out, t + t * w * torch.sigmoid(h), atol=0, rtol=0)  # exact: the same steps
     out.sum().backward()
     assert attention.grad is None  # h is a stop-gradient input
 
@@ -142,7 +155,9 @@ def test_convention_released_soft_argmax_align_corners_true():
     corr[0, 1, 3, 2, 0] = 1.0  # source (x=3, y=1) matches target (x=0, y=2)
     grid_x, grid_y = torch.linspace(-1, 1, wt), torch.linspace(-1, 1, ht)
     flow = released_soft_argmax(corr, grid_x, grid_y, beta=1e-3)
-    assert torch.allclose(flow[0, :, 1, 3], torch.tensor([-3.0, 1.0]), atol=1e-4)
+    expected = torch.tensor([-3.0, 1.0])
+    # one-hot weights, a sum over 15 cells, the align_corners=True unnormalisation (3 roundings), the source cell
+    torch.testing.assert_close(flow[0, :, 1, 3], expected, atol=float32_tolerance(expected, terms=15 + 4), rtol=0)
     misread_x = ((grid_x[0] + 1) * wt - 1) / 2 - 3
     assert not math.isclose(misread_x.item(), -3.0, abs_tol=0.1)
 
@@ -150,8 +165,10 @@ def test_convention_released_soft_argmax_align_corners_true():
 def test_released_soft_argmax_uniform_known_value_and_gradcheck():
     corr = torch.zeros(1, 2, 2, 3, 4)
     flow = released_soft_argmax(corr, torch.linspace(-1, 1, 4), torch.linspace(-1, 1, 3), beta=0.02)
-    assert torch.allclose(flow[0, 0], torch.tensor([[1.5, 0.5], [1.5, 0.5]]))  # E[x_t] = 1.5 minus x_s
-    assert torch.allclose(flow[0, 1], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    # softmax over 12 cells, a weighted sum of 12 positions, the unnormalisation (3), the source cell; at most 3
+    tol = float32_tolerance(3.0, terms=14 + 12 + 4)
+    torch.testing.assert_close(flow[0, 0], torch.tensor([[1.5, 0.5], [1.5, 0.5]]), atol=tol, rtol=0)  # E[x_t] = 1.5 minus x_s
+    torch.testing.assert_close(flow[0, 1], torch.tensor([[1.0, 1.0], [0.0, 0.0]]), atol=tol, rtol=0)
     c = torch.randn(1, 2, 2, 2, 3, dtype=torch.float64, requires_grad=True)
     gx, gy = torch.linspace(-1, 1, 3, dtype=torch.float64), torch.linspace(-1, 1, 2, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda v: released_soft_argmax(v, gx, gy, beta=0.5), (c,))
@@ -202,7 +219,7 @@ def test_convention_dino_pos_embed_samples_at_the_scale_factor_positions():
 def test_channel_attention_known_value():
     x = torch.ones(1, 4, 2, 2)
     zero = torch.zeros(2, 4, 1, 1)
-    assert torch.allclose(channel_attention(x, zero, torch.zeros(4, 2, 1, 1)), 1.5 * x)  # x + x·σ(0)
+    assert torch.equal(channel_attention(x, zero, torch.zeros(4, 2, 1, 1)), 1.5 * x)  # x + x·σ(0), exact: σ(0) = 0.5
 
 
 def test_released_epe_loss_pools_valid_cells_and_ignores_nan():
@@ -214,7 +231,7 @@ def test_released_epe_loss_pools_valid_cells_and_ignores_nan():
     valid = torch.zeros(2, 2, 2, dtype=torch.bool)
     valid[0] = True  # pair 0: 4 valid cells, pair 1 none
     loss = released_epe_loss(pred, target, valid)
-    assert torch.isclose(loss, torch.tensor(5.0 / 4))  # pooled over the batch's valid cells
+    assert loss.item() == 5.0 / 4  # pooled over the batch's valid cells; exact: sqrt(25) and quarters
     loss.backward()
     assert torch.isfinite(pred.grad).all() and (pred.grad[1] == 0).all()
     assert released_epe_loss(pred, target, torch.zeros_like(valid)) == 0
@@ -232,18 +249,19 @@ def test_shapes_batch_two():
     assert out.flows_per_path.shape == (2, 2, 2, 16, 16)
     assert out.coarse_flows.shape == (2, 2, 2, 4, 4)
     assert out.correlations.shape == (2, 2, 4, 4, 4, 4)
-    assert torch.allclose(out.flow, out.flows_per_path.mean(1))
+    assert torch.equal(out.flow, out.flows_per_path.mean(1))  # exact: the same mean
     rows = out.correlations.sum((-1, -2))  # head-summed rows sum to 2 heads, less the dropped [cls] column
     assert ((rows > 1.0) & (rows < 2.0)).all()
 
 
 def test_batch_elements_are_independent():
-    model = tiny_released_model().eval()
-    src, trg = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    # in float64: a whole model's float32 rounding bound would dwarf a small leak between batch members
+    model = tiny_released_model().eval().double()
+    src, trg = torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         both = model(src, trg).flow
         one = model(src[1:], trg[1:]).flow
-    assert torch.allclose(both[1:], one, atol=1e-5)
+    torch.testing.assert_close(both[1:], one)  # float64 defaults: 1e-7
 
 
 def test_every_trainable_parameter_gets_a_gradient_and_backbone_is_frozen():
