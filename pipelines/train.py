@@ -14,6 +14,11 @@ The run folder ``<runs_dir>/<name>/`` is Ray's experiment folder and holds ``con
 kept), ``metrics.csv`` (one row per epoch), ``steps.csv`` (training loss per step, mean over
 workers), ``model_final.pt`` (last epoch) and ``model_best.pt`` (best validation PCK).
 
+Every validation line (and ``metrics.csv``, and the summary) shows the model's PCK beside the
+reference predictors' on the same validation pairs: identity (zero motion, ``identity_val_pck``)
+and the classical peer (ORB + RANSAC homography, ``peer_val_pck``; ``--val_peer false`` skips it).
+The references are scored once per validation pair and reused at every epoch.
+
 Fault injection (tests, drills): ``ACTR_FAULT_AT_STEP=N`` SIGKILLs the worker of rank
 ``ACTR_FAULT_RANK`` (default 0) right after its N-th optimiser step, once per run folder (a
 marker file ``.fault_injected`` makes it fire once); Ray then restarts the workers from the last
@@ -36,6 +41,7 @@ from tqdm.auto import tqdm
 
 from actr_core.data import SCHEMA_VERSION as DATA_SCHEMA_VERSION
 from actr_core.data import Resize, ShardDataset, train_transforms
+from actr_core.metrics import CLASSICAL_PEER, IDENTITY, REFERENCE_NAMES
 from actr_core.models import build_model
 from actr_core.training import (
     CHECKPOINT_NAME,
@@ -43,6 +49,7 @@ from actr_core.training import (
     StepSettings,
     TrainConfig,
     TrainingCheckpoint,
+    ValidationReferences,
     ValidationResult,
     all_reduce_sum,
     build_optimizer,
@@ -163,6 +170,9 @@ def _row(
         "train_loss": sum(step_losses) / len(step_losses) if step_losses else math.nan,
         "val_loss": scores.loss,
         "val_pck": scores.pck,
+        "identity_val_pck": scores.references.get(IDENTITY, math.nan),  # zero motion, same pairs
+        "peer_val_pck": scores.references.get(CLASSICAL_PEER, math.nan),  # NaN when val_peer is off
+        "peer_val_fallbacks": scores.reference_fallbacks.get(CLASSICAL_PEER, math.nan),  # pairs left to identity
         "val_pairs": scores.pairs,
         "lr_backbone": lrs.get("backbone", 0.0),
         "lr_heads": lrs.get("heads", 0.0),
@@ -172,10 +182,18 @@ def _row(
     }
 
 
+def _references_text(row: Mapping[str, Any]) -> str:
+    """``(identity 34.60%, peer 93.70%)``: the references' val PCK on the same pairs."""
+    parts = [f"identity {100 * row['identity_val_pck']:.2f}%"]
+    peer = row.get("peer_val_pck", math.nan)
+    parts.append("peer not run" if math.isnan(peer) else f"peer {100 * peer:.2f}%")
+    return f"({', '.join(parts)})"
+
+
 def _epoch_line(row: Mapping[str, Any], epochs: int, alpha: float) -> str:
     return (
         f"epoch {row['epoch']}/{epochs}  step {row['step']}  train_loss {row['train_loss']:.4f}  "
-        f"val_loss {row['val_loss']:.4f}  val_PCK@{alpha:g} {100 * row['val_pck']:.2f}%  "
+        f"val_loss {row['val_loss']:.4f}  val_PCK@{alpha:g} {100 * row['val_pck']:.2f}% {_references_text(row)}  "
         f"lr_heads {row['lr_heads']:.2e}  {row['epoch_seconds']:.0f}s"
     )
 
@@ -261,6 +279,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if rank == 0:
             print(f"resumed from epoch {start_epoch}, step {step} (restart {restarts} of this run)", flush=True)
 
+    references = ValidationReferences(REFERENCE_NAMES if cfg.val_peer else (IDENTITY,))  # scored once per pair
+
     def val_scores() -> ValidationResult:
         return validate(
             model,
@@ -270,6 +290,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             protocol=cfg.val_protocol,
             max_batches=cfg.val_steps,
             autocast_dtype=autocast_dtype,
+            references=references,
         )
 
     if cfg.validate_before_training and resume_from is None:
@@ -277,7 +298,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         row = _row(0, 0, [], val_scores(), {}, time.perf_counter() - started, restarts)
         history.append(row)
         if rank == 0:
-            print(f"untrained: val_loss {row['val_loss']:.4f}  val_PCK@{cfg.pck_alpha:g} {100 * row['val_pck']:.2f}%", flush=True)
+            print(
+                f"untrained: val_loss {row['val_loss']:.4f}  val_PCK@{cfg.pck_alpha:g} {100 * row['val_pck']:.2f}% "
+                f"{_references_text(row)}",
+                flush=True,
+            )
         ray.train.report({k: v for k, v in row.items() if k != "step_losses"})
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -395,10 +420,10 @@ def _fault_settings(run_dir: Path) -> dict[str, Any]:
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     if not rows:
         return
-    fields = list(rows[0])
+    fields = list(dict.fromkeys(key for row in rows for key in row))  # rows resumed from older runs may lack columns
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
@@ -470,10 +495,24 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         "best_val_pck": best_row["val_pck"],
         "best_epoch": best_row["epoch"],
         "untrained_val_pck": history[0]["val_pck"] if history[0]["epoch"] == 0 else None,
+        "identity_val_pck": _reference_score(final, "identity_val_pck"),  # same validation pairs as val_pck
+        "peer_val_pck": _reference_score(final, "peer_val_pck"),  # None when the peer was not run
+        "peer_val_fallbacks": _reference_count(final, "peer_val_fallbacks"),
         "wall_seconds": time.perf_counter() - started,
     }
     print(yaml.safe_dump({"summary": summary}, sort_keys=False), flush=True)
     return summary
+
+
+def _reference_score(row: Mapping[str, Any], key: str) -> float | None:
+    """A reference column of a history row; None when it was not run (NaN) or not recorded."""
+    value = row.get(key)
+    return None if value is None or math.isnan(float(value)) else float(value)
+
+
+def _reference_count(row: Mapping[str, Any], key: str) -> int | None:
+    value = _reference_score(row, key)
+    return None if value is None else int(value)
 
 
 def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from actr_core.training.checkpoint import (
     set_rng_state,
 )
 from actr_core.training.config import TrainConfig, config_from_args, load_config, parse_overrides
-from actr_core.training.loop import ValidationResult, all_reduce_sum, train_epoch, validate
+from actr_core.training.loop import ValidationReferences, ValidationResult, all_reduce_sum, train_epoch, validate
 from actr_core.training.optim import build_optimizer, build_scheduler, lr_multiplier, parameter_groups, unwrap_model
 from actr_core.training.step import StepResult, StepSettings, move_batch, precision_settings, train_step
 
@@ -41,6 +41,7 @@ __all__ = [
     "config_from_args",
     "load_config",
     "parse_overrides",
+    "ValidationReferences",
     "ValidationResult",
     "all_reduce_sum",
     "train_epoch",

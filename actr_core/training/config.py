@@ -61,6 +61,9 @@ class TrainConfig:
     # --- validation metric ------------------------------------------------------------------
     pck_alpha: float = 0.1  # PCK@0.1, the paper's headline metric
     val_protocol: str = "standard"  # actr_core.metrics scoring protocol (target-side threshold per dataset)
+    # Score the classical peer (ORB + RANSAC homography, actr_core.metrics.references) beside the model on
+    # the validation pairs, once per pair (then cached); identity (zero motion) is always scored.
+    val_peer: bool = True
     # --- Ray Train / resources --------------------------------------------------------------
     num_workers: int = 2  # Ray Train workers (DDP ranks)
     use_gpu: bool = False  # one GPU per worker; backend nccl instead of gloo

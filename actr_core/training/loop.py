@@ -5,23 +5,27 @@ Axis legend: b batch (pairs) · n keypoints · 2 (x, y).
 Under ``torch.distributed`` every rank runs these on its own part of the data;
 :func:`all_reduce_sum` adds the per-rank sums so every rank sees the same totals.
 Validation runs the inner model (never the DDP wrapper), so ranks may see different numbers of
-validation batches without a collective waiting on them.
+validation batches without a collective waiting on them. It scores the reference predictors
+(identity, and the classical peer when asked) on the same validation pairs; they do not change
+from epoch to epoch, so :class:`ValidationReferences` computes each pair's reference scores once
+and reuses them, and the all-reduce gives every rank the same totals.
 """
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Shaped
 from torch import Tensor, nn
 
-from actr_core.metrics import ScoringProtocol, get_protocol, score_batch
+from actr_core.metrics import IDENTITY, REFERENCE_NAMES, ScoringProtocol, get_protocol, reference_predictor, score_batch
 from actr_core.training.optim import unwrap_model
 from actr_core.training.step import StepResult, StepSettings, autocast_context, move_batch, train_step
 
-__all__ = ["train_epoch", "ValidationResult", "validate", "all_reduce_sum"]
+__all__ = ["train_epoch", "ValidationReferences", "ValidationResult", "validate", "all_reduce_sum"]
 
 
 def all_reduce_sum(values: Shaped[Tensor, "*shape"]) -> Shaped[Tensor, "*shape"]:
@@ -75,12 +79,66 @@ def train_epoch(
 
 @dataclasses.dataclass(frozen=True)
 class ValidationResult:
-    """Validation totals (summed over ranks): mean loss over batches and mean PCK over pairs."""
+    """Validation totals (summed over ranks): mean loss over batches and mean PCK over pairs.
+
+    ``references``: each reference predictor's PCK on the same pairs (per image, same α and
+    protocol); ``reference_fallbacks``: pairs on which it fell back to identity.
+    """
 
     loss: float
     pck: float
     batches: int
     pairs: int
+    references: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    reference_fallbacks: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+
+class ValidationReferences:
+    """The reference predictors of a validation set, scored once per pair and then reused.
+
+    The references (:mod:`actr_core.metrics.references`) do not learn: their score on a
+    validation pair is the same at every epoch. Each pair's outcome (correct and valid keypoints,
+    fall-back) is kept under (protocol, α, input size, ``pair_id``); a batch whose pairs are all
+    known is not run again. Batches without ``pair_id`` are scored every time. Keep one instance
+    per training run (per rank) and pass it to every :func:`validate` call.
+
+    Args:
+        names: reference predictors by name; ``identity`` is always included.
+    """
+
+    def __init__(self, names: Sequence[str] = REFERENCE_NAMES) -> None:
+        if isinstance(names, str):
+            raise ValueError(f"names must be a list of reference names, got the string {names!r}")
+        unknown = [n for n in names if n not in REFERENCE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown reference predictors {unknown}; choose from {list(REFERENCE_NAMES)}")
+        self.names: tuple[str, ...] = (IDENTITY, *(n for n in names if n != IDENTITY))
+        self._predictors = {name: reference_predictor(name) for name in self.names}
+        self._known: dict[tuple, dict[str, tuple[int, int, bool]]] = {}
+        self.batches_run = 0  # batches the references were actually run on (the rest came from the cache)
+
+    def score(
+        self, batch: Mapping[str, Any], protocol: ScoringProtocol, alpha: float
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per reference: correct keypoints, valid keypoints and fall-back, each ``(b,)``, for ``batch``."""
+        ids = batch.get("pair_id")
+        size = tuple(batch["src_image"].shape[-2:])
+        keys = [(protocol, float(alpha), size, pair) for pair in ids] if ids else None
+        if keys is None or not all(key in self._known for key in keys):
+            self.batches_run += 1
+            fresh = {}
+            for name, predictor in self._predictors.items():
+                scores = score_batch(predictor, batch, protocol, (alpha,))
+                fresh[name] = (scores.n_correct[0], scores.valid.sum(axis=1), scores.fallback)
+            if keys is None:
+                return fresh
+            for i, key in enumerate(keys):
+                self._known[key] = {name: (int(c[i]), int(v[i]), bool(f[i])) for name, (c, v, f) in fresh.items()}
+        rows = [self._known[key] for key in keys]
+        return {
+            name: tuple(np.array([row[name][j] for row in rows]) for j in range(3))  # type: ignore[misc]
+            for name in self.names
+        }
 
 
 @torch.no_grad()
@@ -93,20 +151,29 @@ def validate(
     protocol: str | ScoringProtocol = "standard",
     max_batches: int = 0,
     autocast_dtype: torch.dtype | None = None,
+    references: ValidationReferences | Sequence[str] | None = (IDENTITY,),
 ) -> ValidationResult:
-    """The model's loss and PCK@α on validation batches (all of them, or the first ``max_batches``).
+    """The model's loss and PCK@α on validation batches (all of them, or the first ``max_batches``),
+    beside the reference predictors' PCK on the same pairs.
 
     PCK is scored by :func:`actr_core.metrics.score_batch` under ``protocol`` (default
     "standard": target-side threshold chosen per dataset, errors in original target pixels,
     keypoints moved by the model's ``transfer``) and averaged per image: each pair's fraction of
     correct keypoints, then the mean over pairs; a pair with no valid keypoint is not counted.
-    Under ``torch.distributed`` the totals of all ranks are combined (every rank must call this).
+    ``references``: a :class:`ValidationReferences` kept across calls (each pair's reference
+    scores are computed once), reference names (computed afresh; default identity alone) or
+    None. Under ``torch.distributed`` the totals of all ranks are combined (every rank must call
+    this, with the same reference names).
     """
     matcher = unwrap_model(model)
     protocol = get_protocol(protocol)
+    if references is not None and not isinstance(references, ValidationReferences):
+        references = ValidationReferences(references) if references else None
+    names = references.names if references is not None else ()
     was_training = matcher.training
     matcher.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, pck sum, pairs
+    # loss sum, batches, pck sum, pairs; then per reference: pck sum, pairs, fall-backs
+    sums = torch.zeros(4 + 3 * len(names), dtype=torch.float64)
     try:
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
@@ -119,13 +186,22 @@ def validate(
             n_valid = scores.valid.sum(axis=1)
             counted = n_valid > 0
             per_pair = scores.n_correct[0][counted] / n_valid[counted]
-            sums += torch.tensor([float(loss), 1.0, float(per_pair.sum()), float(counted.sum())], dtype=torch.float64)
+            row = [float(loss), 1.0, float(per_pair.sum()), float(counted.sum())]
+            if references is not None:
+                for n_correct, n_valid_ref, fallback in references.score(batch, protocol, alpha).values():
+                    scored = n_valid_ref > 0
+                    row += [float((n_correct[scored] / n_valid_ref[scored]).sum()), float(scored.sum()), float(fallback.sum())]
+            sums += torch.tensor(row, dtype=torch.float64)
     finally:
         matcher.train(was_training)
-    loss_sum, n_batches, pck_sum, n_pairs = all_reduce_sum(sums).tolist()
+    totals = all_reduce_sum(sums).tolist()
+    loss_sum, n_batches, pck_sum, n_pairs = totals[:4]
+    per_reference = [totals[4 + 3 * i : 7 + 3 * i] for i in range(len(names))]
     return ValidationResult(
         loss=loss_sum / n_batches if n_batches else math.nan,
         pck=pck_sum / n_pairs if n_pairs else math.nan,
         batches=int(n_batches),
         pairs=int(n_pairs),
+        references={name: s / n if n else math.nan for name, (s, n, _) in zip(names, per_reference, strict=True)},
+        reference_fallbacks={name: int(f) for name, (_, _, f) in zip(names, per_reference, strict=True)},
     )

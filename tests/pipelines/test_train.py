@@ -6,6 +6,7 @@ epoch, and checks that Ray restarts from the last checkpoint and finishes with t
 """
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -40,6 +41,27 @@ def test_every_config_names_a_registered_model(path):
 def test_small_cpu_config_with_overrides():
     cfg = config_from_args([str(ROOT / "configs" / "small_cpu.yaml"), "--epochs", "1", "--num_workers", "1"])
     assert (cfg.epochs, cfg.num_workers, cfg.use_gpu) == (1, 1, False)
+
+
+def test_history_rows_and_epoch_lines_carry_the_references(tmp_path):
+    from actr_core.training import ValidationResult
+
+    scores = ValidationResult(loss=0.5, pck=0.25, batches=2, pairs=8, references={"identity": 0.5, "classical_peer": 0.875},
+                              reference_fallbacks={"identity": 0, "classical_peer": 1})  # fmt: skip
+    row = train._row(1, 10, [1.0], scores, {"heads": 1e-3}, 3.0, 0)
+    assert (row["identity_val_pck"], row["peer_val_pck"], row["peer_val_fallbacks"]) == (0.5, 0.875, 1)
+    line = train._epoch_line(row, 2, 0.1)
+    assert "val_PCK@0.1 25.00% (identity 50.00%, peer 87.50%)" in line
+    no_peer = train._row(2, 20, [1.0], ValidationResult(0.5, 0.25, 2, 8, {"identity": 0.5}, {"identity": 0}), {}, 3.0, 0)
+    assert math.isnan(no_peer["peer_val_pck"]) and "(identity 50.00%, peer not run)" in train._epoch_line(no_peer, 2, 0.1)
+    assert train._reference_score(row, "peer_val_pck") == 0.875 and train._reference_score(no_peer, "peer_val_pck") is None
+    assert train._reference_count(row, "peer_val_fallbacks") == 1 and train._reference_score({}, "peer_val_pck") is None
+    # a run resumed from a checkpoint written before the reference columns: every column is kept
+    old = {k: v for k, v in row.items() if not k.startswith(("identity_", "peer_"))}
+    train._write_csv(tmp_path / "metrics.csv", [old, row])
+    rows = _rows(tmp_path / "metrics.csv")
+    assert rows[0]["identity_val_pck"] == "" and rows[1]["identity_val_pck"] == "0.5"
+    assert config_from_args(["--val_peer", "false"]).val_peer is False and TrainConfig().val_peer
 
 
 def test_thread_budget():
@@ -122,6 +144,10 @@ def test_ray_run_survives_a_killed_worker_and_resumes_from_the_last_checkpoint(t
     # the run finished with the expected number of steps, each epoch recorded once, epochs 2-3 after a restart
     metrics = _rows(run / "metrics.csv")
     assert [int(r["epoch"]) for r in metrics] == [0, 1, 2, 3]
+    # the references are scored on the same validation pairs every epoch (computed once, even across the restart)
+    assert len({r["identity_val_pck"] for r in metrics}) == 1 and 0.0 <= float(metrics[0]["identity_val_pck"]) <= 1.0
+    assert len({r["peer_val_pck"] for r in metrics}) == 1 and 0.0 <= float(metrics[0]["peer_val_pck"]) <= 1.0
+    assert "(identity " in log and "summary:" in log and "identity_val_pck: " in log and "peer_val_pck: " in log
     assert [int(r["restarts"]) for r in metrics] == [0, 0, 1, 1]
     assert [int(r["step"]) for r in metrics] == [0, 2, 4, 6]
     assert [int(r["step"]) for r in _rows(run / "steps.csv")] == list(range(1, 7))

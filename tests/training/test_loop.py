@@ -8,6 +8,7 @@ from training_toys import ToyMatcher, make_batch
 
 from actr_core.training import (
     StepSettings,
+    ValidationReferences,
     all_reduce_sum,
     build_optimizer,
     build_scheduler,
@@ -141,7 +142,90 @@ def test_single_process_ddp(tmp_path):
         model = torch.nn.parallel.DistributedDataParallel(ToyMatcher())
         opt = _optimizer(model)
         assert math.isfinite(train_step(model, make_batch(), opt).loss)
-        assert validate(model, [make_batch()], device=CPU, alpha=0.1).pairs == 2
+        result = validate(model, [make_batch()], device=CPU, alpha=0.1)
+        assert result.pairs == 2 and result.references["identity"] == pytest.approx(_identity_pck_by_hand([make_batch()]))
         torch.testing.assert_close(all_reduce_sum(torch.tensor([1.0, 2.0])), torch.tensor([1.0, 2.0]))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _identity_pck_by_hand(batches, alpha=0.1):
+    """Each toy pair moves all its keypoints by one shift s (grid cells = 4 input px = 8 original px);
+    the target box side is 2W - 1 = 95 original px, so identity is right on a pair when 8|s| <= 95 alpha."""
+    per_pair = []
+    for batch in batches:
+        shift = batch["flow"][:, :, 0, 0].norm(dim=1)
+        for i in range(shift.shape[0]):
+            if batch["valid_kps"][i].any():
+                per_pair.append(float(8 * shift[i] <= 95 * alpha))
+    return sum(per_pair) / len(per_pair)
+
+
+def test_validate_scores_identity_on_the_same_pairs():
+    batches = [make_batch(b=3, seed=i) for i in range(4)]
+    result = validate(ToyMatcher(), batches, device=CPU, alpha=0.1)
+    assert list(result.references) == ["identity"] and result.reference_fallbacks == {"identity": 0}
+    expected = _identity_pck_by_hand(batches)
+    assert 0.0 < expected < 1.0  # the toy shifts put pairs on both sides of the radius
+    assert result.references["identity"] == pytest.approx(expected)
+    assert validate(ToyMatcher(), batches, device=CPU, alpha=0.1, references=None).references == {}
+
+
+def test_validation_references_are_computed_once_per_pair():
+    batches = [make_batch(seed=i) for i in range(3)]
+    references = ValidationReferences(("identity",))
+    first = validate(ToyMatcher(), batches, device=CPU, alpha=0.1, references=references)
+    assert references.batches_run == 3
+    second = validate(ToyMatcher(), batches[::-1], device=CPU, alpha=0.1, references=references)  # any order
+    assert references.batches_run == 3  # nothing recomputed
+    assert second.references == first.references and second.pairs == first.pairs
+    validate(ToyMatcher(), batches, device=CPU, alpha=0.2, references=references)  # another alpha: new scores
+    assert references.batches_run == 6
+    unnamed = [dict(batches[0], pair_id=None)]
+    validate(ToyMatcher(), unnamed, device=CPU, alpha=0.1, references=references)
+    validate(ToyMatcher(), unnamed, device=CPU, alpha=0.1, references=references)
+    assert references.batches_run == 8  # without pair ids there is nothing to key on
+
+
+def test_validate_with_the_peer_counts_its_fallbacks():
+    batch = make_batch(b=2)
+    batch["src_image"].zero_()  # blank images: the peer falls back to identity on both pairs
+    batch["trg_image"].zero_()
+    result = validate(ToyMatcher(), [batch], device=CPU, alpha=0.1, references=ValidationReferences())
+    assert list(result.references) == ["identity", "classical_peer"]
+    assert result.reference_fallbacks == {"identity": 0, "classical_peer": 2}
+    assert result.references["classical_peer"] == result.references["identity"]
+    with pytest.raises(ValueError, match="unknown reference"):
+        ValidationReferences(("identity", "sift"))
+    with pytest.raises(ValueError, match="string"):
+        ValidationReferences("identity")
+
+
+def _validate_on_rank(rank: int, world: int, store: str, out: str) -> None:
+    import json
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model, references = ToyMatcher(), ValidationReferences(("identity",))
+        mine = [make_batch(b=3, seed=10 * rank + i) for i in range(rank + 1)]  # ranks see different pairs
+        results = [validate(model, mine, device=CPU, alpha=0.1, references=references) for _ in range(2)]
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump([[r.pck, r.pairs, dict(r.references)] for r in results], f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_gets_the_same_reference_totals(tmp_path):
+    """Two gloo ranks with different validation pairs: both report the totals over all pairs, every epoch."""
+    import json
+
+    args = (2, str(tmp_path / "store"), str(tmp_path / "out"))
+    torch.multiprocessing.start_processes(_validate_on_rank, args=args, nprocs=2, start_method="fork")
+    per_rank = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in range(2)]
+    assert per_rank[0] == per_rank[1]
+    everything = [make_batch(b=3, seed=0), make_batch(b=3, seed=10), make_batch(b=3, seed=11)]
+    (pck, pairs, references), again = per_rank[0]
+    assert again == [pck, pairs, references] and pairs == 9  # 3 batches of 3 pairs
+    assert references["identity"] == pytest.approx(_identity_pck_by_hand(everything))
