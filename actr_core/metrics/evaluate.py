@@ -778,23 +778,23 @@ def _difference_lines(results: xr.Dataset, average: str, scale: float, alphas: l
         rule,
         f"model − reference in {unit}: observed [{level:.0%} interval], paired bootstrap over the "
         f"{int(results['n_pairs_scored_total'])} scored pairs ({resamples} resamples, seed {seed})",
-        f"{'':<36}" + "".join(f"{f'α={a:g}':>24}" for a in alphas),
+        f"{'':<24}" + "".join(f"{f'α={a:g}':>22}" for a in alphas),
     ]
     for name in REFERENCE_NAMES:
         label = f"model − {REFERENCE_LABELS[name]}"
         comparison = f"{MODEL} - {name}"
         if name not in results["predictor"].values:
-            lines.append(f"{label:<36}not run")
+            lines.append(f"{label:<24}not run")
             continue
         if stored is not None and comparison in stored["comparison"].values:
             rows = stored.sel(comparison=comparison).values  # alpha bound
         else:
             rows = np.array([pck_difference(results, MODEL, name, a, average=average) for a in alphas])
         cells = "".join(
-            f"{f'{m * scale:+.1f} [{lo * scale:+.1f}, {hi * scale:+.1f}]':>24}" if np.isfinite(m) else f"{'nan':>24}"
+            f"{f'{m * scale:+.1f} [{lo * scale:+.1f}, {hi * scale:+.1f}]':>22}" if np.isfinite(m) else f"{'nan':>22}"
             for m, lo, hi in rows
         )
-        lines.append(f"{label:<36}{cells}")
+        lines.append(f"{label:<24}{cells}")
     return lines
 
 
