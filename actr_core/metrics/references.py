@@ -141,6 +141,9 @@ class IdentityPredictor(nn.Module):
 
     flow_stride: int = FLOW_STRIDE
 
+    def __init__(self) -> None:
+        super().__init__()
+
     def forward(self, src: Float[Tensor, "b 3 H W"], trg: Float[Tensor, "b 3 H W"]) -> ReferenceOutput:
         """Zero flow on the H/4 grid; identity homographies; no fall-back."""
         b, _, height, width = src.shape
