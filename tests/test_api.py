@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tolerances import float32_tolerance
 from torch import nn
 
 from actr_core.api import ImageError, Matcher, load_image
@@ -42,19 +43,26 @@ def test_keypoints_come_back_in_original_target_pixels():
     res = m(_img(40, 60, 50), _img(80, 120, 200), kps)
     # zero flow: pure pixel-centre rescaling from 60×40 to 120×80
     expected = (kps + 0.5) * torch.tensor([2.0, 2.0]) - 0.5
-    assert torch.allclose(res.keypoints, expected, atol=1e-4)
+    # four pixel-centre rescalings (3 roundings each) and a transfer (9)
+    torch.testing.assert_close(res.keypoints, expected, atol=float32_tolerance(expected, terms=21), rtol=0)
     assert res.flow.shape == (2, 40, 60)
-    assert torch.allclose(res.confidence, torch.ones(2))
+    ones = torch.ones(2)
+    torch.testing.assert_close(res.confidence, ones, atol=float32_tolerance(ones, terms=2), rtol=0)  # exp(−0²)
 
 
 def test_shift_and_cycle_confidence():
     m = Matcher(ShiftModel(2.0), (64, 64))
     res = m(_img(32, 32, 10), _img(32, 32, 250), torch.tensor([[10.0, 10.0]]))
     # 2 cells of a 16-cell grid on a 32-px image = 4 px
-    assert torch.allclose(res.keypoints, torch.tensor([[14.0, 10.0]]), atol=1e-4)
-    assert res.cycle_error.item() == pytest.approx(0.0, abs=1e-5)
+    expected = torch.tensor([[14.0, 10.0]])
+    torch.testing.assert_close(res.keypoints, expected, atol=float32_tolerance(expected, terms=21), rtol=0)  # as above
+    # there and back through ±2 cells: two transfers (9 each), the rescalings to the grid (3), positions up to
+    # 16 cells, then 2 px per cell
+    assert res.cycle_error.item() == pytest.approx(0.0, abs=2 * float32_tolerance(16.0, terms=21))
     assert res.confidence_map.shape == (32, 32)
-    assert torch.allclose(res.flow[0, 5:-5, 5:-5], torch.full((22, 22), 4.0), atol=1e-4)
+    four = torch.full((22, 22), 4.0)
+    # 4 bilinear weights and the scaling
+    torch.testing.assert_close(res.flow[0, 5:-5, 5:-5], four, atol=float32_tolerance(four, terms=5), rtol=0)
 
 
 def test_batched_lists():

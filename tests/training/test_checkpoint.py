@@ -70,8 +70,8 @@ def test_round_trip_is_self_describing(tmp_path):
     rebuilt, info = load_model_from_checkpoint(path)
     batch = make_batch()
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt(batch["src_image"], batch["trg_image"]).flow,
-                                   model.eval()(batch["src_image"], batch["trg_image"]).flow)
+        torch.testing.assert_close(rebuilt(batch["src_image"], batch["trg_image"]).flow,  # exact: same weights
+                                   model.eval()(batch["src_image"], batch["trg_image"]).flow, atol=0, rtol=0)
     assert info["input_size"] == (48, 48) and not rebuilt.training
     # optimiser and scheduler states restore
     opt2 = build_optimizer(rebuilt, backbone_lr=1e-3, head_lr=1e-2, weight_decay=0.05)
@@ -92,7 +92,7 @@ def test_rng_states_restore_all_generators():
     first = (torch.rand(3), np.random.rand(3), random.random())
     set_rng_state(state)
     second = (torch.rand(3), np.random.rand(3), random.random())
-    torch.testing.assert_close(first[0], second[0])
+    torch.testing.assert_close(first[0], second[0], atol=0, rtol=0)  # exact: the same stream
     np.testing.assert_array_equal(first[1], second[1])
     assert first[2] == second[2]
 
@@ -104,7 +104,7 @@ def test_rng_in_checkpoint_per_rank(tmp_path):
     ckpt = load_checkpoint(path)
     assert sorted(ckpt.rng) == [0, 1]
     set_rng_state(ckpt.rng[0])
-    torch.testing.assert_close(torch.rand(4), expected)
+    torch.testing.assert_close(torch.rand(4), expected, atol=0, rtol=0)  # exact: the same stream
 
 
 def test_folder_with_checkpoint_file_is_accepted(tmp_path):
@@ -216,7 +216,7 @@ def test_export_model_drops_training_state_and_still_rebuilds(tmp_path):
     assert ckpt.builder == BUILDER and ckpt.step == 3
     rebuilt, _ = load_model_from_checkpoint(out)
     for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # exact: copies
     assert out.stat().st_size < path.stat().st_size
 
 
