@@ -17,6 +17,7 @@ from actr_core.blocks.attention import BiasedCrossAttention, biased_cross_attent
 from actr_core.blocks.correlation import MultiHeadCorrelation, correlation_from_attention, multihead_correlation
 from actr_core.blocks.flow_sr import DualWindowFlowSR, DualWindowRound, FlowSRConfig, flow_sr_input
 from actr_core.blocks.loss import MaskedFlowLoss, masked_flow_loss
+from actr_core.blocks.correlation_loss import CorrelationCrossEntropy, correlation_cross_entropy
 from actr_core.blocks.reweighting import (
     ReweightedTargetBlock,
     TargetReweighting,
@@ -95,6 +96,9 @@ __all__ = [
     # Eq. 4: masked flow loss
     "masked_flow_loss",
     "MaskedFlowLoss",
+    # not in the paper: cross-entropy of a correlation against the ground-truth match
+    "correlation_cross_entropy",
+    "CorrelationCrossEntropy",
     # MMNet (ICCV 2021)
     "multiscale_dilated_conv",
     "MultiScaleDilatedBlock",

@@ -22,6 +22,7 @@ __all__ = [
     "flow_to_mapping",
     "mapping_to_flow",
     "resize_flow",
+    "pool_flow",
     "warp",
     "sample_flow",
     "transfer_keypoints",
@@ -84,6 +85,34 @@ def resize_flow(
     out = F.interpolate(flow, size=(h2, w2), mode=mode, **kwargs)
     scale = torch.tensor([w2 / w, h2 / h], dtype=flow.dtype, device=flow.device)
     return out * scale.view(1, 2, 1, 1)
+
+
+def pool_flow(
+    flow: Float[Tensor, "b 2 h w"], valid: Bool[Tensor, "b h w"], factor: int
+) -> tuple[Float[Tensor, "b 2 h2 w2"], Bool[Tensor, "b h2 w2"]]:
+    """A flow on a grid ``factor`` times coarser: the mean of each ``factor × factor`` block of
+    cells, in pixels of the coarse grid, valid where every cell of the block is valid.
+
+    Convention:
+        Coarse cell (x_c, y_c) covers fine cells ``factor·x_c … factor·x_c + factor − 1``; its centre
+        sits at the mean of their centres (x = (x_c + 0.5)·factor − 0.5 on the fine grid, the
+        pixel-centre rule), so the block mean of an affine flow is the flow at the coarse centre,
+        and values divide by ``factor``. Invalid cells are never read (NaN there is harmless).
+        ``h`` and ``w`` must be multiples of ``factor``.
+    """
+    _check_flow(flow)
+    if valid.dtype != torch.bool or valid.shape != (flow.shape[0], *flow.shape[-2:]):
+        raise ValueError(
+            f"valid has shape {tuple(valid.shape)} and dtype {valid.dtype}: expected a boolean (b, h, w) "
+            f"mask for flow {tuple(flow.shape)}"
+        )
+    h, w = flow.shape[-2:]
+    if factor < 1 or h % factor or w % factor:
+        raise ValueError(f"factor = {factor}: expected a positive divisor of the grid {(h, w)}")
+    inside = valid.unsqueeze(1)
+    summed = F.avg_pool2d(torch.where(inside, flow, torch.zeros_like(flow)), factor)
+    coarse_valid = F.avg_pool2d(valid.unsqueeze(1).to(flow.dtype), factor)[:, 0] == 1
+    return summed / factor, coarse_valid
 
 
 def warp(

@@ -5,6 +5,8 @@ are built on the same pieces), and a registry of builders.
   ``transfer``) and the input checks every model runs.
 - :mod:`~actr_core.models.backbones`: timm ViTs by name returning ``[cls]`` + patch tokens for any
   input whose sides are multiples of the patch size; weights from local files only.
+- :mod:`~actr_core.models.conv_backbone`: one stage of a timm CNN as ``[cls]`` + grid tokens behind
+  the same interface (stride 8: a finer grid that learns to match from random weights).
 - :mod:`~actr_core.models.released`: ACTR as released and :func:`load_official_actr`.
 - :mod:`~actr_core.models.actr`, :mod:`~actr_core.models.builders`, :mod:`~actr_core.models.config`:
   ACTR as described (the default), the Baseline and the Table 4 ablations (``actr_base()``,
@@ -26,6 +28,7 @@ from actr_core.models.backbones import (
     vit_small16,
 )
 from actr_core.models.actr import ACTR
+from actr_core.models.conv_backbone import ConvBackbone, ConvBackboneConfig, create_conv_backbone, load_conv_weights
 from actr_core.models.base import Matcher, MatchOutput, check_image, check_image_pair, parameter_count
 from actr_core.models.builders import (
     actr_base,
@@ -67,6 +70,10 @@ __all__ = [
     "convert_vit_state_dict",
     "read_checkpoint",
     "resample_pos_embed_bicubic",
+    "ConvBackbone",
+    "ConvBackboneConfig",
+    "create_conv_backbone",
+    "load_conv_weights",
     # ACTR as released
     "ACTRReleased",
     "ACTRReleasedConfig",

@@ -353,6 +353,9 @@ class ACTR(Matcher):
             multi-path: all blocks; ``no_multi_path`` and the Baseline: the last only).
         soft_argmax: Eq. 3 with its temperature.
         flow_loss: Eq. 4 (:class:`~actr_core.blocks.MaskedFlowLoss`).
+        correlation_loss: an added loss term on the per-path correlations against the
+            ground-truth flow (:class:`~actr_core.blocks.CorrelationCrossEntropy`; not in the paper,
+            ``None`` there), or None.
         upscale: fine grid / token grid (4, Sec. 3.4); the flow grid is the input / (patch / upscale).
         config: the configuration the builder used (kept for the record: ``model.config``).
     """
@@ -367,6 +370,7 @@ class ACTR(Matcher):
         soft_argmax: SoftArgmax,
         flow_loss: MaskedFlowLoss,
         upscale: int,
+        correlation_loss: nn.Module | None = None,
         config: ACTRConfig | None = None,
     ) -> None:
         super().__init__()
@@ -379,6 +383,7 @@ class ACTR(Matcher):
         self.upsampler = upsampler
         self.soft_argmax = soft_argmax
         self.flow_loss = flow_loss
+        self.correlation_loss = correlation_loss
         self.path_blocks = paths
         self.upscale = upscale
         self.patch_size = backbone.patch_size
@@ -423,11 +428,17 @@ class ACTR(Matcher):
 
     def loss(self, output: MatchOutput, batch: Mapping[str, Any]) -> Float[Tensor, ""]:
         """Paper Eq. 4: masked end-point error of ``output.flow`` against ``batch["flow"]`` over
-        ``batch["valid_flow"]`` (per-sample mean over valid cells, then mean over samples)."""
+        ``batch["valid_flow"]`` (per-sample mean over valid cells, then mean over samples), plus the
+        correlation term when the model has one (not in the paper)."""
         missing = [key for key in _LOSS_KEYS if key not in batch]
         if missing:
             raise ValueError(f"batch has no {missing} (keys: {sorted(batch)}): the flow loss needs {_LOSS_KEYS}")
-        return self.flow_loss(output.flow, batch["flow"], batch["valid_flow"])
+        loss = self.flow_loss(output.flow, batch["flow"], batch["valid_flow"])
+        if self.correlation_loss is not None:
+            if output.correlations is None:
+                raise ValueError("the correlation loss needs output.correlations, which this output does not carry")
+            loss = loss + self.correlation_loss(output.correlations, batch["flow"], batch["valid_flow"])
+        return loss
 
     def extra_repr(self) -> str:
         variant = None if self.config is None else self.config.variant

@@ -17,6 +17,7 @@ from torch import nn
 
 from actr_core.blocks import (
     BiasedCrossAttention,
+    CorrelationCrossEntropy,
     DualWindowFlowSR,
     FlowSRConfig,
     MaskedFlowLoss,
@@ -36,7 +37,8 @@ from actr_core.models.actr import (
     SymmetricCrossAttention,
     TransformerBlock,
 )
-from actr_core.models.backbones import VIT_BASE_16, VIT_SMALL_16, create_vit
+from actr_core.models.backbones import VIT_BASE_16, VIT_SMALL_16, ViTBackbone, create_vit
+from actr_core.models.conv_backbone import ConvBackbone, create_conv_backbone
 from actr_core.models.config import ABLATIONS, ACTRConfig
 from actr_core.models.registry import register_model
 
@@ -248,16 +250,7 @@ def build_actr(
             :func:`actr_core.models.backbones.convert_vit_state_dict`).
     """
     parts = COMPOSITIONS[config.variant]
-    timm_kwargs: dict[str, Any] = {"img_size": config.image_size}
-    if config.backbone_depth is not None:
-        timm_kwargs["depth"] = config.backbone_depth
-    backbone = create_vit(
-        config.backbone,
-        weights=backbone_weights,
-        checkpoint_key=checkpoint_key,
-        warn_random_init=warn_random_init,
-        **timm_kwargs,
-    )
+    backbone = _backbone(config, backbone_weights, checkpoint_key, warn_random_init)
     if backbone.patch_size != config.patch_size:
         raise ValueError(
             f"backbone {config.backbone!r} has patch size {backbone.patch_size} but "
@@ -287,7 +280,34 @@ def build_actr(
         soft_argmax=SoftArgmax(config.soft_argmax_tau),
         flow_loss=MaskedFlowLoss(squared=config.loss_squared),
         upscale=config.upscale,
+        correlation_loss=CorrelationCrossEntropy(config.correlation_loss_weight) if config.correlation_loss_weight else None,
         config=config,
+    )
+
+
+def _backbone(
+    config: ACTRConfig,
+    weights: str | os.PathLike | Mapping[str, Any] | None,
+    checkpoint_key: str | None,
+    warn_random_init: bool,
+) -> ViTBackbone | ConvBackbone:
+    """The ViT named by ``config.backbone`` (paper Sec. 3.1), or a stage of that timm CNN when
+    ``config.conv_backbone`` is set."""
+    if config.conv_backbone is not None:
+        if checkpoint_key is not None or config.backbone_depth is not None:
+            raise ValueError("checkpoint_key and backbone_depth apply to ViT backbones only, not to a CNN backbone")
+        return create_conv_backbone(
+            config.backbone,
+            config=config.conv_backbone,
+            image_size=config.image_size,
+            weights=weights,
+            warn_random_init=warn_random_init,
+        )
+    timm_kwargs: dict[str, Any] = {"img_size": config.image_size}
+    if config.backbone_depth is not None:
+        timm_kwargs["depth"] = config.backbone_depth
+    return create_vit(
+        config.backbone, weights=weights, checkpoint_key=checkpoint_key, warn_random_init=warn_random_init, **timm_kwargs
     )
 
 

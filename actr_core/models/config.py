@@ -9,6 +9,7 @@ facts only), or "our choice" where the paper is silent or inconsistent (docs/mod
 import dataclasses
 
 from actr_core.blocks import FlowSRConfig
+from actr_core.models.conv_backbone import ConvBackboneConfig
 
 __all__ = ["ACTRConfig", "ABLATIONS", "VARIANTS"]
 
@@ -41,6 +42,9 @@ class ACTRConfig:
     #   the training frame: the grid the backbone position embedding and the source PE are learnt
     #   for; other multiples of patch_size resample both (bicubic, backbones.resample_pos_embed_bicubic)
     freeze_backbone: bool = False  # paper Sec. 4 trains the backbone (lr 6e-6); released code freezes it
+    conv_backbone: ConvBackboneConfig | None = None  # None: the ViT named by `backbone` (paper Sec. 3.1).
+    #   Not in the paper: a stage of the timm CNN named by `backbone` as the token grid (its stride is
+    #   `patch_size`), for training from random weights on small data (docs/training.md)
 
     # --- asymmetric feature learning (paper Sec. 3.2) --------------------------------------------
     num_blocks: int = 6  # paper Sec. 3.2 / Sec. 4: M = 6 asymmetric blocks
@@ -74,6 +78,9 @@ class ACTRConfig:
     # --- training objective (paper Eq. 4) -------------------------------------------------------
     loss_squared: bool = False  # Eq. 4 writes ‖·‖²; the released code (and the paper's "matching
     #   flow" EPE tradition, CATs [8]) minimises the plain end-point error: we follow the code
+    correlation_loss_weight: float = 0.0  # 0: Eq. 4 alone (the paper). Not in the paper: > 0 adds this
+    #   weight × the cross-entropy of every path's correlation (Eq. 2) against the ground-truth match
+    #   (actr_core.blocks.CorrelationCrossEntropy), for training from random weights (docs/training.md)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -96,6 +103,8 @@ class ACTRConfig:
                 f"patch_size = {self.patch_size} is not divisible by upscale = {self.upscale}: the flow "
                 "grid must be a whole fraction of the input frame"
             )
+        if not self.correlation_loss_weight >= 0:
+            raise ValueError(f"correlation_loss_weight = {self.correlation_loss_weight}: expected >= 0")
         if not self.soft_argmax_beta > 0:
             raise ValueError(f"soft_argmax_beta = {self.soft_argmax_beta}: expected > 0")
         if self.flow_sr.upscale != self.upscale:

@@ -13,6 +13,7 @@ from actr_core.flow import (
     keypoints_to_flow,
     mapping_to_flow,
     normalise_coords,
+    pool_flow,
     resize_flow,
     rescale_keypoints,
     sample_flow,
@@ -237,6 +238,37 @@ def test_sample_flow_clamps_outside_points_to_border():
     torch.testing.assert_close(out[0, :, 0], expected, atol=float32_tolerance(expected, terms=8), rtol=0)
 
 
+def test_convention_pool_flow_centres_and_units():
+    """An affine flow pooled by k equals the same motion sampled at the coarse cell centres
+    (x_c + 0.5)·k − 0.5, in coarse cells; the misreadings (centre at k·x_c, values kept in fine
+    pixels) give other numbers."""
+    k, h, w = 4, 8, 12
+    fine = coords_grid(h, w, dtype=torch.float64)  # (x, y) of fine cell centres
+    a = torch.tensor([[0.1, -0.2], [0.05, 0.3]], dtype=torch.float64)
+    t = torch.tensor([1.5, -2.0], dtype=torch.float64).view(2, 1, 1)
+    flow = (torch.einsum("ij,jhw->ihw", a, fine) + t).unsqueeze(0)  # affine in the fine frame
+    pooled, valid = pool_flow(flow, torch.ones(1, h, w, dtype=torch.bool), k)
+    coarse = coords_grid(h // k, w // k, dtype=torch.float64)
+    centres = (coarse + 0.5) * k - 0.5
+    expected = (torch.einsum("ij,jhw->ihw", a, centres) + t) / k
+    assert valid.all() and pooled.shape == (1, 2, 2, 3)
+    torch.testing.assert_close(pooled[0], expected, rtol=0, atol=1e-12)
+    misread = (torch.einsum("ij,jhw->ihw", a, coarse * k) + t) / k
+    assert (pooled[0] - misread).abs().max() > 0.05
+    assert (pooled[0] * k - expected).abs().max() > 0.5
+
+
+def test_pool_flow_block_valid_only_when_whole_and_never_reads_invalid_cells():
+    flow = torch.ones(2, 2, 4, 6)
+    valid = torch.ones(2, 4, 6, dtype=torch.bool)
+    valid[1, 0, 0] = False
+    flow[1, :, 0, 0] = float("nan")
+    pooled, coarse_valid = pool_flow(flow, valid, 2)
+    assert coarse_valid.sum() == 11 and not coarse_valid[1, 0, 0]
+    assert torch.isfinite(pooled).all()
+    assert (pooled[coarse_valid.unsqueeze(1).expand_as(pooled)] == 0.5).all()  # exact: 1 / 2
+
+
 @pytest.mark.usefixtures("no_typecheck")
 class TestErrors:
     def test_flow_wrong_rank(self):
@@ -268,6 +300,14 @@ class TestErrors:
     def test_bad_size(self):
         with pytest.raises(ValueError, match=r"\(0, 8\)"):
             resize_flow(torch.zeros(1, 2, 4, 4), (0, 8))
+
+    def test_pool_flow_factor_must_divide_grid(self):
+        with pytest.raises(ValueError, match=r"factor = 3.*\(4, 6\)"):
+            pool_flow(torch.zeros(1, 2, 4, 6), torch.ones(1, 4, 6, dtype=torch.bool), 3)
+
+    def test_pool_flow_mask_must_be_boolean(self):
+        with pytest.raises(ValueError, match="boolean"):
+            pool_flow(torch.zeros(1, 2, 4, 6), torch.ones(1, 4, 6), 2)
 
     def test_integer_flow(self):
         with pytest.raises(ValueError, match="floating-point.*torch.int64"):

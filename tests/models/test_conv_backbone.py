@@ -1,0 +1,97 @@
+"""CNN stage as [cls] + grid tokens: layout, position embedding, weights from local files, errors."""
+
+import timm
+import torch
+import pytest
+
+from actr_core.models.conv_backbone import ConvBackbone, ConvBackboneConfig, create_conv_backbone, load_conv_weights
+
+
+def _backbone(**kwargs):
+    kwargs.setdefault("config", ConvBackboneConfig(embed_dim=24))
+    return create_conv_backbone("resnet18", image_size=(32, 48), warn_random_init=False, **kwargs)
+
+
+def test_tokens_are_cls_then_stride_8_cells_row_major_with_h_ne_w():
+    torch.manual_seed(0)
+    backbone = _backbone().eval()
+    image = torch.randn(2, 3, 32, 48)
+    tokens = backbone(image)
+    assert backbone.patch_size == 8 and backbone.embed_dim == 24
+    assert tokens.shape == (2, 1 + 4 * 6, 24)
+    assert torch.equal(tokens[:, 0], backbone.cls_token[0].expand(2, -1))
+    # row-major: the token of cell (row 1, column 2) is the projection of that feature-map cell
+    features = backbone.cnn(image)[-1]
+    cell = backbone.proj(features[:, :, 1, 2]) + backbone.pos_embed[:, 1 * 6 + 2]
+    torch.testing.assert_close(tokens[:, 1 + 1 * 6 + 2], backbone.norm(cell), rtol=0, atol=1e-5)
+
+
+def test_other_grids_resample_the_position_embedding():
+    backbone = _backbone().eval()
+    assert backbone(torch.randn(1, 3, 64, 32)).shape == (1, 1 + 8 * 4, 24)
+    assert backbone.position_embedding((4, 6)) is backbone.pos_embed  # the native grid: unchanged
+
+
+def test_every_parameter_gets_a_gradient():
+    """timm zero-initialises each residual block's last BatchNorm scale (its branch starts silent,
+    so the branch's convolutions get zero gradients in the first step); with those scales at one,
+    every parameter gets a non-zero gradient."""
+    backbone = _backbone()
+    with torch.no_grad():
+        for name, p in backbone.named_parameters():
+            if name.endswith("bn2.weight"):
+                p.fill_(1.0)
+    backbone(torch.randn(2, 3, 32, 48)).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.parameters())
+
+
+def test_stride_follows_the_stage():
+    backbone = create_conv_backbone(
+        "resnet18", config=ConvBackboneConfig(stage=3, embed_dim=16), image_size=(32, 32), warn_random_init=False
+    )
+    assert backbone.patch_size == 16 and backbone(torch.randn(1, 3, 32, 32)).shape == (1, 5, 16)
+
+
+def test_weights_from_a_local_timm_state_dict(tmp_path):
+    full = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "resnet18.pth"
+    torch.save(full.state_dict(), path)
+    backbone = _backbone()
+    report = load_conv_weights(backbone, path)
+    assert "conv1.weight" in report.matched and not report.missing
+    assert any(k.startswith("layer3.") for k in report.unexpected) and "fc.weight" in report.unexpected
+    torch.testing.assert_close(backbone.cnn.state_dict()["layer2.0.conv1.weight"], full.state_dict()["layer2.0.conv1.weight"])
+    loaded = _backbone(weights=str(path))
+    assert torch.equal(loaded.cnn.conv1.weight, full.conv1.weight)
+
+
+def test_random_init_warns_once_by_default():
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        create_conv_backbone("resnet18", config=ConvBackboneConfig(embed_dim=8), image_size=(16, 16))
+
+
+@pytest.mark.usefixtures("no_typecheck")
+class TestErrors:
+    def test_input_not_a_multiple_of_the_stride(self):
+        with pytest.raises(ValueError, match=r"multiples of 8"):
+            _backbone()(torch.randn(1, 3, 30, 48))
+
+    def test_image_size_not_a_multiple_of_the_stride(self):
+        with pytest.raises(ValueError, match=r"image_size = \(30, 48\).*stride 8"):
+            create_conv_backbone("resnet18", image_size=(30, 48), warn_random_init=False)
+
+    def test_weights_that_match_nothing(self):
+        with pytest.raises(ValueError, match="no key"):
+            load_conv_weights(_backbone(), {"head.weight": torch.zeros(3)})
+
+    def test_weights_with_wrong_shapes(self):
+        with pytest.raises(ValueError, match="conv1.weight"):
+            load_conv_weights(_backbone(), {"conv1.weight": torch.zeros(3, 3, 3, 3)})
+
+    def test_model_without_features_only(self):
+        with pytest.raises(ValueError, match="features_only"):
+            ConvBackbone(timm.create_model("resnet18", pretrained=False), embed_dim=8, grid=(2, 2))
+
+    def test_bad_config(self):
+        with pytest.raises(ValueError, match="embed_dim = 0"):
+            ConvBackboneConfig(embed_dim=0)
