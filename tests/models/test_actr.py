@@ -89,7 +89,8 @@ def test_flow_is_mean_of_paths_and_paths_read_correlations(tiny: ACTR) -> None:
     l = ht * wt
     for path in range(tiny.num_paths):
         expected = soft_argmax(out.correlations[:, path], tiny.config.soft_argmax_tau)
-        torch.testing.assert_close(out.coarse_flows[:, path], expected, atol=float32_tolerance(max(ht, wt), terms=2 * l + 4), rtol=0)
+        tol = float32_tolerance(max(ht, wt), terms=2 * l + 4)
+        torch.testing.assert_close(out.coarse_flows[:, path], expected, atol=tol, rtol=0)
     # Eq. 2: every source cell's correlation is a distribution over the target cells: per head a softmax
     # over [cls] and the l cells, renormalised over the l cells, a mean over the heads, the sum here
     sums = out.correlations.sum(dim=(-2, -1))
@@ -132,7 +133,8 @@ def test_loss_is_eq4_masked_flow_loss(tiny: ACTR) -> None:
     batch = _batch(out)
     loss = tiny.loss(out, batch)
     assert loss.shape == ()
-    torch.testing.assert_close(loss, masked_flow_loss(out.flow, batch["flow"], batch["valid_flow"]), atol=0, rtol=0)  # exact: this call
+    expected = masked_flow_loss(out.flow, batch["flow"], batch["valid_flow"])
+    torch.testing.assert_close(loss, expected, atol=0, rtol=0)  # exact: the loss is this call
     assert torch.isfinite(loss)
 
 

@@ -146,7 +146,8 @@ def test_soft_transfer_tends_to_argmax():
     src = torch.tensor([[[19.5, 11.5], [43.5, 27.5]]])
     expected = mmnet_tiny().transfer(out, src)
     # softmax over the 24 cells, a weighted sum of 24 positions, to the frame (3 roundings)
-    torch.testing.assert_close(model.transfer(out, src), expected, atol=float32_tolerance(expected, terms=24 + 2 + 24 + 3), rtol=0)
+    tol = float32_tolerance(expected, terms=24 + 2 + 24 + 3)
+    torch.testing.assert_close(model.transfer(out, src), expected, atol=tol, rtol=0)
 
 
 def test_soft_flow_readout_shapes():

@@ -151,7 +151,8 @@ def test_single_process_ddp(tmp_path):
         result = validate(model, [make_batch()], device=CPU, alpha=0.1)
         expected = _identity_pck_by_hand([make_batch()])
         # per-pair scores of 0 or 1 summed over 2 pairs, one division
-        assert result.pairs == 2 and result.references["identity"] == pytest.approx(expected, abs=float32_tolerance(expected, terms=3))
+        assert result.pairs == 2
+        assert result.references["identity"] == pytest.approx(expected, abs=float32_tolerance(expected, terms=3))
         # exact: one rank
         torch.testing.assert_close(all_reduce_sum(torch.tensor([1.0, 2.0])), torch.tensor([1.0, 2.0]), atol=0, rtol=0)
     finally:
