@@ -33,6 +33,7 @@ from actr_core.models.base import Matcher, MatchOutput, check_image, check_image
 from actr_core.models.builders import (
     actr_base,
     actr_base_512,
+    actr_conv_tiny,
     actr_small,
     actr_small_512,
     actr_tiny,
@@ -92,6 +93,7 @@ __all__ = [
     "actr_base_512",
     "actr_small_512",
     "actr_tiny",
+    "actr_conv_tiny",
     "baseline",
     "baseline_512",
     # MMNet (ICCV 2021)

@@ -42,6 +42,7 @@ from actr_core.blocks import (
 from actr_core.blocks._checks import check_divisible
 from actr_core.flow import resize_flow
 from actr_core.models.backbones import PosEmbedResampler, ViTBackbone, resample_pos_embed_bicubic
+from actr_core.models.conv_backbone import ConvBackbone
 from actr_core.models.base import Matcher, MatchOutput, check_image_pair
 from actr_core.models.config import ACTRConfig
 
@@ -343,7 +344,9 @@ class ACTR(Matcher):
 
     Args:
         backbone: returns ``[cls]`` + patch tokens for any input whose sides are multiples of its
-            patch size (:class:`~actr_core.models.backbones.ViTBackbone`).
+            patch size (:class:`~actr_core.models.backbones.ViTBackbone`, the paper's; or
+            :class:`~actr_core.models.conv_backbone.ConvBackbone`, a CNN stage whose stride is
+            the patch size).
         blocks: the M feature-learning blocks (:class:`CorrespondenceBlock`).
         upsampler: coarse flows ``(m·b, 2, hs, ws)`` (paths concatenated along the batch,
             path-major) and the final source feature map ``(b, c, hs, ws)`` → fine flows
@@ -363,7 +366,7 @@ class ACTR(Matcher):
     def __init__(
         self,
         *,
-        backbone: ViTBackbone,
+        backbone: ViTBackbone | ConvBackbone,
         blocks: Sequence[nn.Module],
         upsampler: nn.Module,
         path_blocks: Sequence[int],

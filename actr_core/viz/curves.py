@@ -1,9 +1,11 @@
-"""PCK@α curves of several models beside the reference predictors (paper Fig. 4).
+"""PCK@α curves of several models beside the reference predictors (paper Fig. 4), and a training
+run's learning curve beside the same references.
 
 Axis legend: alpha PCK tolerances · predictor (the model and the reference predictors).
 """
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from matplotlib.figure import Figure
 from actr_core.metrics.evaluate import MODEL, pck_curve
 from actr_core.metrics.references import CLASSICAL_PEER, IDENTITY
 
-__all__ = ["plot_pck_curves"]
+__all__ = ["plot_learning_curve", "plot_pck_curves"]
 
 FIGURE_DPI = 120
 # How the reference predictors are drawn: grey, dashed / dotted, no markers, so that they read as
@@ -104,3 +106,57 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     if a is None or b is None:
         return True
     return a.shape == b.shape and bool(np.all(a == b))
+
+
+def plot_learning_curve(
+    history: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    alpha: float = 0.1,
+    title: str | None = None,
+) -> Path:
+    """Training loss and validation PCK per epoch, with identity and the classical peer as
+    horizontal lines (their scores on the same validation pairs). Writes a PNG.
+
+    Args:
+        history: one mapping per epoch (rows of a training run's ``metrics.csv``) with ``epoch``,
+            ``train_loss`` (NaN for the epoch-0 row scored before training) and ``val_pck``, and
+            optionally ``identity_val_pck`` / ``peer_val_pck`` (fractions; NaN when not run).
+        path: where the PNG goes.
+        alpha: the PCK tolerance of ``val_pck`` (for the labels).
+        title: default "learning curve".
+    """
+    if not history:
+        raise ValueError("history is empty: give at least one epoch's row")
+    missing = [key for key in ("epoch", "train_loss", "val_pck") if key not in history[0]]
+    if missing:
+        raise ValueError(f"history rows lack {missing} (keys: {sorted(history[0])})")
+    epochs = np.array([float(row["epoch"]) for row in history])
+    fig = Figure(figsize=(8.4, 3.4), dpi=FIGURE_DPI)
+    loss_ax, pck_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    loss = np.array([float(row["train_loss"]) for row in history])
+    trained = np.isfinite(loss)
+    loss_ax.plot(epochs[trained], loss[trained], marker="o", markersize=3)
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("training loss (mean over the epoch's steps)")
+    loss_ax.grid(True, alpha=0.3)
+    pck = 100.0 * np.array([float(row["val_pck"]) for row in history])
+    pck_ax.plot(epochs, pck, marker="o", markersize=3, label="model")
+    for key, reference in (("identity_val_pck", IDENTITY), ("peer_val_pck", CLASSICAL_PEER)):
+        values = np.array([float(row.get(key, np.nan)) for row in history])
+        values = values[np.isfinite(values)]
+        if len(values):  # the references do not change between epochs: one line at their value
+            style = {k: v for k, v in REFERENCE_STYLES[reference].items()}
+            style["label"] = f"{style['label']}: {100.0 * values[-1]:.1f} %"
+            pck_ax.axhline(100.0 * values[-1], linewidth=1.4, **style)
+    pck_ax.set_xlabel("epoch")
+    pck_ax.set_ylabel(f"validation PCK@{alpha:g} (%)")
+    pck_ax.set_ylim(0, 100)
+    pck_ax.grid(True, alpha=0.3)
+    pck_ax.legend(fontsize=7)
+    fig.suptitle(title or "learning curve", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

@@ -10,20 +10,30 @@ import pytest
 import torch
 from tolerances import float32_tolerance
 
-from actr_core.blocks import BiasedCrossAttention, masked_flow_loss, soft_argmax
+from actr_core.blocks import BiasedCrossAttention, CorrelationCrossEntropy, masked_flow_loss, soft_argmax
 from actr_core.models import (
     ACTR,
     ACTRConfig,
     MatchOutput,
     actr_base,
     actr_base_512,
+    actr_conv_tiny,
     actr_small,
     actr_tiny,
     baseline,
     parameter_count,
 )
 from actr_core.models.actr import AsymmetricCrossAttention, CrossAttentionMap, LearnedSourcePE
-from actr_core.models.builders import ACTR_BASE_CONFIG, ACTR_TINY_CONFIG, build_actr, config_overrides
+from actr_core.models.builders import (
+    ACTR_BASE_512_CONFIG,
+    ACTR_BASE_CONFIG,
+    ACTR_CONV_TINY_CONFIG,
+    ACTR_SMALL_512_CONFIG,
+    ACTR_SMALL_CONFIG,
+    ACTR_TINY_CONFIG,
+    build_actr,
+    config_overrides,
+)
 
 SMALL = (64, 96)  # a non-square frame: 4 × 6 tokens, 16 × 24 flow grid; keeps CPU tests fast
 
@@ -310,3 +320,70 @@ def test_vit_base_smoke_256() -> None:
     assert out.flows_per_path.shape == (1, 6, 2, 64, 64)
     assert out.coarse_flows.shape == (1, 6, 2, 16, 16)
     assert torch.isfinite(out.flow).all()
+
+
+# ---------------------------------------------------------------- the CPU recipe (not in the paper)
+
+
+def _conv_tiny(**overrides) -> ACTR:
+    torch.manual_seed(0)
+    return actr_conv_tiny(warn_random_init=False, **overrides)
+
+
+def test_paper_builders_keep_the_vit_and_eq4_alone() -> None:
+    """The recipe's deviations (CNN tokens, correlation cross-entropy) are off in every paper config."""
+    for config in (ACTR_BASE_CONFIG, ACTR_SMALL_CONFIG, ACTR_BASE_512_CONFIG, ACTR_SMALL_512_CONFIG, ACTR_TINY_CONFIG):
+        assert config.conv_backbone is None and config.correlation_loss_weight == 0.0
+    assert _tiny().correlation_loss is None
+    assert ACTR_CONV_TINY_CONFIG.conv_backbone is not None and ACTR_CONV_TINY_CONFIG.correlation_loss_weight > 0
+
+
+def test_conv_tiny_shapes_on_a_stride_8_token_grid() -> None:
+    model = _conv_tiny().eval()
+    src, trg = _images(3, SMALL)
+    with torch.no_grad():
+        out = model(src, trg)
+    assert model.patch_size == 8 and model.flow_stride == 4
+    assert out.flow.shape == (3, 2, 16, 24)
+    assert out.correlations.shape == (3, 2, 8, 12, 8, 12)
+    assert out.coarse_flows.shape == (3, 2, 2, 8, 12)
+
+
+def test_conv_tiny_loss_adds_the_correlation_term_to_eq4() -> None:
+    model = _conv_tiny()
+    src, trg = _images(2, SMALL)
+    with torch.no_grad():
+        out = model(src, trg)
+    batch = _batch(out)
+    flow_term = masked_flow_loss(out.flow, batch["flow"], batch["valid_flow"])
+    corr_term = CorrelationCrossEntropy(1.0)(out.correlations, batch["flow"], batch["valid_flow"])
+    torch.testing.assert_close(model.loss(out, batch), flow_term + corr_term, atol=0, rtol=0)  # exact: the same calls
+    assert _conv_tiny(correlation_loss_weight=0.0).correlation_loss is None
+
+
+def test_conv_tiny_every_parameter_gets_a_gradient() -> None:
+    """timm's ResNets start each residual block's last BatchNorm scale at zero; with those at one,
+    every parameter, backbone included, gets a non-zero finite gradient from the recipe's loss."""
+    model = _conv_tiny().train()
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if name.endswith("bn2.weight"):
+                p.fill_(1.0)
+    src, trg = _images(2, SMALL)
+    out = model(src, trg)
+    model.loss(out, _batch(out)).backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0]
+    assert not bad, f"no, non-finite or zero gradient: {bad}"
+
+
+def test_nested_yaml_overrides_update_the_builder_config() -> None:
+    """A mapping for flow_sr or conv_backbone changes only the fields it names (the ×2 super-resolution stays)."""
+    model = actr_conv_tiny(warn_random_init=False, flow_sr={"dim": 8}, conv_backbone={"embed_dim": 32})
+    assert model.config.flow_sr.dim == 8 and model.config.flow_sr.upscale == 2
+    assert model.config.conv_backbone.embed_dim == 32 and model.config.conv_backbone.stage == 2
+    assert model.backbone.embed_dim == 32
+
+
+def test_conv_backbone_rejects_vit_only_options(no_typecheck: None) -> None:
+    with pytest.raises(ValueError, match="ViT backbones only"):
+        actr_conv_tiny(warn_random_init=False, checkpoint_key="teacher")

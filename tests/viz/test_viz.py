@@ -14,6 +14,7 @@ from actr_core.viz import (
     colour_wheel,
     flow_legend,
     flow_to_colour,
+    plot_learning_curve,
     plot_matches,
     plot_path_flows,
     plot_pck_curves,
@@ -157,6 +158,41 @@ def test_plot_pck_curves_draws_the_references_once_and_labelled(tmp_path, monkey
         ("identity (zero motion)", "--"),
         ("classical peer (ORB + RANSAC homography)", ":"),
     ]
+
+
+def test_plot_learning_curve_draws_the_references_as_horizontal_lines(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    lines = []
+    original = Axes.axhline
+
+    def spy(self, y=0, *args, **kwargs):
+        lines.append((round(y, 6), kwargs.get("label"), kwargs.get("linestyle")))
+        return original(self, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "axhline", spy)
+    nan = float("nan")
+    history = [
+        {"epoch": 0, "train_loss": nan, "val_pck": 0.05, "identity_val_pck": 0.25, "peer_val_pck": 0.8},
+        {"epoch": 1, "train_loss": 6.0, "val_pck": 0.3, "identity_val_pck": 0.25, "peer_val_pck": 0.8},
+        {"epoch": 2, "train_loss": 4.0, "val_pck": 0.5, "identity_val_pck": 0.25, "peer_val_pck": 0.8},
+    ]
+    _check_png(plot_learning_curve(history, tmp_path / "curve.png"))
+    assert lines == [
+        (25.0, "identity (zero motion): 25.0 %", "--"),
+        (80.0, "classical peer (ORB + RANSAC homography): 80.0 %", ":"),
+    ]
+    lines.clear()
+    without_peer = [{**row, "peer_val_pck": nan} for row in history]
+    plot_learning_curve(without_peer, tmp_path / "curve2.png")
+    assert [label for _, label, _ in lines] == ["identity (zero motion): 25.0 %"]
+
+
+def test_plot_learning_curve_rejects_rows_without_the_curve(tmp_path):
+    with pytest.raises(ValueError, match="val_pck"):
+        plot_learning_curve([{"epoch": 0, "train_loss": 1.0}], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="empty"):
+        plot_learning_curve([], tmp_path / "x.png")
 
 
 def test_plot_matches_and_tps_warps(tmp_path):
