@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from actr_core.metrics.evaluate import MODEL, pck_curve
 from actr_core.metrics.references import CLASSICAL_PEER, IDENTITY
@@ -137,6 +138,8 @@ def plot_learning_curve(
     loss = np.array([float(row["train_loss"]) for row in history])
     trained = np.isfinite(loss)
     loss_ax.plot(epochs[trained], loss[trained], marker="o", markersize=3)
+    for ax in (loss_ax, pck_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("training loss (mean over the epoch's steps)")
     loss_ax.grid(True, alpha=0.3)
@@ -153,7 +156,7 @@ def plot_learning_curve(
     pck_ax.set_ylabel(f"validation PCK@{alpha:g} (%)")
     pck_ax.set_ylim(0, 100)
     pck_ax.grid(True, alpha=0.3)
-    pck_ax.legend(fontsize=7)
+    pck_ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title or "learning curve", fontsize=9)
     fig.tight_layout()
     path = Path(path)
