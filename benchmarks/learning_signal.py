@@ -30,7 +30,7 @@ from torch import Tensor
 from actr_core.blocks import CorrelationCrossEntropy, masked_flow_loss
 from actr_core.data import Resize, ShardDataset, prepare_batch
 from actr_core.flow import pool_flow, resize_flow
-from actr_core.metrics import IdentityPredictor, get_protocol, score_batch
+from actr_core.metrics import IdentityPredictor, best_constant_flow, get_protocol, score_batch
 from actr_core.models import build_model
 
 ALPHA = 0.1
@@ -94,17 +94,6 @@ def _pck(model: torch.nn.Module, output: Any, batch: Mapping[str, Any]) -> float
     return float((scores.n_correct[0][scored] / n_valid[scored]).sum()), int(scored.sum())
 
 
-def _best_constant(flows: Tensor, valids: Tensor, iterations: int = 200) -> Tensor:
-    """Weighted geometric median of the valid flows (each sample's cells weighted 1/|S|, as Eq. 4)."""
-    points = flows.permute(0, 2, 3, 1)[valids].double()
-    weights = (1.0 / valids.sum(dim=(1, 2)).clamp_min(1)).view(-1, 1, 1).expand_as(valids)[valids].double()
-    centre = (weights[:, None] * points).sum(0) / weights.sum()
-    for _ in range(iterations):
-        w = weights / (points - centre).norm(dim=1).clamp_min(1e-9)
-        centre = (w[:, None] * points).sum(0) / w.sum()
-    return centre.float()
-
-
 def trained_run(run: Path, batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The trained model's flow and correlation on the validation pairs."""
     from actr_core.training.checkpoint import load_model_from_checkpoint
@@ -141,7 +130,7 @@ def trained_run(run: Path, batches: Sequence[Mapping[str, Any]]) -> dict[str, An
             valids.append(batch["valid_flow"])
             preds.append(output.flow)
     flow, valid, pred = torch.cat(flows), torch.cat(valids), torch.cat(preds)
-    constant = _best_constant(flow, valid).view(1, 2, 1, 1).expand_as(flow).contiguous()
+    constant = best_constant_flow(flow, valid).view(1, 2, 1, 1).expand_as(flow).contiguous()
     return {
         "run": run.name,
         "model": info["builder"],

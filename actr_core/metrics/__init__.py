@@ -40,6 +40,7 @@ from actr_core.metrics.references import (
     IdentityPredictor,
     PeerSettings,
     ReferenceOutput,
+    best_constant_flow,
     reference_predictor,
 )
 from actr_core.metrics.thresholds import bbox_threshold, bkp_threshold, img_threshold, rescale_boxes
@@ -80,6 +81,7 @@ __all__ = [
     "pck_curve",
     "pck_difference",
     "pck_per_keypoint",
+    "best_constant_flow",
     "reference_predictor",
     "rescale_boxes",
     "save_results",

@@ -24,7 +24,7 @@ from actr_core.metrics import (
     save_results,
     score_batch,
 )
-from actr_core.metrics.references import apply_homography, fit_homography, homography_flow
+from actr_core.metrics.references import apply_homography, best_constant_flow, fit_homography, homography_flow
 
 # A mild perspective warp in pixels of a 96 x 128 (h x w) frame: shear, scale, shift and tilt.
 TRUE_H = np.array([[1.06, 0.05, 4.0], [-0.04, 0.97, -3.0], [2e-4, -3e-4, 1.0]])
@@ -197,3 +197,36 @@ def test_evaluate_with_the_peer_round_trips_through_netcdf(tmp_path, matcher_fac
         assert back[name].dims == ds[name].dims
         np.testing.assert_array_equal(back[name].values, ds[name].values)
     assert back["pck_image_difference"]["comparison"].values.tolist() == ["model - identity", "model - classical_peer"]
+
+
+# ---------------------------------------------------------------- the best constant flow
+
+
+def test_best_constant_flow_is_the_weighted_geometric_median():
+    """Three samples whose valid cells hold constant flows (0, 0), (1, 0), (10, 0): Eq. 4 weighs each
+    sample once, so the best constant is their median (1, 0), not the mean (3.67, 0) nor the
+    cell-weighted median; no other constant scores lower."""
+    from actr_core.blocks import masked_flow_loss
+
+    flow = torch.zeros(3, 2, 4, 5, dtype=torch.float64)
+    flow[1, 0], flow[2, 0] = 1.0, 10.0
+    valid = torch.zeros(3, 4, 5, dtype=torch.bool)
+    valid[0, :1, :1] = True  # 1 cell
+    valid[1, :2] = True  # 10 cells
+    valid[2] = True  # 20 cells: the cell-weighted median would be (10, 0)
+    flow[~valid.unsqueeze(1).expand_as(flow)] = float("nan")  # never read
+    best = best_constant_flow(flow, valid)
+    torch.testing.assert_close(best, torch.tensor([1.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-6)
+
+    def loss(c):
+        return float(masked_flow_loss(c.view(1, 2, 1, 1).expand_as(flow).contiguous(), flow, valid))
+
+    for other in ([0.0, 0.0], [3.67, 0.0], [10.0, 0.0], [1.0, 0.5]):
+        assert loss(best) < loss(torch.tensor(other, dtype=torch.float64))
+
+
+def test_best_constant_flow_errors(no_typecheck):
+    with pytest.raises(ValueError, match="no valid cell"):
+        best_constant_flow(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="boolean"):
+        best_constant_flow(torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2))

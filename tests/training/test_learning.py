@@ -15,7 +15,7 @@ from actr_core.blocks import masked_flow_loss
 from actr_core.data import collate
 from actr_core.data.samples import build_sample
 from actr_core.data.synthetic import SyntheticConfig, SyntheticPairs
-from actr_core.metrics import IdentityPredictor, get_protocol, score_batch
+from actr_core.metrics import IdentityPredictor, best_constant_flow, get_protocol, score_batch
 from actr_core.models import actr_conv_tiny
 from actr_core.training import StepSettings, build_optimizer, build_scheduler, train_step
 
@@ -29,18 +29,6 @@ ALPHA = 0.1
 def _pairs(split: str, n: int) -> dict:
     reader = SyntheticPairs(split, n, config=SyntheticConfig(size=(SIZE, SIZE)), seed=0)
     return collate([build_sample(reader.load(i), SIZE) for i in range(n)])
-
-
-def _best_constant_flow(flow: torch.Tensor, valid: torch.Tensor, iterations: int = 200) -> torch.Tensor:
-    """The constant flow minimising Eq. 4 on these pairs: the geometric median of the valid cells'
-    flows, each sample's cells weighted 1/|S| as Eq. 4 weighs them (Weiszfeld's iteration)."""
-    points = flow.permute(0, 2, 3, 1)[valid].double()
-    weights = (1.0 / valid.sum(dim=(1, 2)).clamp_min(1)).view(-1, 1, 1).expand_as(valid)[valid].double()
-    centre = (weights[:, None] * points).sum(0) / weights.sum()
-    for _ in range(iterations):
-        w = weights / (points - centre).norm(dim=1).clamp_min(1e-9)
-        centre = (w[:, None] * points).sum(0) / w.sum()
-    return centre.float()
 
 
 def _pck(matcher, output, batch) -> float:
@@ -75,7 +63,7 @@ def test_short_training_beats_the_best_constant_flow_and_identity_on_held_out_ph
         identity_output = identity(val["src_image"], val["trg_image"])
     flow, valid = val["flow"], val["valid_flow"]
     model_loss = float(masked_flow_loss(output.flow, flow, valid))
-    constant = _best_constant_flow(flow, valid).view(1, 2, 1, 1).expand_as(flow).contiguous()
+    constant = best_constant_flow(flow, valid).view(1, 2, 1, 1).expand_as(flow).contiguous()
     constant_loss = float(masked_flow_loss(constant, flow, valid))
     zero_loss = float(masked_flow_loss(torch.zeros_like(flow), flow, valid))
     assert constant_loss <= zero_loss  # the constant is the best one: no worse than zero motion
