@@ -168,7 +168,8 @@ def _row(
         "epoch": epoch,
         "step": step,
         "train_loss": sum(step_losses) / len(step_losses) if step_losses else math.nan,
-        "val_loss": scores.loss,
+        "val_loss": scores.loss,  # the model's objective (Eq. 4 plus any added term)
+        "val_flow_epe": scores.flow_epe,  # Eq. 4 alone, pixels of the flow grid: comparable across models
         "val_pck": scores.pck,
         "identity_val_pck": scores.references.get(IDENTITY, math.nan),  # zero motion, same pairs
         "peer_val_pck": scores.references.get(CLASSICAL_PEER, math.nan),  # NaN when val_peer is off
@@ -183,7 +184,7 @@ def _row(
 
 
 def _references_text(row: Mapping[str, Any]) -> str:
-    """``(identity 34.60%, peer 93.70%)``: the references' val PCK on the same pairs."""
+    """``(identity 22.25%, peer 95.20%)``: the references' val PCK on the same pairs."""
     parts = [f"identity {100 * row['identity_val_pck']:.2f}%"]
     peer = row.get("peer_val_pck", math.nan)
     parts.append("peer not run" if math.isnan(peer) else f"peer {100 * peer:.2f}%")
@@ -193,7 +194,7 @@ def _references_text(row: Mapping[str, Any]) -> str:
 def _epoch_line(row: Mapping[str, Any], epochs: int, alpha: float) -> str:
     return (
         f"epoch {row['epoch']}/{epochs}  step {row['step']}  train_loss {row['train_loss']:.4f}  "
-        f"val_loss {row['val_loss']:.4f}  val_PCK@{alpha:g} {100 * row['val_pck']:.2f}% {_references_text(row)}  "
+        f"val_loss {row['val_loss']:.4f}  val_EPE {row['val_flow_epe']:.3f}px  val_PCK@{alpha:g} {100 * row['val_pck']:.2f}% {_references_text(row)}  "
         f"lr_heads {row['lr_heads']:.2e}  {row['epoch_seconds']:.0f}s"
     )
 
@@ -299,7 +300,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         history.append(row)
         if rank == 0:
             print(
-                f"untrained: val_loss {row['val_loss']:.4f}  val_PCK@{cfg.pck_alpha:g} {100 * row['val_pck']:.2f}% "
+                f"untrained: val_loss {row['val_loss']:.4f}  val_EPE {row['val_flow_epe']:.3f}px  "
+                f"val_PCK@{cfg.pck_alpha:g} {100 * row['val_pck']:.2f}% "
                 f"{_references_text(row)}",
                 flush=True,
             )

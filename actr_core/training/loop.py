@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Shaped
 from torch import Tensor, nn
 
+from actr_core.blocks import masked_flow_loss
 from actr_core.metrics import IDENTITY, REFERENCE_NAMES, ScoringProtocol, get_protocol, reference_predictor, score_batch
 from actr_core.training.optim import unwrap_model
 from actr_core.training.step import StepResult, StepSettings, autocast_context, move_batch, train_step
@@ -81,6 +82,11 @@ def train_epoch(
 class ValidationResult:
     """Validation totals (summed over ranks): mean loss over batches and mean PCK over pairs.
 
+    ``loss`` is the model's own objective (for ``actr_conv_tiny``, Eq. 4 plus the correlation
+    cross-entropy, so not comparable across models); ``flow_epe`` is Eq. 4 alone, the masked
+    end-point error of ``output.flow`` in pixels of the flow grid, the same quantity for every
+    model.
+
     ``references``: each reference predictor's PCK on the same pairs (per image, same α and
     protocol); ``reference_fallbacks``: pairs on which it fell back to identity.
     """
@@ -91,6 +97,15 @@ class ValidationResult:
     pairs: int
     references: Mapping[str, float] = dataclasses.field(default_factory=dict)
     reference_fallbacks: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    flow_epe: float = math.nan
+
+
+def _flow_epe(flow: Tensor, batch: Mapping[str, Any]) -> float:
+    """Eq. 4 of ``flow`` against the batch's flow (pixels of the flow grid); NaN when the grids differ."""
+    target = batch.get("flow")
+    if target is None or tuple(target.shape) != tuple(flow.shape):
+        return math.nan
+    return float(masked_flow_loss(flow.float(), target.float(), batch["valid_flow"]))
 
 
 class ValidationReferences:
@@ -172,8 +187,8 @@ def validate(
     names = references.names if references is not None else ()
     was_training = matcher.training
     matcher.eval()
-    # loss sum, batches, pck sum, pairs; then per reference: pck sum, pairs, fall-backs
-    sums = torch.zeros(4 + 3 * len(names), dtype=torch.float64)
+    # loss sum, batches, pck sum, pairs, Eq. 4 sum; then per reference: pck sum, pairs, fall-backs
+    sums = torch.zeros(5 + 3 * len(names), dtype=torch.float64)
     try:
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
@@ -182,11 +197,12 @@ def validate(
             with autocast_context(device, autocast_dtype):
                 output = matcher(batch["src_image"], batch["trg_image"])
                 loss = matcher.loss(output, batch)
+                epe = _flow_epe(output.flow, batch)
             scores = score_batch(matcher, batch, protocol, (alpha,), output=output)
             n_valid = scores.valid.sum(axis=1)
             counted = n_valid > 0
             per_pair = scores.n_correct[0][counted] / n_valid[counted]
-            row = [float(loss), 1.0, float(per_pair.sum()), float(counted.sum())]
+            row = [float(loss), 1.0, float(per_pair.sum()), float(counted.sum()), float(epe)]
             if references is not None:
                 for n_correct, n_valid_ref, fallback in references.score(batch, protocol, alpha).values():
                     scored = n_valid_ref > 0
@@ -195,8 +211,8 @@ def validate(
     finally:
         matcher.train(was_training)
     totals = all_reduce_sum(sums).tolist()
-    loss_sum, n_batches, pck_sum, n_pairs = totals[:4]
-    per_reference = [totals[4 + 3 * i : 7 + 3 * i] for i in range(len(names))]
+    loss_sum, n_batches, pck_sum, n_pairs, epe_sum = totals[:5]
+    per_reference = [totals[5 + 3 * i : 8 + 3 * i] for i in range(len(names))]
     return ValidationResult(
         loss=loss_sum / n_batches if n_batches else math.nan,
         pck=pck_sum / n_pairs if n_pairs else math.nan,
@@ -204,4 +220,5 @@ def validate(
         pairs=int(n_pairs),
         references={name: s / n if n else math.nan for name, (s, n, _) in zip(names, per_reference, strict=True)},
         reference_fallbacks={name: int(f) for name, (_, _, f) in zip(names, per_reference, strict=True)},
+        flow_epe=epe_sum / n_batches if n_batches else math.nan,
     )

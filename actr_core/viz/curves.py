@@ -121,8 +121,10 @@ def plot_learning_curve(
 
     Args:
         history: one mapping per epoch (rows of a training run's ``metrics.csv``) with ``epoch``,
-            ``train_loss`` (NaN for the epoch-0 row scored before training) and ``val_pck``, and
-            optionally ``identity_val_pck`` / ``peer_val_pck`` (fractions; NaN when not run).
+            ``train_loss`` (the model's objective; NaN for the epoch-0 row scored before training)
+            and ``val_pck``, and optionally ``val_flow_epe`` (Eq. 4 in pixels, drawn beside the
+            objective: the same quantity for every model) and ``identity_val_pck`` /
+            ``peer_val_pck`` (fractions; NaN when not run).
         path: where the PNG goes.
         alpha: the PCK tolerance of ``val_pck`` (for the labels).
         title: default "learning curve".
@@ -137,12 +139,17 @@ def plot_learning_curve(
     loss_ax, pck_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     loss = np.array([float(row["train_loss"]) for row in history])
     trained = np.isfinite(loss)
-    loss_ax.plot(epochs[trained], loss[trained], marker="o", markersize=3)
+    loss_ax.plot(epochs[trained], loss[trained], marker="o", markersize=3, label="training objective (mean over the epoch)")
+    epe = np.array([float(row.get("val_flow_epe", np.nan)) for row in history])
+    if np.isfinite(epe).any():
+        shown = np.isfinite(epe)
+        loss_ax.plot(epochs[shown], epe[shown], marker="s", markersize=3, label="validation end-point error, Eq. 4 (px)")
     for ax in (loss_ax, pck_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_ax.set_xlabel("epoch")
-    loss_ax.set_ylabel("training loss (mean over the epoch's steps)")
+    loss_ax.set_ylabel("loss")
     loss_ax.grid(True, alpha=0.3)
+    loss_ax.legend(fontsize=7)
     pck = 100.0 * np.array([float(row["val_pck"]) for row in history])
     pck_ax.plot(epochs, pck, marker="o", markersize=3, label="model")
     for key, reference in (("identity_val_pck", IDENTITY), ("peer_val_pck", CLASSICAL_PEER)):

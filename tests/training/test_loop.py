@@ -134,6 +134,25 @@ def test_validate_max_batches_and_untrained_model():
     assert result.batches == 2 and 0.0 <= result.pck <= 1.0 and math.isfinite(result.loss)
 
 
+def test_validate_reports_eq4_beside_the_objective():
+    """flow_epe is Eq. 4 of the model's flow whatever the model's own loss adds (here: 3 × Eq. 4)."""
+    from actr_core.blocks import masked_flow_loss
+
+    class Tripled(ToyMatcher):
+        def loss(self, output, batch):
+            return 3.0 * super().loss(output, batch)
+
+    torch.manual_seed(0)
+    model = Tripled()
+    batches = [make_batch(seed=i) for i in range(3)]
+    result = validate(model, batches, device=CPU, alpha=0.1)
+    with torch.no_grad():
+        per_batch = [float(masked_flow_loss(model(b["src_image"], b["trg_image"]).flow, b["flow"], b["valid_flow"])) for b in batches]
+    expected = sum(per_batch) / 3
+    assert result.flow_epe == pytest.approx(expected, abs=float32_tolerance(expected, terms=len(per_batch)))
+    assert result.loss == pytest.approx(3 * expected, abs=float32_tolerance(3 * expected, terms=len(per_batch)))
+
+
 def test_validate_skips_pairs_without_keypoints():
     batch = make_batch(b=2)
     batch["valid_kps"][1] = False
