@@ -31,6 +31,8 @@ SPair flags        Int (b,)                viewpoint_variation, scale_variation,
 A shard sample (one pair in a WebDataset tar) holds the members of :data:`SHARD_MEMBERS`.
 """
 
+from actr_core.flow import FLOW_STRIDE
+
 __all__ = [
     "SCHEMA_VERSION",
     "SRC_IMAGE",
@@ -100,8 +102,8 @@ TENSOR_KEYS: tuple[str, ...] = (
 LIST_KEYS: tuple[str, ...] = (CATEGORY, PAIR_ID, DATASET)
 BATCH_KEYS: tuple[str, ...] = TENSOR_KEYS + LIST_KEYS  # always present; SPAIR_FLAGS when available
 
-# The models predict flow on a grid 4x finer than the 16-px token grid: H/4 x W/4 (paper Sec. 3.4).
-FLOW_STRIDE = 4
+# The models predict flow on a grid 4x finer than the 16-px token grid: H/4 x W/4 (paper Sec. 3.4):
+# FLOW_STRIDE, defined with the flow conventions (actr_core.flow) and re-exported here.
 
 DATASETS: tuple[str, ...] = ("spair", "pfpascal", "pfwillow", "synthetic")
 SPLITS: tuple[str, ...] = ("train", "val", "test")

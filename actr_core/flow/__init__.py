@@ -5,7 +5,7 @@ pointing into the target, in pixels of the target grid at the same level; pixel 
 integer coordinates.
 """
 
-from actr_core.flow.grid import check_size, coords_grid, normalise_coords, rescale_coords, unnormalise_coords
+from actr_core.flow.grid import FLOW_STRIDE, check_size, coords_grid, normalise_coords, rescale_coords, unnormalise_coords
 from actr_core.flow.ops import (
     flow_to_mapping,
     keypoints_to_flow,
@@ -19,6 +19,7 @@ from actr_core.flow.ops import (
 )
 
 __all__ = [
+    "FLOW_STRIDE",
     "check_size",
     "coords_grid",
     "normalise_coords",

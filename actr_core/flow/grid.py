@@ -16,7 +16,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+#: A matcher's flow, and a data set's ground-truth flow, live on the input frame divided by this
+#: (paper Sec. 3.4: 4h × 4w for a 16-pixel token grid); docs/conventions.md.
+FLOW_STRIDE = 4
+
 __all__ = [
+    "FLOW_STRIDE",
     "coords_grid",
     "normalise_coords",
     "unnormalise_coords",

@@ -37,7 +37,7 @@ from einops import rearrange, repeat
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from actr_core.flow import check_size, coords_grid, rescale_keypoints
+from actr_core.flow import FLOW_STRIDE, check_size, coords_grid, rescale_keypoints
 from actr_core.imaging import denormalise_image
 
 __all__ = [
@@ -66,7 +66,6 @@ REFERENCE_LABELS: Mapping[str, str] = {
     IDENTITY: "identity",
     CLASSICAL_PEER: "classical peer",
 }
-FLOW_STRIDE = 4  # the flow grid is the input frame divided by this (the matcher contract)
 LUMA = (0.2125, 0.7154, 0.0721)  # RGB → grey weights (ITU-R BT.709, as skimage.color.rgb2gray)
 FITTED, TOO_FEW_MATCHES, NO_CONSENSUS = "fitted", "too_few_matches", "no_consensus"
 

@@ -299,6 +299,11 @@ def create_vit(
         vit = timm.create_model(name, **kwargs)
     except RuntimeError as err:
         raise ValueError(f"timm has no model {name!r}: {err}") from err
+    except TypeError as err:  # a CNN does not take img_size / depth
+        raise ValueError(
+            f"timm model {name!r} is not a VisionTransformer ({err}); a CNN backbone needs "
+            "ACTRConfig.conv_backbone (create_conv_backbone)"
+        ) from err
     backbone = ViTBackbone(vit, resample_pos_embed=resample_pos_embed)
     if weights is not None:
         load_vit_weights(backbone, weights, checkpoint_key=checkpoint_key)

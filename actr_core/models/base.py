@@ -23,7 +23,7 @@ from typing import Any
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from actr_core.flow import rescale_keypoints, transfer_keypoints
+from actr_core.flow import FLOW_STRIDE, rescale_keypoints, transfer_keypoints
 
 __all__ = ["MatchOutput", "Matcher", "check_image", "check_image_pair", "parameter_count"]
 
@@ -108,7 +108,7 @@ class Matcher(nn.Module, abc.ABC):
     """
 
     #: the flow grid is the input frame divided by this (the paper's 4h × 4w output for 16-px patches)
-    flow_stride: int = 4
+    flow_stride: int = FLOW_STRIDE
 
     @abc.abstractmethod
     def forward(self, src: Float[Tensor, "b 3 H W"], trg: Float[Tensor, "b 3 H W"]) -> MatchOutput:

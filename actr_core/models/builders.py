@@ -311,8 +311,8 @@ def _backbone(
     """The ViT named by ``config.backbone`` (paper Sec. 3.1), or a stage of that timm CNN when
     ``config.conv_backbone`` is set."""
     if config.conv_backbone is not None:
-        if checkpoint_key is not None or config.backbone_depth is not None:
-            raise ValueError("checkpoint_key and backbone_depth apply to ViT backbones only, not to a CNN backbone")
+        if checkpoint_key is not None:
+            raise ValueError(f"checkpoint_key = {checkpoint_key!r} applies to ViT checkpoints only, not to a CNN backbone")
         return create_conv_backbone(
             config.backbone,
             config=config.conv_backbone,

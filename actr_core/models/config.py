@@ -9,6 +9,7 @@ facts only), or "our choice" where the paper is silent or inconsistent (docs/mod
 import dataclasses
 
 from actr_core.blocks import FlowSRConfig
+from actr_core.flow import FLOW_STRIDE
 from actr_core.models.conv_backbone import ConvBackboneConfig
 
 __all__ = ["ACTRConfig", "ABLATIONS", "VARIANTS"]
@@ -102,6 +103,17 @@ class ACTRConfig:
             raise ValueError(
                 f"patch_size = {self.patch_size} is not divisible by upscale = {self.upscale}: the flow "
                 "grid must be a whole fraction of the input frame"
+            )
+        if self.patch_size // self.upscale != FLOW_STRIDE:
+            raise ValueError(
+                f"patch_size = {self.patch_size} / upscale = {self.upscale} gives a flow grid at 1/"
+                f"{self.patch_size // self.upscale} of the frame: every matcher's flow (and the data's) is at 1/{FLOW_STRIDE} "
+                f"(a stride-{self.patch_size} backbone needs upscale = {max(1, self.patch_size // FLOW_STRIDE)})"
+            )
+        if self.conv_backbone is not None and self.backbone_depth is not None:
+            raise ValueError(
+                f"backbone_depth = {self.backbone_depth} cuts a ViT's blocks; with conv_backbone (a CNN stage of "
+                f"{self.backbone!r}) set backbone_depth=None"
             )
         if not self.correlation_loss_weight >= 0:
             raise ValueError(f"correlation_loss_weight = {self.correlation_loss_weight}: expected >= 0")

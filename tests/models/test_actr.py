@@ -384,6 +384,14 @@ def test_nested_yaml_overrides_update_the_builder_config() -> None:
     assert model.backbone.embed_dim == 32
 
 
-def test_conv_backbone_rejects_vit_only_options(no_typecheck: None) -> None:
-    with pytest.raises(ValueError, match="ViT backbones only"):
+def test_backbone_misconfigurations_name_the_problem(no_typecheck: None) -> None:
+    with pytest.raises(ValueError, match="checkpoint_key = 'teacher' applies to ViT"):
         actr_conv_tiny(warn_random_init=False, checkpoint_key="teacher")
+    with pytest.raises(ValueError, match="'resnet18' is not a VisionTransformer.*conv_backbone"):
+        actr_conv_tiny(warn_random_init=False, conv_backbone=None)
+    with pytest.raises(ValueError, match="backbone_depth = 4 cuts a ViT's blocks"):
+        actr_tiny(warn_random_init=False, conv_backbone={"embed_dim": 32})
+    with pytest.raises(ValueError, match="flow grid at 1/8 of the frame.*needs upscale = 4"):
+        actr_conv_tiny(warn_random_init=False, conv_backbone={"stage": 3}, patch_size=16)
+    with pytest.raises(ValueError, match="patch size 16 but config.patch_size = 8"):
+        actr_conv_tiny(warn_random_init=False, conv_backbone={"stage": 3})
