@@ -9,6 +9,10 @@ tensors, so it loads with ``torch.load(weights_only=True)`` (no pickled code run
 ``data_schema_version`` the batch schema version the model was trained on (None if unknown)
 ``builder``            the model builder's registered name (:func:`actr_core.models.build_model`)
 ``builder_kwargs``     the builder's keyword overrides
+``model_config``       the model's own config as a plain dict (``dataclasses.asdict(model.config)``;
+                       None for models without a dataclass ``config``): on reload the rebuilt
+                       model's config must equal it, so a builder whose numbers changed since
+                       the checkpoint was written is refused instead of silently differing
 ``config``             the full training configuration (a plain dict)
 ``model``              the model's ``state_dict`` (never a DDP-prefixed one)
 ``optimizer`` / ``scheduler`` / ``scaler``  their ``state_dict`` (or None)
@@ -78,6 +82,7 @@ class TrainingCheckpoint:
     library_version: str
     schema_version: int
     data_schema_version: int | None
+    model_config: dict[str, Any] | None = None
 
 
 def rng_state() -> dict[str, Any]:
@@ -186,6 +191,7 @@ def save_checkpoint(
         "data_schema_version": data_schema_version,
         "builder": builder,
         "builder_kwargs": dict(builder_kwargs or {}),
+        "model_config": _model_config(unwrap_model(model)),
         "config": dict(config or {}),
         "model": unwrap_model(model).state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
@@ -249,7 +255,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         library_version=str(payload["library_version"]),
         schema_version=version,
         data_schema_version=payload.get("data_schema_version"),
+        model_config=payload.get("model_config"),
     )
+
+
+def _model_config(model: nn.Module) -> dict[str, Any] | None:
+    """``dataclasses.asdict(model.config)`` when the model carries a dataclass config, else None."""
+    config = getattr(model, "config", None)
+    if config is None or not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return None
+    return dataclasses.asdict(config)
 
 
 def export_model(path: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -272,11 +287,21 @@ def load_model_from_checkpoint(
 
     Returns ``(model, info)``; ``info`` holds ``builder``, ``builder_kwargs``, ``config``,
     ``epoch``, ``step``, ``library_version`` and ``input_size`` = ``(image_size, image_size)``.
+    Raises :class:`CheckpointError` when the builder now makes a model whose config differs from
+    the saved one (its numbers changed since the checkpoint was written), naming the fields.
     """
     from actr_core.models import build_model
 
     ckpt = load_checkpoint(path, map_location=map_location)
     model = build_model(ckpt.builder, **ckpt.builder_kwargs)
+    rebuilt = _model_config(model)
+    if ckpt.model_config is not None and rebuilt is not None and rebuilt != ckpt.model_config:
+        changed = sorted(k for k in set(rebuilt) | set(ckpt.model_config) if rebuilt.get(k) != ckpt.model_config.get(k))
+        raise CheckpointError(
+            f"{path}: builder {ckpt.builder!r} now gives another model than the one saved "
+            f"(fields {changed}: saved {[ckpt.model_config.get(k) for k in changed]}, "
+            f"now {[rebuilt.get(k) for k in changed]}); rebuild it with those values as builder arguments"
+        )
     model.load_state_dict(ckpt.model)
     model.to(map_location).eval()
     side = int(ckpt.config.get("image_size", 256))

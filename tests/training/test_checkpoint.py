@@ -1,5 +1,6 @@
 """Checkpoints: self-describing round trip, foreign files rejected, writes atomic even when killed."""
 
+import dataclasses
 import os
 import pickle
 import random
@@ -227,3 +228,37 @@ def test_atomic_save_gives_the_usual_file_mode(tmp_path):
     finally:
         os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_actr_conv_tiny_round_trip_with_nested_overrides_and_batchnorm_buffers(tmp_path):
+    """The CPU recipe's model, with YAML-style nested overrides, trained one step (BatchNorm running
+    statistics move): rebuilt from the checkpoint with equal weights, buffers and outputs."""
+    from actr_core.models import build_model
+
+    kwargs = {"image_size": [64, 64], "warn_random_init": False, "conv_backbone": {"embed_dim": 32}, "flow_sr": {"dim": 8}}
+    torch.manual_seed(0)
+    model = build_model("actr_conv_tiny", **kwargs)
+    opt = build_optimizer(model, backbone_lr=1e-3, head_lr=1e-3, weight_decay=0.05)
+    batch = make_batch(b=2, size=(64, 64))
+    train_step(model, batch, opt)
+    path = save_checkpoint(tmp_path / "conv.pt", model=model, builder="actr_conv_tiny", builder_kwargs=kwargs, config={"image_size": 64})
+    rebuilt, info = load_model_from_checkpoint(path)
+    assert rebuilt.config == model.config and info["input_size"] == (64, 64)
+    for (name, a), b in zip(rebuilt.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)  # exact: copies (running_mean/var included)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(batch["src_image"], batch["trg_image"]).flow,
+                                   model(batch["src_image"], batch["trg_image"]).flow, atol=0, rtol=0)  # same ops, same weights
+
+
+def test_a_builder_whose_numbers_changed_is_refused(tmp_path, monkeypatch):
+    from actr_core.models import build_model, builders
+
+    kwargs = {"image_size": [64, 64], "warn_random_init": False}
+    model = build_model("actr_conv_tiny", **kwargs)
+    path = save_checkpoint(tmp_path / "conv.pt", model=model, builder="actr_conv_tiny", builder_kwargs=kwargs)
+    changed = dataclasses.replace(builders.ACTR_CONV_TINY_CONFIG, correlation_loss_weight=0.5)
+    monkeypatch.setattr(builders, "ACTR_CONV_TINY_CONFIG", changed)
+    with pytest.raises(CheckpointError, match=r"correlation_loss_weight.*saved \[1.0\].*now \[0.5\]"):
+        load_model_from_checkpoint(path)
