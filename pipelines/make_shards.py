@@ -48,7 +48,8 @@ def _size(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"size must be N or HxW, got {text!r}")
 
 
-def _split_counts(total: int) -> tuple[tuple[str, int], ...]:
+def split_counts(total: int) -> tuple[tuple[str, int], ...]:
+    """Pairs per split for ``--pairs total`` synthetic pairs: (train, rest), (val, 10 %), (test, 10 %)."""
     held_out = round(total * HELD_OUT_FRACTION)
     return (("train", total - 2 * held_out), ("val", held_out), ("test", held_out))
 
@@ -96,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         source=args.source,
         root=args.root,
         splits=splits,
-        pairs=_split_counts(args.pairs),
+        pairs=split_counts(args.pairs),
         limit=args.limit,
         size=args.size,
         image_format=args.image_format,

@@ -110,8 +110,9 @@ MEANING = (
 def write_report(path: Path, cfg: QuickstartConfig, summary: dict, results, timings: dict, train_cfg: dict) -> None:
     """A Markdown report a person can read: what ran, how well beside identity and the classical
     peer on the same pairs, the learning curve, how long each step took, where the files are."""
-    from actr_core.metrics import REFERENCE_LABELS, format_table, pck_difference
+    from actr_core.metrics import BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, REFERENCE_LABELS, format_table, pck_difference
     from actr_core.viz import plot_learning_curve, plot_pck_curves
+    from pipelines.make_shards import split_counts
 
     run_dir = path.parent
     curves = plot_pck_curves({"trained": results}, run_dir / "eval" / "pck_curve_trained.png")
@@ -137,24 +138,31 @@ def write_report(path: Path, cfg: QuickstartConfig, summary: dict, results, timi
             parts.append(f"{100 * d.mean:+.1f} points [{100 * d.low:+.1f}, {100 * d.high:+.1f}] at α = {a:g}")
         differences.append(f"- model − {REFERENCE_LABELS.get(name, name)}: " + "; ".join(parts))
     n_pairs = int(results["n_pairs_scored_total"])
+    n_train = dict(split_counts(cfg.pairs))["train"]
+    photos = len(results["category"])
+    attrs = results.attrs
+    level = f"{100 * BOOTSTRAP_LEVEL:g} %"
     lines = [
         f"# {cfg.name}: ACTR on the embedded synthetic data",
         "",
-        f"Model `{train_cfg['model']}` at {train_cfg['image_size']} px, trained from random weights on "
-        f"{cfg.pairs} synthetic pairs ({cfg.shards}) with {train_cfg['num_workers']} Ray workers; "
-        f"scored on the {n_pairs} test pairs of photos held out from training and validation.",
+        f"Model `{train_cfg['model']}` at {train_cfg['image_size']} px, trained from random weights on the "
+        f"{n_train:,} training pairs of {cfg.shards} with {train_cfg['num_workers']} Ray workers; "
+        f"scored on the {n_pairs} test pairs of {photos} photos held out from training and validation.",
         "",
         MEANING,
         "",
         "## Test split: the model beside identity and the classical peer (same pairs, same protocol)",
         "",
-        "PCK per image in %, target-box threshold, original pixels:",
+        f"PCK per image in %, protocol `{attrs.get('protocol')}`: {attrs.get('threshold_definition')}; "
+        f"{attrs.get('coordinate_frame')}:",
         "",
         "| predictor | " + " | ".join(f"PCK@{a:g}" for a in HEADLINE_ALPHAS) + " |",
         "|---|" + "---|" * len(HEADLINE_ALPHAS),
         *rows,
         "",
-        f"Differences with paired bootstrap 95 % intervals over the {n_pairs} pairs:",
+        f"Differences with paired bootstrap {level} intervals ({BOOTSTRAP_RESAMPLES} resamples of the {n_pairs} pairs; "
+        f"the pairs, not the {photos} photos, are resampled, so the intervals leave out photo-to-photo variation: "
+        "see the per-photo rows below):",
         "",
         *differences,
         "",
@@ -187,7 +195,9 @@ def write_report(path: Path, cfg: QuickstartConfig, summary: dict, results, timi
         "- `metrics.csv`, `steps.csv`: per-epoch and per-step training metrics",
         "- `model_best.pt` (best on validation), `model_final.pt`: load with `actr_core.Matcher.from_checkpoint`",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)  # a crash never leaves half a report
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:

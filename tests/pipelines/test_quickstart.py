@@ -1,0 +1,51 @@
+"""The main job's report: the model beside identity and the classical peer, bootstrap intervals,
+the learning curve, per-photo rows; written whole or not at all."""
+
+import csv
+
+from actr_core.data import collate
+from actr_core.data.samples import build_sample
+from actr_core.data.synthetic import SyntheticConfig, SyntheticPairs
+from actr_core.metrics import IdentityPredictor, evaluate
+from pipelines import quickstart
+
+
+def _history(path):
+    nan = float("nan")
+    rows = [
+        {"epoch": 0, "step": 0, "train_loss": nan, "val_loss": 9.0, "val_flow_epe": 5.0, "val_pck": 0.05,
+         "identity_val_pck": 0.2225, "peer_val_pck": nan, "peer_val_fallbacks": nan},
+        {"epoch": 1, "step": 10, "train_loss": 6.0, "val_loss": 5.0, "val_flow_epe": 3.0, "val_pck": 0.4,
+         "identity_val_pck": 0.2225, "peer_val_pck": nan, "peer_val_fallbacks": nan},
+    ]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_report_puts_every_score_beside_identity_and_says_what_it_means(tmp_path):
+    run = tmp_path / "runs" / "qs"
+    (run / "eval").mkdir(parents=True)
+    _history(run / "metrics.csv")
+    reader = SyntheticPairs("test", 6, config=SyntheticConfig(size=(64, 64)))
+    batches = [collate([build_sample(reader.load(i), 64) for i in range(j, j + 3)]) for j in (0, 3)]
+    # the model's place taken by a zero-motion predictor: the report, not the model, is under test
+    results = evaluate(IdentityPredictor(), batches, references=("identity",), progress=False)
+    cfg = quickstart.QuickstartConfig(name="qs", runs_dir=str(tmp_path / "runs"), pairs=2000)
+    summary = {"untrained_val_pck": 0.05, "best_val_pck": 0.4, "best_epoch": 1, "identity_val_pck": 0.2225, "peer_val_pck": None}
+    train_cfg = {"model": "toy", "image_size": 48, "num_workers": 2, "pck_alpha": 0.1}
+    quickstart.write_report(run / "REPORT.md", cfg, summary, results, {"1/4 synthetic shards": 17.0}, train_cfg)
+
+    text = (run / "REPORT.md").read_text()
+    photos = len(results["category"])
+    assert "1,600 training pairs" in text and f"6 test pairs of {photos} photos" in text
+    assert "| model `toy` |" in text and "| identity |" in text
+    assert "| classical peer | not run | not run |" in text
+    assert "- model − identity: " in text and "at α = 0.05" in text and "at α = 0.1" in text
+    assert f"the pairs, not the {photos} photos, are resampled" in text
+    assert quickstart.MEANING in text
+    assert "classical peer: not run" in text  # the per-photo table says so too
+    assert "identity on the same validation pairs: 22.2 %; classical peer: not run" in text
+    assert (run / "learning_curve.png").stat().st_size > 0 and (run / "eval" / "pck_curve_trained.png").stat().st_size > 0
+    assert not list(run.glob(".*.tmp"))  # written to a temporary name, then renamed
