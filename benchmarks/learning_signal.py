@@ -1,19 +1,20 @@
 """Why a matcher trained from random weights learns only the mean flow, measured.
 
-    python benchmarks/learning_signal.py --shards shards/synthetic                       # at initialisation
+    python benchmarks/learning_signal.py --shards shards/synthetic --untrained           # at initialisation
     python benchmarks/learning_signal.py --shards shards/synthetic --runs runs/levers/*  # trained runs too
 
 1. At initialisation, on one batch of training pairs: how strongly each loss term reaches the
    correlation (Eq. 2) that the soft-argmax reads, and the parameters that shape it (the blocks'
    cross-attention projections), against how strongly Eq. 4 reaches the super-resolution module,
    which can lower Eq. 4 by predicting the mean flow whatever the correlation says.
-2. For trained runs (``model_best.pt`` of each run folder), on the validation pairs: PCK@0.1 of the
-   final flow and of the coarse flow alone, how peaked the correlation is (mean normalised
-   entropy; 1 = uniform), how often its argmax lands within one token cell of the true match, and
-   the Eq. 4 loss against the best constant flow's.
+2. On the validation pairs, for each recipe's untrained model (seed 0) and each trained run
+   (``model_best.pt`` of each run folder): PCK@0.1 of the final flow and of the coarse flow
+   alone, how peaked the correlation is (mean normalised entropy; 1 = uniform), how often its
+   argmax lands within one token cell of the true match (a cell is 16 px of a 128 px input for a
+   ViT/16, 8 px for the stride-8 CNN), and the Eq. 4 loss against the best constant flow's.
 
-Prints tables (docs/training.md, "Why the paper's recipe learns only the mean") and writes
-``learning_signal.csv`` beside the first run or in the working folder.
+Prints tables (docs/training.md, "Why the paper's parts, trained from random weights, learn only
+the mean flow") and writes ``learning_signal.csv`` in the working folder (or ``--out``).
 """
 
 import argparse
@@ -80,14 +81,15 @@ def signal_at_init(batch: Mapping[str, Any], size: int, seed: int = 0) -> list[d
     return rows
 
 
-def _coarse_pck(model: torch.nn.Module, output: Any, batch: Mapping[str, Any]) -> float:
+def _coarse_pck(model: torch.nn.Module, output: Any, batch: Mapping[str, Any]) -> tuple[float, int]:
     """PCK of the paths' mean coarse flow, upsampled to the flow grid (what the correlation alone gives)."""
     coarse = output.coarse_flows.mean(dim=1)
     fine = resize_flow(coarse, output.flow.shape[-2:])
     return _pck(model, type(output)(flow=fine), batch)
 
 
-def _pck(model: torch.nn.Module, output: Any, batch: Mapping[str, Any]) -> float:
+def _pck(model: torch.nn.Module, output: Any, batch: Mapping[str, Any]) -> tuple[float, int]:
+    """Sum of the per-pair PCK@0.1 over the pairs with a valid keypoint, and how many those are."""
     scores = score_batch(model, batch, get_protocol("standard"), (ALPHA,), output=output)
     n_valid = scores.valid.sum(axis=1)
     scored = n_valid > 0
@@ -99,6 +101,21 @@ def trained_run(run: Path, batches: Sequence[Mapping[str, Any]]) -> dict[str, An
     from actr_core.training.checkpoint import load_model_from_checkpoint
 
     model, info = load_model_from_checkpoint(run / "model_best.pt")
+    return {"run": run.name, "model": info["builder"], "epoch": info["epoch"], **correlation_stats(model.eval(), batches)}
+
+
+def untrained(batches: Sequence[Mapping[str, Any]], size: int, seed: int = 0) -> list[dict[str, Any]]:
+    """The same statistics for each recipe's model at initialisation."""
+    rows = []
+    for label, (builder, kwargs) in RECIPES.items():
+        torch.manual_seed(seed)
+        model = build_model(builder, image_size=(size, size), warn_random_init=False, **kwargs).eval()
+        rows.append({"run": f"untrained ({label})", "model": builder, "epoch": 0, **correlation_stats(model, batches)})
+    return rows
+
+
+def correlation_stats(model: torch.nn.Module, batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """PCK, correlation entropy, argmax hits and Eq. 4 of ``model`` on ``batches``."""
     sums = {"final": 0.0, "coarse": 0.0, "identity": 0.0, "pairs": 0, "entropy": 0.0, "hits": 0.0, "cells": 0.0}
     flows, valids, preds = [], [], []
     identity = IdentityPredictor()
@@ -132,9 +149,7 @@ def trained_run(run: Path, batches: Sequence[Mapping[str, Any]]) -> dict[str, An
     flow, valid, pred = torch.cat(flows), torch.cat(valids), torch.cat(preds)
     constant = best_constant_flow(flow, valid).view(1, 2, 1, 1).expand_as(flow).contiguous()
     return {
-        "run": run.name,
-        "model": info["builder"],
-        "epoch": info["epoch"],
+        "cell (px)": batches[0]["src_image"].shape[-1] // corr.shape[-1],
         "PCK@0.1 final flow": sums["final"] / sums["pairs"],
         "PCK@0.1 coarse flow": sums["coarse"] / sums["pairs"],
         "PCK@0.1 identity": sums["identity"] / sums["pairs"],
@@ -155,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shards", default="shards/synthetic")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--runs", nargs="*", default=[], help="training run folders holding model_best.pt")
+    p.add_argument("--untrained", action="store_true", help="also measure each recipe's model at initialisation")
     p.add_argument("--out", default=None, help="CSV path (default: learning_signal.csv here)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -163,8 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("at initialisation (one batch of 16 training pairs; gradient L2 norms):")
     _print(init)
     trained = []
-    if a.runs:
+    if a.runs or a.untrained:
         val = _batches(a.shards, "val", a.size, batch_size=20)
+    if a.untrained:
+        print("untrained models (validation pairs):")
+        trained.extend(untrained(val, a.size))
+        _print(trained)
+    if a.runs:
         print("trained runs (validation pairs):")
         for run in a.runs:
             trained.append(trained_run(Path(run), val))

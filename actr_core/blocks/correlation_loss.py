@@ -37,7 +37,9 @@ def correlation_cross_entropy(
     Convention:
         Cell centres sit at integer coordinates; the source grid equals the target grid
         (``hs, ws == ht, wt``: both images enter at one size). ``log C`` is floored at the dtype's
-        smallest normal number, so a zero probability gives a large finite loss, not inf.
+        smallest normal number, so a zero probability gives a large finite loss, not inf (and no
+        gradient: an entry that has underflowed to below the floor is not pushed back up by this
+        term; a softmax correlation reaches it through its other entries).
         Invalid cells are never read; the per-sample mean runs over valid cells and samples
         without one are left out (as in :func:`~actr_core.blocks.masked_flow_loss`).
     """
@@ -97,6 +99,8 @@ class CorrelationCrossEntropy(nn.Module):
         flow: Float[Tensor, "b 2 h w"],
         valid: Bool[Tensor, "b h w"],
     ) -> Float[Tensor, ""]:
+        check_rank("correlations", correlations, 6, "b m hs ws ht wt")
+        check_rank("flow", flow, 4, "b 2 h w")
         hs = correlations.shape[2]
         factor, rest = divmod(flow.shape[2], hs)
         if rest or factor < 1 or flow.shape[3] != factor * correlations.shape[3]:

@@ -399,11 +399,12 @@ class ACTR(Matcher):
         return len(self.path_blocks)
 
     def forward(self, src: Float[Tensor, "b 3 H W"], trg: Float[Tensor, "b 3 H W"]) -> MatchOutput:
-        """Match ``src`` to ``trg``: ImageNet-normalised ``(b, 3, H, W)``, H and W multiples of 16.
+        """Match ``src`` to ``trg``: ImageNet-normalised ``(b, 3, H, W)``, H and W multiples of the
+        token stride ``P`` (``patch_size``: 16 for the ViT/16 builders, 8 for ``actr_conv_tiny``).
 
         Returns :class:`MatchOutput` with ``flow`` ``(b, 2, H/4, W/4)`` (the multi-path mean),
-        ``flows_per_path`` ``(b, m, 2, H/4, W/4)``, ``coarse_flows`` ``(b, m, 2, H/16, W/16)`` (token
-        grid cells) and ``correlations`` ``(b, m, hs, ws, ht, wt)`` (Eq. 2).
+        ``flows_per_path`` ``(b, m, 2, H/4, W/4)``, ``coarse_flows`` ``(b, m, 2, H/P, W/P)`` (token
+        grid cells) and ``correlations`` ``(b, m, hs, ws, ht, wt)`` (Eq. 2, ``hs = H/P``).
         """
         height, width = check_image_pair(src, trg, multiple=self.patch_size)
         grid = (height // self.patch_size, width // self.patch_size)

@@ -142,6 +142,11 @@ class ViTBackbone(nn.Module):
         self.native_grid: tuple[int, int] = tuple(int(g) for g in vit.patch_embed.grid_size)
         self.resample_pos_embed = resample_pos_embed
 
+    @property
+    def pretrained_part(self) -> nn.Module:
+        """The part a weight file fills, which ``freeze_backbone`` freezes: the whole ViT."""
+        return self
+
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Token grid ``(h, w)`` of an ``height × width`` input."""
         return height // self.patch_size, width // self.patch_size

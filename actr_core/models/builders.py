@@ -288,7 +288,7 @@ def build_actr(
         block.apply(functools.partial(_init_linear, std=config.init_std))
         blocks.append(block)
     if config.freeze_backbone:
-        backbone.requires_grad_(False)
+        backbone.pretrained_part.requires_grad_(False)
     return ACTR(
         backbone=backbone,
         blocks=blocks,

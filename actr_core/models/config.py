@@ -43,6 +43,7 @@ class ACTRConfig:
     #   the training frame: the grid the backbone position embedding and the source PE are learnt
     #   for; other multiples of patch_size resample both (bicubic, backbones.resample_pos_embed_bicubic)
     freeze_backbone: bool = False  # paper Sec. 4 trains the backbone (lr 6e-6); released code freezes it
+    # (with a CNN backbone only its CNN is frozen: the projection, [cls] and position embedding are new)
     conv_backbone: ConvBackboneConfig | None = None  # None: the ViT named by `backbone` (paper Sec. 3.1).
     #   Not in the paper: a stage of the timm CNN named by `backbone` as the token grid (its stride is
     #   `patch_size`), for training from random weights on small data (docs/training.md)

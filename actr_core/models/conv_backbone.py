@@ -102,6 +102,12 @@ class ConvBackbone(nn.Module):
             trunc_normal_(tensor, std=init_std)
         nn.init.zeros_(self.proj.bias)
 
+    @property
+    def pretrained_part(self) -> nn.Module:
+        """The part a weight file fills, which ``freeze_backbone`` freezes: ``cnn`` only (the
+        projection, ``[cls]``, position embedding and norm are new, so they stay trainable)."""
+        return self.cnn
+
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Token grid ``(h, w)`` of an ``height × width`` input."""
         return height // self.patch_size, width // self.patch_size

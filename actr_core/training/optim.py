@@ -33,6 +33,9 @@ def parameter_groups(
 ) -> list[dict]:
     """AdamW parameter groups ``[backbone, heads]`` (the backbone group is left out when frozen or empty).
 
+    ``freeze_backbone`` freezes the backbone's ``pretrained_part`` when it names one (a CNN
+    backbone's new projection and tokens stay trainable, in the backbone group), else all of it.
+
     Each group carries a ``name`` ("backbone" / "heads"). Raises ``ValueError`` when the model has
     no ``backbone`` submodule, or when nothing would be trained.
     """
@@ -44,8 +47,8 @@ def parameter_groups(
             "(any parameter outside it belongs to the heads)"
         )
     backbone_ids = {id(p) for p in backbone.parameters()}
-    if freeze_backbone:
-        backbone.requires_grad_(False)
+    if freeze_backbone:  # the pretrained part only, where the backbone says which it is
+        getattr(backbone, "pretrained_part", backbone).requires_grad_(False)
     backbone_params = [p for p in backbone.parameters() if p.requires_grad]
     head_params = [p for p in model.parameters() if id(p) not in backbone_ids and p.requires_grad]
     groups = []

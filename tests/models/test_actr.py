@@ -34,6 +34,7 @@ from actr_core.models.builders import (
     build_actr,
     config_overrides,
 )
+from actr_core.training.optim import parameter_groups
 
 SMALL = (64, 96)  # a non-square frame: 4 × 6 tokens, 16 × 24 flow grid; keeps CPU tests fast
 
@@ -294,6 +295,19 @@ def test_frozen_backbone_trains_the_rest() -> None:
     model = build_actr(dataclasses.replace(ACTR_TINY_CONFIG, freeze_backbone=True), warn_random_init=False)
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert all(p.requires_grad for p in model.blocks.parameters())
+
+
+def test_frozen_cnn_backbone_keeps_its_new_token_layers_trainable() -> None:
+    """A weight file fills only the CNN: its projection, [cls], position embedding and norm are new."""
+    model = actr_conv_tiny(warn_random_init=False, freeze_backbone=True)
+    assert not any(p.requires_grad for p in model.backbone.cnn.parameters())
+    new = [model.backbone.proj.weight, model.backbone.cls_token, model.backbone.pos_embed, model.backbone.norm.weight]
+    assert all(p.requires_grad for p in new)
+    fresh = actr_conv_tiny(warn_random_init=False)
+    groups = parameter_groups(fresh, backbone_lr=1.0, head_lr=2.0, weight_decay=0.0, freeze_backbone=True)
+    in_backbone_group = {id(p) for g in groups if g["name"] == "backbone" for p in g["params"]}
+    token_layers = {id(p) for name, p in fresh.backbone.named_parameters() if not name.startswith("cnn.")}
+    assert in_backbone_group == token_layers and len(token_layers) == 6  # proj w/b, cls, pos, norm w/b
 
 
 @pytest.mark.parametrize(

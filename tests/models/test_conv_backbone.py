@@ -37,6 +37,14 @@ def test_other_grids_resample_the_position_embedding():
     backbone = _backbone().eval()
     assert backbone(torch.randn(1, 3, 64, 32)).shape == (1, 1 + 8 * 4, 24)
     assert backbone.position_embedding((4, 6)) is backbone.pos_embed  # the native grid: unchanged
+    # the resampled embedding keeps rows as rows: one that varies down the rows only (4 × 6 native
+    # grid, row-major) still varies down the rows only on an 8 × 12 grid, and increases down them
+    rows = torch.arange(4.0).repeat_interleave(6).view(1, 24, 1).expand(1, 24, 24)
+    with torch.no_grad():
+        backbone.pos_embed.copy_(rows)
+    grid = backbone.position_embedding((8, 12))[0, :, 0].view(8, 12)
+    assert (grid - grid[:, :1]).abs().max() <= 1e-5 * grid.abs().max()
+    assert (grid[1:, 0] >= grid[:-1, 0]).all() and grid[-1, 0] - grid[0, 0] > 2.5
 
 
 def test_every_parameter_gets_a_gradient():

@@ -1,0 +1,33 @@
+"""benchmarks/known_warps.py: the generalisation check scores the model and both references on the same warps."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from actr_core.api import Matcher, load_image
+from actr_core.models import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def known_warps():
+    spec = importlib.util.spec_from_file_location("known_warps", ROOT / "benchmarks" / "known_warps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_recovers_pure_homographies_and_identity_does_not(known_warps):
+    image = load_image(known_warps.default_photo())
+    torch.manual_seed(0)
+    matcher = Matcher(build_model("actr_conv_tiny", image_size=(64, 64), warn_random_init=False), (64, 64))
+    row = known_warps.score_warps(matcher, image, strength=0.2, seeds=range(2), alpha=0.05)
+    assert set(row) == {"model", "identity", "classical peer", "peer fall-backs"}
+    # The warps are exact homographies of a textured photo: the peer fits them (unless it fell back).
+    assert row["peer fall-backs"] == 0 and row["classical peer"] >= 95.0
+    # Corners moved by up to 20 % of the image: most points move further than 5 % of its side.
+    assert row["identity"] < 60.0
+    assert 0.0 <= row["model"] <= 100.0
