@@ -393,6 +393,9 @@ def _init_ray(cfg: TrainConfig) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # an in-process cluster reachable only from here
+    # One machine that no cloud provider reclaims: Train's preemption watcher (an actor polling the
+    # node's drain state) would only take CPU from the two training workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         address="local",  # never attach to another user's cluster on this machine by accident
         num_cpus=cfg.ray_num_cpus or cfg.num_workers * cfg.cpus_per_worker,

@@ -90,7 +90,7 @@ class ConvBackbone(nn.Module):
             )
         if grid[0] < 1 or grid[1] < 1:
             raise ValueError(f"grid = {grid}: expected a positive token grid")
-        self.cnn = cnn
+        self.cnn = cnn.to(memory_format=torch.channels_last)  # faster oneDNN convolutions on CPU; see forward
         self.patch_size: int = int(info.reduction()[-1])
         self.embed_dim: int = int(embed_dim)
         self.native_grid: tuple[int, int] = (int(grid[0]), int(grid[1]))
@@ -119,7 +119,9 @@ class ConvBackbone(nn.Module):
     def forward(self, image: Float[Tensor, "b 3 H W"]) -> Float[Tensor, "b n c"]:
         """Tokens ``(b, 1 + h·w, c)``: [cls], then the stage's cells in row-major order."""
         check_image(image, multiple=self.patch_size, name="image")
-        features = self.cnn(image)[-1]  # b k h w
+        # channels-last: oneDNN's convolutions and pooling run faster on CPU (and cuDNN's under AMP),
+        # and the (h w) k token layout below is then a view, not a copy
+        features = self.cnn(image.contiguous(memory_format=torch.channels_last))[-1]  # b k h w
         grid = (int(features.shape[-2]), int(features.shape[-1]))
         tokens = self.proj(rearrange(features, "b k h w -> b (h w) k")) + self.position_embedding(grid)
         tokens = self.norm(tokens)
