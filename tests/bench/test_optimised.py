@@ -212,11 +212,22 @@ def test_bf16_autocast_stays_close_to_fp32(builder):
     src, trg = _pair(64, 64) if builder == "released" else _pair()
     with torch.no_grad():
         reference = model(src, trg).flow
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(src, trg).flow.float()
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = model(src, trg).flow.float()
+        except RuntimeError as err:
+            # PyTorch's own limit: on a CPU with AMX, its bf16 kernels pick the AMX route from the
+            # hardware, then refuse it when ATEN_CPU_CAPABILITY=default has switched AVX-512 off
+            if "pack_vnni2" in str(err) and os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+                pytest.skip(f"bf16 on this CPU needs AVX-512, off under ATEN_CPU_CAPABILITY=default: {err}")
+            raise
     assert torch.isfinite(low).all()
-    scale = reference.abs().max().clamp_min(1.0)
-    assert (low - reference).abs().max() <= 0.05 * scale  # bf16 keeps 8 bits of mantissa
+    # bf16 keeps 8 bits of mantissa, and the soft-argmax's low temperature (tau = 0.0025 on the
+    # head mean) multiplies the attention's rounding into the coarse flow: on a CPU with native
+    # bf16 matrix units (Intel AMX) the flow moved by 0.28 px of the H/4 grid (0.07 of a token
+    # cell), on CPUs that compute bf16 products in float32 by less. Bound: a tenth of a token cell.
+    cell = 16 / 4  # flow-grid pixels per token cell (ViT/16, flow at H/4) for both tiny models
+    assert (low - reference).abs().max() <= 0.1 * cell
 
 
 # torch.compile runs in a fresh interpreter: the test session wraps every annotated function in
