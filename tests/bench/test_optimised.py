@@ -7,12 +7,11 @@ shared self-attention stage, bf16 autocast, torch.compile.
 """
 
 import dataclasses
-import getpass
 import os
 import subprocess
 import sys
-import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,33 +251,29 @@ print("compiled outputs equal eager")
 """
 
 
-def _inductor_cache_dir() -> str:
-    """Inductor's default cache folder, one per ATen vector ISA: a shared cache can hand kernels generated
-    for one ISA (ATEN_CPU_CAPABILITY) to a compile for another, which then lacks that ISA's headers."""
-    capability = torch.backends.cpu.get_cpu_capability().lower()
-    return os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{capability}")
-
-
-def _compile_check(backend: str) -> None:
+def _compile_check(backend: str, cache: Path) -> None:
+    """Compile in a fresh interpreter with its own inductor cache folder: a cache shared with other runs
+    can hand over kernels built for another ATen vector ISA (ATEN_CPU_CAPABILITY), or a library that
+    a concurrent run of the suite is still writing ("file too short")."""
     released = {f.name: getattr(TINY_RELEASED, f.name) for f in dataclasses.fields(TINY_RELEASED)}
     script = COMPILE_CHECK % {"released": released}
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": _inductor_cache_dir()}  # (inductor sets the variable in our process)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}  # (inductor sets the variable in our process)
     run = subprocess.run([sys.executable, "-c", script, backend], capture_output=True, text=True, timeout=1800, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "compiled outputs equal eager" in run.stdout
 
 
 @pytest.mark.slow  # ~90 s of CPU: a fresh interpreter, two models traced
-def test_torch_compile_captures_tiny_models_in_one_graph():
+def test_torch_compile_captures_tiny_models_in_one_graph(tmp_path):
     """Dynamo traces ACTR (as described) and ACTR as released without a graph break, and the
     captured graphs give the eager outputs (backend ``eager``: no code generation)."""
-    _compile_check("eager")
+    _compile_check("eager", tmp_path)
 
 
 @pytest.mark.slow  # minutes: inductor generates and compiles C++ for both models
-def test_torch_compile_inductor_equals_eager():
+def test_torch_compile_inductor_equals_eager(tmp_path):
     """The full compiler (inductor code generation; minutes on two cores)."""
-    _compile_check("inductor")
+    _compile_check("inductor", tmp_path)
 
 
 def test_no_attention_falls_back_to_the_unfused_kernel():
