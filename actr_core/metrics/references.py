@@ -165,9 +165,10 @@ class PeerSettings:
     """The classical peer's fixed settings (measured choices: docs/evaluation.md, "Reference predictors")."""
 
     # Longer side (px) of the frame features are computed in: both images are resized (bilinear,
-    # antialiased, aspect kept) from the model's input frame to it, up or down. On 200 synthetic
-    # test pairs it beat working in the input frame itself: PCK@0.1 93.7 vs 91.8 at 128 px input
-    # (14 vs 9 s on one core), 95.1 vs 94.3 at 256 px input (17 vs 27 s); docs/evaluation.md.
+    # antialiased, aspect kept) from the model's input frame to it, up or down. On the 200
+    # synthetic test pairs of the main job it beat working in the input frame itself: PCK@0.1
+    # 91.0 vs 87.7 at 128 px input, 92.2 vs 92.0 at 256 px input, in 0.6-1.4x the time and at a
+    # cost that does not grow with the input size; docs/evaluation.md.
     working_side: int = 192
     # ORB (Rublee et al. 2011; skimage.feature.ORB): keypoints kept per image, pyramid levels and
     # step, FAST arc length and threshold, Harris k. SIFT scored lower at 2x the time or more.
