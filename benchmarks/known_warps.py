@@ -17,16 +17,16 @@ by the project's data). Prints a table and writes ``known_warps.csv`` beside the
 
 import argparse
 import csv
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from actr_core.api import Matcher, load_image
+from actr_core.api import ImageError, Matcher, load_image
 from actr_core.imaging import normalise_image
 from actr_core.metrics import ClassicalPeer, pck
+from actr_core.training.checkpoint import CheckpointError
 from pipelines.cli import known_warp
 
 
@@ -64,11 +64,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     p.add_argument("--alpha", type=float, default=0.1, help="PCK threshold as a fraction of the image's longer side")
     args = p.parse_args(argv)
     if args.seeds < 1 or not all(0 < s < 0.5 for s in args.strengths):
-        raise SystemExit("known_warps.py: need --seeds >= 1 and every strength in (0, 0.5)")
+        p.error("need --seeds >= 1 and every strength in (0, 0.5)")  # one line, exit status 2
     torch.set_num_threads(min(2, torch.get_num_threads()))
     image_path = args.image or default_photo()
-    image = load_image(image_path)
-    matcher = Matcher.from_checkpoint(args.checkpoint)
+    try:
+        image = load_image(image_path)
+        matcher = Matcher.from_checkpoint(args.checkpoint)
+    except (ImageError, CheckpointError, FileNotFoundError, ValueError) as err:
+        p.error(str(err).splitlines()[0])
     rows = []
     for strength in args.strengths:
         row = {"strength": strength, **score_warps(matcher, image, strength, range(args.seeds), args.alpha)}
@@ -88,4 +91,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

@@ -50,12 +50,17 @@ def _norm(grads: Sequence[Tensor | None]) -> float:
     return math.sqrt(sum(float(g.square().sum()) for g in grads if g is not None))
 
 
+def _fresh_model(builder: str, kwargs: Mapping[str, Any], size: int, seed: int) -> torch.nn.Module:
+    """A recipe's model at initialisation, the same weights for the same seed."""
+    torch.manual_seed(seed)
+    return build_model(builder, image_size=(size, size), warn_random_init=False, **kwargs)
+
+
 def signal_at_init(batch: Mapping[str, Any], size: int, seed: int = 0) -> list[dict[str, Any]]:
     """Gradient norms of Eq. 4 and of the correlation cross-entropy at initialisation."""
     rows = []
     for label, (builder, kwargs) in RECIPES.items():
-        torch.manual_seed(seed)
-        model = build_model(builder, image_size=(size, size), warn_random_init=False, **kwargs).train()
+        model = _fresh_model(builder, kwargs, size, seed).train()
         corr_params = [p for n, p in model.named_parameters() if ".cross." in n]
         sr_params = list(model.upsampler.parameters())
         output = model(batch["src_image"], batch["trg_image"])
@@ -108,8 +113,7 @@ def untrained(batches: Sequence[Mapping[str, Any]], size: int, seed: int = 0) ->
     """The same statistics for each recipe's model at initialisation."""
     rows = []
     for label, (builder, kwargs) in RECIPES.items():
-        torch.manual_seed(seed)
-        model = build_model(builder, image_size=(size, size), warn_random_init=False, **kwargs).eval()
+        model = _fresh_model(builder, kwargs, size, seed).eval()
         rows.append({"run": f"untrained ({label})", "model": builder, "epoch": 0, **correlation_stats(model, batches)})
     return rows
 

@@ -1,6 +1,8 @@
 """benchmarks/known_warps.py: the generalisation check scores the model and both references on the same warps."""
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,12 @@ def test_peer_recovers_pure_homographies_and_identity_does_not(known_warps):
     # Corners moved by up to 20 % of the image: most points move further than 5 % of its side.
     assert row["identity"] < 60.0
     assert 0.0 <= row["model"] <= 100.0
+
+
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path):
+    script = ROOT / "benchmarks" / "known_warps.py"
+    for args in ([str(tmp_path / "missing.pt")], [str(tmp_path / "missing.pt"), "--seeds", "0"]):
+        done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("known_warps.py: error: ")

@@ -269,7 +269,6 @@ def test_pool_flow_block_valid_only_when_whole_and_never_reads_invalid_cells():
     assert (pooled[coarse_valid.unsqueeze(1).expand_as(pooled)] == 0.5).all()  # exact: 1 / 2
 
 
-
 @given(b=batches, hc=sizes, wc=sizes, k=st.integers(1, 4), seed=st.integers(0, 2**16), p_invalid=st.floats(0.0, 0.3))
 def test_pool_flow_is_the_mean_of_whole_valid_blocks(b, hc, wc, k, seed, p_invalid):
     """Any flow and mask: a coarse cell is valid iff its k × k block is, and then holds the block's
@@ -286,6 +285,7 @@ def test_pool_flow_is_the_mean_of_whole_valid_blocks(b, hc, wc, k, seed, p_inval
     expected = blocks.mean(dim=(3, 5)) / k
     inside = expected_valid.unsqueeze(1).expand_as(pooled)
     torch.testing.assert_close(pooled[inside], expected[inside], rtol=0, atol=1e-12)
+
 
 @pytest.mark.usefixtures("no_typecheck")
 class TestErrors:
