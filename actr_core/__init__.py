@@ -5,7 +5,7 @@ Subpackages: ``flow`` (pure geometry), ``blocks`` (building blocks), ``models``,
 matcher of :mod:`actr_core.api`) is imported on first use.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__", "Matcher", "MatchResult"]
 
