@@ -11,15 +11,21 @@ from actr_core.data.pipeline import (
     collate,
     plan_epoch,
     prepare_batch,
+    read_shard,
     register_fsspec_opener,
-    split_by_node,
-    split_by_worker,
 )
 from actr_core.data.readers import READERS, PairReader, PFPascalReader, PFWillowReader, SPairReader, open_reader
 from actr_core.data.records import PairRecord
 from actr_core.data.samples import PairSample, PseudoFlow, build_sample, decode_sample, encode_sample, pseudo_flow
 from actr_core.data.schema import BATCH_KEYS, SCHEMA_VERSION
-from actr_core.data.shards import ShardSettings, VerifyReport, make_shards, read_manifest, verify_shards
+from actr_core.data.shards import (
+    ShardSettings,
+    VerifyReport,
+    check_manifest,
+    make_shards,
+    read_manifest,
+    verify_shards,
+)
 from actr_core.data.synthetic import PHOTOS, SyntheticConfig, SyntheticPairs, generate_pair
 from actr_core.data.transforms import (
     BoxPreservingCrop,
@@ -58,6 +64,7 @@ __all__ = [
     "SyntheticPairs",
     "VerifyReport",
     "build_sample",
+    "check_manifest",
     "collate",
     "decode_sample",
     "encode_sample",
@@ -68,10 +75,9 @@ __all__ = [
     "prepare_batch",
     "pseudo_flow",
     "read_manifest",
+    "read_shard",
     "reframe",
     "register_fsspec_opener",
-    "split_by_node",
-    "split_by_worker",
     "train_transforms",
     "verify_shards",
 ]

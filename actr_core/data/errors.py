@@ -25,6 +25,11 @@ class DataError(ValueError):
         self.reason = reason
         self.count = count  # how many samples this error stands for (e.g. the rest of a truncated shard)
 
+    def __reduce__(self) -> tuple[type, tuple[str, str], dict[str, int]]:
+        """Pickle by the constructor's arguments (the default would call ``DataError(message)``), so the
+        error crosses process boundaries (DataLoader workers, Ray) with its message and count."""
+        return type(self), (self.where, self.reason), {"count": self.count}
+
 
 def check_on_error(on_error: str) -> str:
     """Validate an ``on_error`` policy."""

@@ -5,13 +5,13 @@ h w flow grid (H/4 × W/4).
 
 Stages (a ``webdataset.DataPipeline`` built per epoch in each loader worker)::
 
-    shard list (from manifest.json; shuffled per epoch when training, same order on every rank)
-    -> split_by_node (rank r takes shards r, r + R, ...)
-    -> split_by_worker (loader worker w of W takes every W-th of those)
-    -> tar reading through webdataset's gopen, with fsspec registered for every URL scheme
-    -> shuffle buffer of encoded samples (training) -> decode (JPEG/PNG, npy, JSON)
-    -> transforms (augmentation)
-    -> batching + collation into the batch schema (``actr_core.data.schema``)
+    this worker's shards (from the epoch plan: manifest order, shuffled per epoch when training;
+        rank r of R takes shards r, r + R, ... of that order, its worker w of W every W-th of those)
+    -> each shard read whole through webdataset's gopen (fsspec registered for the URL's scheme),
+       its sha256 checked against the manifest, then split into samples by webdataset's tar iteration
+    -> shuffle buffer of encoded samples (training, ``wds.shuffle``) -> decode (JPEG/PNG, npy, JSON)
+    -> transforms (augmentation) -> ``wds.batched`` with :func:`collate` (the batch schema,
+       ``actr_core.data.schema``) -> the plan's batch count
 
 Epoch guarantees (:func:`plan_epoch` computes them; ``ShardDataset.plan`` exposes them):
 
@@ -24,14 +24,18 @@ Epoch guarantees (:func:`plan_epoch` computes them; ``ShardDataset.plan`` expose
   ``plan.dropped`` samples in all, reported by :meth:`ShardDataset.plan`. Nothing is padded or
   repeated. Use at least ``ranks × workers`` shards of similar size to keep the drop small.
 
-Bad data: a truncated or corrupt tar, an undecodable image, a sample with missing members or
-NaN values raise :class:`~actr_core.data.errors.DataError` naming the shard and sample under
-``on_error="raise"`` (the default); under ``"skip"`` they are counted (a truncated shard counts
-the samples its manifest entry promised but did not deliver) and the count is logged at the end of
-the epoch by each worker. Skips in training shorten that rank's epoch (the count says by how much).
+Integrity: a shard that is missing, whose bytes do not match the manifest's sha256, that does not
+parse or holds another sample count than its entry raises :class:`~actr_core.data.errors.DataError`
+naming the shard before any of its samples is yielded. Evaluation always stops there (its
+exactly-once guarantee would not hold); training under ``on_error="skip"`` leaves the whole shard
+out and counts its samples. Bad samples inside an intact shard (an undecodable image, missing
+members, NaN values) raise under ``on_error="raise"`` (the default) and are counted under
+``"skip"``. Counts are logged at the end of the epoch by each worker; skips in training shorten that
+rank's epoch (the count says by how much).
 """
 
 import dataclasses
+import functools
 import logging
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,11 +50,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen, gopen_schemes
 
-from actr_core.data.buffers import BufferPool, WorkerBatch, carve, packed
 from actr_core.data.errors import DataError, SkipLog, check_on_error
 from actr_core.data.samples import PairSample, decode_sample
-from actr_core.data.schema import SPAIR_FLAGS, SRC_IMAGE, TRG_IMAGE
-from actr_core.data.shards import iter_tar, read_manifest, shard_urls
+from actr_core.data.schema import MANIFEST_NAME, SPAIR_FLAGS, SRC_IMAGE, TRG_IMAGE
+from actr_core.data.shards import check_manifest, read_manifest, sha256_hex, shard_urls, tar_samples
 from actr_core.imaging import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -61,9 +64,8 @@ __all__ = [
     "distributed_rank",
     "plan_epoch",
     "prepare_batch",
+    "read_shard",
     "register_fsspec_opener",
-    "split_by_node",
-    "split_by_worker",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ SHUFFLE_BUFFER = 256  # samples held by the training shuffle buffer (per worker;
 
 
 # ----------------------------------------------------------------------------------------------
-# fsspec behind webdataset's gopen.
+# fsspec behind webdataset's gopen; whole shards checked against the manifest.
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **storage_options: Any) -> Any:
@@ -91,6 +93,24 @@ def register_fsspec_opener(url: str) -> None:
         gopen_schemes[scheme] = _gopen_fsspec
 
 
+def read_shard(url: str, sha256: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The whole shard at ``url`` (through ``webdataset.gopen``), once its sha256 equals the manifest's;
+    a missing shard or other bytes raise :class:`DataError` naming the shard."""
+    register_fsspec_opener(url)
+    try:
+        with gopen(url, "rb", **dict(storage_options or {})) as stream:
+            data = stream.read()
+    except FileNotFoundError as error:
+        raise DataError(url, "shard not found") from error
+    digest = sha256_hex(data)
+    if digest != sha256:
+        raise DataError(
+            url, f"sha256 {digest[:16]}… differs from the manifest's {sha256[:16]}… ({len(data)} bytes): the shard "
+            "is corrupt or was replaced; verify_shards lists the damage, rerunning make_shards rebuilds it"
+        )  # fmt: skip
+    return data
+
+
 # ----------------------------------------------------------------------------------------------
 # Ranks, workers and the epoch plan.
 
@@ -100,25 +120,6 @@ def distributed_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-def split_by_node(src: Iterator[Any], rank: int, world_size: int) -> Iterator[Any]:
-    """Rank ``rank`` of ``world_size`` keeps items ``rank, rank + world_size, ...``."""
-    for i, item in enumerate(src):
-        if i % world_size == rank:
-            yield item
-
-
-def split_by_worker(src: Iterator[Any], worker: int, num_workers: int) -> Iterator[Any]:
-    """Loader worker ``worker`` of ``num_workers`` keeps items ``worker, worker + num_workers, ...``."""
-    for i, item in enumerate(src):
-        if i % num_workers == worker:
-            yield item
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,92 +211,6 @@ def _eval_used(counts: Sequence[int], shards: Sequence, batches: Sequence, batch
 # ----------------------------------------------------------------------------------------------
 # Collation into the batch schema.
 
-
-def _normalise_into(out: Tensor, images: Sequence[Tensor] | Tensor) -> Tensor:
-    """uint8 (3, H, W) images, any strides -> ImageNet-normalised float ``out`` (b, 3, H, W):
-    (x/255 - mean)/std as x·a - c with a = 1/(255 std), c = mean/std (equal to
-    ``actr_core.imaging.normalise_image`` to float rounding)."""
-    std = torch.tensor(IMAGENET_STD, device=out.device).view(3, 1, 1)
-    scale, shift = 1.0 / (255.0 * std), torch.tensor(IMAGENET_MEAN, device=out.device).view(3, 1, 1) / std
-    if out.device.type != "cpu":  # a batch tensor (prepare_batch): one pass, not three kernel launches per image
-        return out.copy_(images).mul_(scale).sub_(shift)
-    for slot, image in zip(out, images, strict=True):  # image by image, while it is in cache
-        slot.copy_(image).mul_(scale).sub_(shift)
-    return out
-
-
-def _stacked_images(
-    src: Sequence[Tensor], trg: Sequence[Tensor], images: str, buffers: "_ImageBuffers | None" = None
-) -> tuple[Tensor, Tensor]:
-    """uint8 (3, H, W) source and target images -> two batches (b, 3, H, W) in one buffer.
-
-    "normalised": ImageNet-normalised float32, contiguous. "uint8": the bytes stored channels-last,
-    i.e. (b, H, W, 3) in memory; decoded images are (H, W, 3) arrays viewed as (3, H, W), so each
-    image is one plain copy and the batch is a quarter of the float batch's bytes
-    (:func:`prepare_batch` normalises it on the device that runs the model). ``buffers`` supplies
-    the memory (a worker's reused buffers; rows already holding decoded images, not copied again).
-    """
-    b, (h, w) = len(src), src[0].shape[-2:]
-    pool = None if buffers is None else buffers.pool
-    if images == "normalised":
-        outs = carve([((b, 3, h, w), torch.float32)] * 2, pool)
-        return tuple(_normalise_into(out, group) for out, group in zip(outs, (src, trg), strict=True))
-    rows = None if buffers is None else buffers.take((h, w))
-    if rows is not None and rows[0].shape[1:] == (h, w, 3) and len(rows[0]) >= b:
-        outs = [row[:b] for row in rows]
-    else:
-        if rows is not None:
-            buffers.release(rows[0])  # rows of another frame size: never handed over
-        outs = carve([((b, h, w, 3), torch.uint8)] * 2, pool)
-    for out, group in zip(outs, (src, trg), strict=True):
-        for slot, image in zip(out, group, strict=True):
-            if image.data_ptr() != slot.data_ptr():  # else decoded straight into its row
-                slot.copy_(image.permute(1, 2, 0))
-    return tuple(out.permute(0, 3, 1, 2) for out in outs)
-
-
-class _ImageBuffers:
-    """Memory for the images of one iteration's batches: buffers from the loader worker's pool (fresh
-    ones in-process), and with ``direct`` (uint8 batches without transforms) the rows of the batch being
-    filled, which samples are decoded straight into (one copy per image less). Rows are sized by the
-    previous batch's frame, so the first batch of an iteration, and any sample of another size, is
-    copied as usual."""
-
-    def __init__(self, batch_size: int, pool: BufferPool | None, direct: bool):
-        self.batch_size = batch_size
-        self.pool = pool
-        self.direct = direct
-        self.frame: tuple[int, int] | None = None
-        self.rows: list[Tensor] | None = None
-        self.filled = 0  # samples of the current batch accepted so far
-
-    def next_rows(self) -> tuple[Tensor, Tensor] | None:
-        """(H, W, 3) source and target rows for the next sample, or None."""
-        if not self.direct or self.frame is None:
-            return None
-        if self.rows is None:
-            self.rows = carve([((self.batch_size, *self.frame, 3), torch.uint8)] * 2, self.pool)
-        return self.rows[0][self.filled], self.rows[1][self.filled]
-
-    def take(self, frame: tuple[int, int]) -> tuple[Tensor, Tensor] | None:
-        """The filled rows for the batch being collated (frame ``frame``); the next batch gets new ones."""
-        rows, self.rows, self.filled = self.rows, None, 0
-        if self.direct:
-            self.frame = frame
-        return None if rows is None else (rows[0], rows[1])
-
-    def release(self, buffer: Tensor) -> None:
-        """Give a buffer that was never handed over back to the pool."""
-        if self.pool is not None:
-            self.pool.release(buffer)
-
-    def close(self) -> None:
-        """End of the iteration: rows not collated go back to the pool."""
-        if self.rows is not None:
-            self.release(self.rows[0])
-            self.rows = None
-
-
 IMAGE_MODES: tuple[str, ...] = ("normalised", "uint8")
 
 
@@ -304,6 +219,15 @@ def _check_image_mode(images: str) -> str:
     if images not in IMAGE_MODES:
         raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
     return images
+
+
+def _normalise(images: Tensor) -> Tensor:
+    """uint8 (b, 3, H, W) images, any strides -> contiguous ImageNet-normalised float32 on their device:
+    (x/255 - mean)/std as x·a - c with a = 1/(255 std), c = mean/std (equal to
+    ``actr_core.imaging.normalise_image`` to float rounding)."""
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    scale, shift = 1.0 / (255.0 * std), torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1) / std
+    return images.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).sub_(shift)
 
 
 def prepare_batch(batch: Mapping[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
@@ -321,8 +245,7 @@ def prepare_batch(batch: Mapping[str, Any], device: torch.device | str | None = 
             if key in (SRC_IMAGE, TRG_IMAGE) and value.dtype == torch.uint8:
                 if value.ndim != 4 or value.shape[1] != 3:
                     raise ValueError(f"{key} must be (b, 3, H, W), got shape {tuple(value.shape)}")
-                b, _, h, w = value.shape
-                value = _normalise_into(torch.empty((b, 3, h, w), dtype=torch.float32, device=value.device), value)
+                value = _normalise(value)
         out[key] = value
     return out
 
@@ -338,24 +261,14 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images
     """Stack samples into a batch of the schema (``actr_core.data.schema``).
 
     ``images``: "normalised" gives ImageNet-normalised float32 images, ready for a model;
-    "uint8" gives the raw RGB bytes (b, 3, H, W) in channels-last memory, for
-    :func:`prepare_batch` to normalise on the model's device (less work and memory in the loader).
+    "uint8" gives the raw RGB bytes (b, 3, H, W) in channels-last memory (each decoded (H, W, 3)
+    image one plain copy, a quarter of the float batch's bytes), for :func:`prepare_batch` to
+    normalise on the model's device (less work and memory in the loader).
 
     Keypoint rows are padded with zeros (``valid_kps`` False) to the largest count in the batch,
     or to ``pad_kps_to`` when given (ValueError if a sample has more). SPair flags are included when
     every sample has them.
-
-    Memory: the tensors of a batch are views of three buffers, one each for the two images, the
-    dense targets (``flow``, ``valid_flow``) and the small per-pair fields; a tensor kept beyond
-    its batch keeps its whole buffer (``.clone()`` what you keep, as usual for views).
     """
-    return _collate(samples, pad_kps_to, images)
-
-
-def _collate(
-    samples: Sequence[PairSample], pad_kps_to: int | None, images: str, buffers: _ImageBuffers | None = None
-) -> dict[str, Any]:
-    """:func:`collate`, with the image memory of ``buffers`` when given."""
     _check_image_mode(images)
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
@@ -367,13 +280,17 @@ def _collate(
         if n > pad_kps_to:
             raise ValueError(f"a sample has {n} keypoints, more than pad_kps_to={pad_kps_to}")
         n = pad_kps_to
-    src_image, trg_image = _stacked_images([s.src_image for s in samples], [s.trg_image for s in samples], images, buffers)
-    b, grid = len(samples), tuple(samples[0].flow.shape[-2:])
-    flow, valid_flow = carve([((b, 2, *grid), torch.float32), ((b, *grid), torch.bool)])
-    small = {
+    pictures = {}
+    for key in (SRC_IMAGE, TRG_IMAGE):
+        stacked = torch.stack([getattr(s, key).permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2)  # channels-last
+        pictures[key] = stacked if images == "uint8" else _normalise(stacked)
+    batch: dict[str, Any] = {
+        **pictures,
         "src_kps": _padded([s.src_kps for s in samples], n, 0.0, torch.float32),
         "trg_kps": _padded([s.trg_kps for s in samples], n, 0.0, torch.float32),
         "valid_kps": _padded([s.valid_kps for s in samples], n, False, torch.bool),
+        "flow": torch.stack([s.flow.float() for s in samples]),
+        "valid_flow": torch.stack([s.valid_flow for s in samples]),
         "src_kps_orig": _padded([s.src_kps_orig for s in samples], n, 0.0, torch.float32),
         "trg_kps_orig": _padded([s.trg_kps_orig for s in samples], n, 0.0, torch.float32),
         "src_size": torch.tensor([s.src_size for s in samples], dtype=torch.int64),
@@ -383,19 +300,8 @@ def _collate(
     }
     if all(all(flag in s.flags for flag in SPAIR_FLAGS) for s in samples):
         for flag in SPAIR_FLAGS:
-            small[flag] = torch.tensor([s.flags[flag] for s in samples], dtype=torch.int64)
-    small = packed(small)
-    batch: dict[str, Any] = {
-        "src_image": src_image,
-        "trg_image": trg_image,
-        **{key: small.pop(key) for key in ("src_kps", "trg_kps", "valid_kps")},
-        "flow": torch.stack([s.flow.float() for s in samples], out=flow),
-        "valid_flow": torch.stack([s.valid_flow for s in samples], out=valid_flow),
-        **small,
-        "category": [s.category for s in samples],
-        "pair_id": [s.pair_id for s in samples],
-        "dataset": [s.dataset for s in samples],
-    }
+            batch[flag] = torch.tensor([s.flags[flag] for s in samples], dtype=torch.int64)
+    batch.update(category=[s.category for s in samples], pair_id=[s.pair_id for s in samples], dataset=[s.dataset for s in samples])
     return batch
 
 
@@ -403,8 +309,14 @@ def _collate(
 # The data set.
 
 
+def _stream_seed(*parts: int) -> int:
+    """A 32-bit seed for one random stream, from (seed, epoch, rank, worker[, stage])."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
 class ShardDataset(IterableDataset):
-    """Batches of one split of a shard set, for ``DataLoader(dataset, batch_size=None)`` (see :meth:`loader`).
+    """Batches of one split of a shard set; iterate it directly or through :meth:`loader` (a ``DataLoader``
+    with ``batch_size=None``: the batches are made in its workers).
 
     Args:
         url: the shard set's directory (local path or fsspec URL) holding ``manifest.json``.
@@ -423,9 +335,9 @@ class ShardDataset(IterableDataset):
         images: "normalised" (float32 ImageNet-normalised, ready for a model) or "uint8" (raw RGB
             in channels-last memory; pass each batch through :func:`prepare_batch`, which
             normalises on the model's device — the faster choice for training and evaluation).
-        reuse_buffers: loader workers reuse their image buffers once the receiving process has
-            dropped every tensor viewing them (see ``actr_core.data.buffers``); False gives every
-            batch fresh memory (for batches handed on to yet another process without a copy).
+        allow_incomplete: read a shard set whose manifest says ``complete: false`` or lacks shard
+            entries (an interrupted make_shards run: the shards listed so far); by default such a
+            manifest raises :class:`DataError` naming the problem.
         storage_options: fsspec options for ``url``.
     """
 
@@ -445,7 +357,7 @@ class ShardDataset(IterableDataset):
         max_batches: int | None = None,
         pad_kps_to: int | None = None,
         images: str = "normalised",
-        reuse_buffers: bool = True,
+        allow_incomplete: bool = False,
         storage_options: Mapping[str, Any] | None = None,
     ):
         super().__init__()
@@ -470,14 +382,14 @@ class ShardDataset(IterableDataset):
         self.max_batches = max_batches
         self.pad_kps_to = pad_kps_to
         self.images = images
-        self.reuse_buffers = reuse_buffers
         self.storage_options = dict(storage_options or {})
         manifest = read_manifest(self.url, self.storage_options)
+        if manifest is not None:
+            check_manifest(manifest, f"{self.url}/{MANIFEST_NAME}", allow_incomplete=allow_incomplete)
         self.shards = shard_urls(self.url, split, manifest)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by persistent workers
         self.num_workers = 1  # set by loader(); used by __len__ and plan()
         self.skipped = SkipLog(on_error)
-        self._pool: BufferPool | None = None  # made in each loader worker (see actr_core.data.buffers)
 
     @property
     def epoch(self) -> int:
@@ -492,7 +404,7 @@ class ShardDataset(IterableDataset):
     def plan(self, num_workers: int | None = None) -> EpochPlan:
         """The current epoch's plan for ``num_workers`` loader workers (default: the loader's)."""
         return plan_epoch(
-            [count for _, count in self.shards],
+            [count for _, count, _ in self.shards],
             batch_size=self.batch_size,
             world_size=self.world_size,
             num_workers=max(1, num_workers if num_workers is not None else self.num_workers),
@@ -506,7 +418,8 @@ class ShardDataset(IterableDataset):
         return self.plan().batches_per_rank[self.rank]
 
     def loader(self, num_workers: int = 2, **kwargs: Any) -> DataLoader:
-        """A ``DataLoader`` over this data set (batches are made in the workers).
+        """A ``DataLoader`` over this data set (batches are made in the workers); ``kwargs``
+        (``pin_memory``, ``prefetch_factor``, ``worker_init_fn`` ...) go to the ``DataLoader``.
 
         The workers persist across epochs by default (``persistent_workers=True``: no start-up per
         epoch); call :meth:`set_epoch` before each pass over the loader, as without them.
@@ -517,91 +430,56 @@ class ShardDataset(IterableDataset):
 
     # -- stages --------------------------------------------------------------------------------
 
-    def _read(self, src: Iterator[tuple[int, str, int]], log: SkipLog) -> Iterator[tuple[str, dict[str, bytes]]]:
-        for _, url, expected in src:
-            register_fsspec_opener(url)
-            seen = 0
+    def _shard_samples(self, shards: Sequence[tuple[str, int, str]], log: SkipLog) -> Iterator[dict[str, Any]]:
+        """The encoded samples of each shard, once the whole shard passed its checks (module docstring)."""
+        for url, expected, sha256 in shards:
             try:
-                with gopen(url, **self.storage_options) as stream:
-                    for key, members in iter_tar(stream, url):
-                        seen += 1
-                        yield f"{url}#{key}", members
-            except FileNotFoundError:
-                log.handle(DataError(url, "shard not found", count=expected))
-                continue
+                samples = tar_samples(read_shard(url, sha256, self.storage_options), url)
+                if len(samples) != expected:
+                    raise DataError(url, f"{len(samples)} samples, the manifest says {expected}")
             except DataError as error:
-                log.handle(DataError(error.where, error.reason, count=max(expected - seen, 0)))
+                if not self.training:
+                    raise
+                log.handle(DataError(error.where, error.reason, count=expected))
                 continue
-            if seen != expected:
-                log.handle(DataError(url, f"{seen} samples, the manifest says {expected}", count=max(expected - seen, 0)))
+            for key, members in samples:
+                yield {"__key__": f"{url}#{key}", **members}
 
-    def _decode(
-        self, src: Iterator[tuple[str, dict[str, bytes]]], log: SkipLog, buffers: _ImageBuffers | None = None
-    ) -> Iterator[PairSample]:
-        for where, members in src:
-            try:
-                sample = decode_sample(members, where, None if buffers is None else buffers.next_rows())
-            except DataError as error:
-                log.handle(error)
-                continue
-            yield sample
+    def _decode(self, sample: dict[str, Any]) -> PairSample:
+        return decode_sample({k: v for k, v in sample.items() if k != "__key__"}, sample["__key__"])
 
-    def _transform(self, src: Iterator[PairSample], generator: torch.Generator) -> Iterator[PairSample]:
-        for sample in src:
-            for transform in self.transforms:
-                sample = transform(sample, generator)
-            yield sample
-
-    def _batch(
-        self, src: Iterator[PairSample], limit: int, buffers: _ImageBuffers | None = None
-    ) -> Iterator[dict[str, Any]]:
-        if limit <= 0:
-            return
-        made, bucket = 0, []
-        for sample in src:
-            bucket.append(sample)
-            if buffers is not None:
-                buffers.filled = len(bucket)
-            if len(bucket) == self.batch_size:
-                yield _collate(bucket, self.pad_kps_to, self.images, buffers)
-                made, bucket = made + 1, []
-                if made >= limit:
-                    return
-        if bucket and not self.training:
-            yield _collate(bucket, self.pad_kps_to, self.images, buffers)
+    def _transform(self, sample: PairSample, generator: torch.Generator) -> PairSample:
+        for transform in self.transforms:
+            sample = transform(sample, generator)
+        return sample
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, num_workers = _worker()
-        if get_worker_info() is None:
-            num_workers = 1
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         plan = self.plan(num_workers)
         log = SkipLog(self.on_error)
         self.skipped = log
-        stream_seed = [self.seed, plan.epoch, self.rank, worker]
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(stream_seed).generate_state(1)[0]))
-        shard_list = [(i, *self.shards[i]) for i in plan.order]
-        stages: list[Callable[[Iterator[Any]], Iterator[Any]]] = [
-            lambda src: split_by_node(src, self.rank, self.world_size),
-            lambda src: split_by_worker(src, worker, num_workers),
-            lambda src: self._read(src, log),
-        ]
+
+        def skip_bad_sample(error: Exception) -> bool:  # webdataset's handler: True continues with the next sample
+            if not isinstance(error, DataError):
+                raise error
+            log.handle(error)
+            return True
+
+        generator = torch.Generator().manual_seed(_stream_seed(self.seed, plan.epoch, self.rank, worker))
+        shards = [self.shards[i] for i in plan.shards[self.rank][worker]]
+        stages: list[Callable[[Iterator[Any]], Iterator[Any]]] = []
         if self.training and self.shuffle_buffer > 1:  # shuffles the encoded samples: 6x smaller than decoded
-            rng = random.Random(int(np.random.SeedSequence([*stream_seed, 1]).generate_state(1)[0]))
+            rng = random.Random(_stream_seed(self.seed, plan.epoch, self.rank, worker, 1))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-        in_worker = get_worker_info() is not None
-        if in_worker and self.reuse_buffers and self._pool is None:
-            self._pool = BufferPool()  # this worker's reused image buffers, kept across epochs
-        # images decoded straight into the batch when nothing transforms them in between
-        buffers = _ImageBuffers(self.batch_size, self._pool, direct=not self.transforms and self.images == "uint8")
-        stages.append(lambda src: self._decode(src, log, buffers))  # decoded right before use, while in cache
-        stages.append(lambda src: self._transform(src, generator))
-        stages.append(lambda src: self._batch(src, plan.batches[self.rank][worker], buffers))
-        pipeline = wds.DataPipeline(lambda: iter(shard_list), *stages)
-        try:
-            if in_worker:
-                yield from (WorkerBatch(batch, self._pool) for batch in pipeline)
-            else:
-                yield from pipeline
-        finally:
-            buffers.close()
+        collation = functools.partial(collate, pad_kps_to=self.pad_kps_to, images=self.images)
+        pipeline = wds.DataPipeline(
+            lambda: self._shard_samples(shards, log),
+            *stages,
+            wds.map(self._decode, handler=skip_bad_sample),
+            wds.map(functools.partial(self._transform, generator=generator)),
+            wds.batched(self.batch_size, collation_fn=collation, partial=not self.training),
+            wds.slice(max(plan.batches[self.rank][worker], 0)),
+        )
+        yield from pipeline
         log.report(logger, f"{self.url} {self.split} epoch {plan.epoch} rank {self.rank} worker {worker}")

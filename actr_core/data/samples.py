@@ -13,7 +13,6 @@ neighbourhoods at 512 px) for benchmark pairs, or the exact flow of a synthetic 
 """
 
 import dataclasses
-import functools
 import io
 import json
 import math
@@ -264,20 +263,15 @@ def encode_sample(sample: PairSample, image_format: str = "jpg", quality: int = 
     }
 
 
-def _decode_image(data: bytes, where: str, out: Tensor | None = None) -> Tensor:
+def _decode_image(data: bytes, where: str) -> Tensor:
     """RGB uint8 (3, H, W) view of an (H, W, 3) array: JPEG through libjpeg-turbo (simplejpeg), else Pillow.
 
     Both decoders give identical pixels for baseline JPEGs (libjpeg-turbo with the same settings);
     anything simplejpeg declines (CMYK, PNG, corrupt data) goes through Pillow, which converts any
-    mode to RGB or reports the file. ``out``, a contiguous uint8 (H, W, 3) tensor, receives the
-    pixels when the image has its size (a JPEG is decoded straight into it); the result is then a
-    view of ``out``, else a new tensor.
+    mode to RGB or reports the file.
     """
     if data[:2] == _JPEG_MAGIC:
         try:
-            if out is not None and simplejpeg.decode_jpeg_header(data)[:2] == tuple(out.shape[:2]):
-                simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out.numpy())
-                return out.permute(2, 0, 1)
             return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
         except ValueError:
             pass  # Pillow decides: convert or report
@@ -288,34 +282,14 @@ def _decode_image(data: bytes, where: str, out: Tensor | None = None) -> Tensor:
         raise DataError(where, f"cannot decode image: {error}") from error
     if image.mode != "RGB":
         image = image.convert("RGB")
-    pixels = torch.from_numpy(np.array(image))
-    if out is not None and out.shape == pixels.shape:
-        pixels = out.copy_(pixels)
-    return pixels.permute(2, 0, 1)
-
-
-@functools.lru_cache(maxsize=64)
-def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
-    """(dtype, shape, data offset) of an .npy header (version 1.0); shards repeat a few headers."""
-    stream = io.BytesIO(header)
-    np.lib.format.read_magic(stream)
-    shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-    if fortran or dtype.hasobject:
-        raise ValueError("only C-ordered, plain-dtype arrays are stored in shards")
-    return dtype, shape, stream.tell()
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 def _load_npy(data: bytes, where: str) -> np.ndarray:
+    """An array stored by :func:`encode_sample` (``numpy.load``, no pickled objects)."""
     try:
-        if data[:6] != b"\x93NUMPY" or data[6] != 1:
-            raise ValueError("not a version 1.0 .npy file")
-        header_len = int.from_bytes(data[8:10], "little")
-        dtype, shape, offset = _npy_header(bytes(data[: 10 + header_len]))
-        count = math.prod(shape)  # (np.prod costs more than the read here)
-        if len(data) - offset != count * dtype.itemsize:
-            raise ValueError(f"{len(data) - offset} data bytes for shape {shape} {dtype}")
-        return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-    except (ValueError, OSError, EOFError, SyntaxError) as error:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
         raise DataError(where, f"cannot read .npy: {error}") from error
 
 
@@ -326,22 +300,15 @@ def _load_json(data: bytes, where: str) -> dict:
         raise DataError(where, f"invalid JSON: {error}") from error
 
 
-def decode_sample(
-    members: Mapping[str, bytes], where: str = "sample", out: tuple[Tensor, Tensor] | None = None
-) -> PairSample:
-    """Inverse of :func:`encode_sample`; a missing member, undecodable image, NaN or size mismatch raises :class:`DataError`.
-
-    ``out``: optional contiguous uint8 (H, W, 3) tensors that receive the source and target pixels
-    when the images have their size (the sample's images are then views of them), e.g. the rows of
-    a batch buffer.
-    """
+def decode_sample(members: Mapping[str, bytes], where: str = "sample") -> PairSample:
+    """Inverse of :func:`encode_sample`; a missing member, undecodable image, NaN or size mismatch raises :class:`DataError`."""
     try:
-        return _decode(members, where, out or (None, None))
+        return _decode(members, where)
     except (KeyError, TypeError) as error:  # a field missing from or mistyped in meta.json
         raise DataError(where, f"malformed sample metadata: {error!r}") from error
 
 
-def _decode(members: Mapping[str, bytes], where: str, out: tuple[Tensor | None, Tensor | None]) -> PairSample:
+def _decode(members: Mapping[str, bytes], where: str) -> PairSample:
     image_format = next((fmt for fmt in IMAGE_FORMATS if f"src.{fmt}" in members), None)
     required = ["flow.npy", "valid.npy", "kps.json", "meta.json"]
     if image_format is None or f"trg.{image_format}" not in members:
@@ -355,8 +322,8 @@ def _decode(members: Mapping[str, bytes], where: str, out: tuple[Tensor | None, 
         raise DataError(where, f"schema version {meta.get('schema_version')!r}, this reader expects {SCHEMA_VERSION}")
     if meta.get("flow_kind") not in FLOW_KINDS:
         raise DataError(where, f"flow_kind {meta.get('flow_kind')!r} not in {FLOW_KINDS}")
-    src_image = _decode_image(members[f"src.{image_format}"], f"{where} src.{image_format}", out[0])
-    trg_image = _decode_image(members[f"trg.{image_format}"], f"{where} trg.{image_format}", out[1])
+    src_image = _decode_image(members[f"src.{image_format}"], f"{where} src.{image_format}")
+    trg_image = _decode_image(members[f"trg.{image_format}"], f"{where} trg.{image_format}")
     if src_image.shape != trg_image.shape:
         raise DataError(where, f"source {tuple(src_image.shape)} and target {tuple(trg_image.shape)} sizes differ")
     flow = _load_npy(members["flow.npy"], f"{where} flow.npy")

@@ -112,7 +112,8 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 FLOW_KINDS: tuple[str, ...] = ("pseudo", "exact")
 IMAGE_FORMATS: tuple[str, ...] = ("jpg", "png")
 
-# Members of one shard sample, in the order they are written: "<key>.<member>".
+# Members of one shard sample: "<key>.<member>", written in name order (flow.npy, kps.json, meta.json,
+# src.<fmt>, trg.<fmt>, valid.npy; shard sets of 0.1.0 hold them in this table's order: both read the same).
 SHARD_MEMBERS: dict[str, str] = {
     "src": "source image, JPEG (src.jpg) or PNG (src.png), RGB, at the stored frame size",
     "trg": "target image, same format and size as the source",

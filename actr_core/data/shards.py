@@ -6,18 +6,30 @@ Layout of a shard set at ``out`` (a local path or fsspec URL)::
     out/<split>-000000.tar      WebDataset shards; sample keys ``<split>_<index:07d>``
     ...
 
-Determinism: every pair is built from ``(settings, split, index)`` alone; tar members carry fixed
-metadata (mtime 0, uid/gid 0, empty owner names, mode 0644, USTAR) in a fixed order; images are
-encoded by Pillow with fixed options; the manifest has no timestamps. The same settings therefore
-give byte-identical shards, whatever the number of processes.
+Determinism: every pair is built from ``(settings, split, index)`` alone; shards are written by
+``webdataset.TarWriter`` with fixed member metadata (mtime 0, uid/gid 0, empty owner names, mode
+0644, USTAR; members of a sample in name order); images are encoded by Pillow with fixed options;
+the manifest has no timestamps. The same settings therefore give byte-identical shards, whatever
+the number of processes.
 
 Resumability: a shard is built in memory, written to ``<name>.tmp`` and renamed; the manifest
 (``"complete": false`` while running) is rewritten atomically after every shard. A rerun with the
 same settings keeps every shard whose size and sha256 match its manifest entry, removes stale
 ``.tmp`` files and rebuilds the rest, so a killed run finishes with the same bytes.
+
+Single writer: a shard set has one writer at a time. On a local folder :func:`make_shards` holds a
+lock file (``.make_shards.lock``, ``filelock``) for the whole run, so a second concurrent run on the
+same folder fails at once; on object stores (``s3://`` ...) there is no lock, and keeping to one
+writer is up to the caller.
+
+Integrity: :func:`check_manifest` lists what is wrong with a manifest (not a JSON object, another
+format or schema version, ``complete: false``, missing or duplicate shard entries, totals that
+disagree with the shards); readers refuse such a manifest and :func:`verify_shards` reports it,
+with the shards' sizes, sha256, sample counts and their agreement with the recorded settings.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -25,18 +37,25 @@ import io
 import json
 import logging
 import multiprocessing
+import posixpath
 import tarfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import filelock
+import numpy as np
 import torch
+import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
 from tqdm.auto import tqdm
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from actr_core.data.errors import DataError, check_on_error
 from actr_core.data.readers import PairReader, open_reader
 from actr_core.data.records import join, open_root
 from actr_core.data.samples import JPEG_QUALITY, PseudoFlow, build_sample, encode_sample, sample_size
-from actr_core.data.schema import IMAGE_FORMATS, MANIFEST_NAME, SCHEMA_VERSION, SHARD_MEMBERS, SPLITS
+from actr_core.data.schema import FLOW_STRIDE, IMAGE_FORMATS, MANIFEST_NAME, SCHEMA_VERSION, SHARD_MEMBERS, SPLITS
 from actr_core.data.synthetic import SyntheticConfig, SyntheticPairs
 
 __all__ = [
@@ -49,8 +68,11 @@ __all__ = [
     "read_manifest",
     "plan_shards",
     "shard_urls",
-    "iter_tar",
+    "check_manifest",
+    "manifest_problems",
+    "tar_samples",
     "sha256_hex",
+    "LOCK_NAME",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,7 +80,8 @@ logger = logging.getLogger(__name__)
 SOURCES: tuple[str, ...] = ("synthetic", "spair", "pfpascal", "pfwillow")
 MANIFEST_FORMAT = 1  # version of the manifest's own layout
 _TAR_MODE = 0o644
-_MEMBER_ORDER = ("src", "trg", "flow.npy", "valid.npy", "kps.json", "meta.json")
+LOCK_NAME = ".make_shards.lock"  # the single-writer lock file inside a local shard set folder
+REBUILD_HINT = "rebuild it with pipelines/make_shards.py (the same settings, --overwrite)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,23 +160,32 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _tar_bytes(entries: Sequence[tuple[str, bytes]]) -> bytes:
+def _tar_bytes(samples: Sequence[Mapping[str, Any]]) -> bytes:
+    """An uncompressed tar of WebDataset samples (``__key__`` plus members) with fixed member metadata:
+    the same samples give the same bytes (``webdataset.TarWriter`` writes a sample's members in name order)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in entries:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = _TAR_MODE
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
+    with wds.TarWriter(buffer, user="", group="", mode=_TAR_MODE, mtime=0, encoder=False) as writer:
+        for sample in samples:
+            writer.write(dict(sample))
     return buffer.getvalue()
 
 
-def _member_rank(member: str) -> int:
-    head = member.split(".")[0] if member.split(".")[0] in ("src", "trg") else member
-    return _MEMBER_ORDER.index(head)
+def tar_samples(data: bytes, where: str) -> list[tuple[str, dict[str, bytes]]]:
+    """(key, members) of each sample of an uncompressed tar, read by webdataset's tar iteration
+    (members grouped by the key before the first dot of their base name, in any member order).
+
+    A truncated or corrupt tar, or a member repeated within a sample, raises :class:`DataError` naming ``where``.
+    """
+    files = tar_file_expander([{"url": where, "stream": io.BytesIO(data)}], eof_value=None)
+    samples = []
+    try:
+        for sample in group_by_keys(files):
+            samples.append((sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}))
+    except (tarfile.TarError, EOFError, OSError, ValueError, UnicodeDecodeError) as error:
+        last = repr(samples[-1][0]) if samples else "none"
+        reason = error.args[0] if error.args else type(error).__name__
+        raise DataError(where, f"truncated or corrupt tar (last whole sample {last}): {reason}") from error
+    return samples
 
 
 @functools.lru_cache(maxsize=8)
@@ -166,7 +198,7 @@ def _build_shard(
 ) -> tuple[ShardTask, bytes, int, list[dict[str, str]]]:
     """Build one shard in memory; returns (task, tar bytes, sample count, skipped pairs)."""
     reader = _cached_reader(settings, task.split, storage_items)
-    entries: list[tuple[str, bytes]] = []
+    samples: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     count = 0
     for index in range(task.start, task.stop):
@@ -178,11 +210,9 @@ def _build_shard(
             skipped.append({"where": error.where, "reason": error.reason})
             continue
         members = encode_sample(sample, settings.image_format, settings.jpeg_quality)
-        key = f"{task.split}_{index:07d}"
-        for member in sorted(members, key=_member_rank):
-            entries.append((f"{key}.{member}", members[member]))
+        samples.append({"__key__": f"{task.split}_{index:07d}", **members})
         count += 1
-    return task, _tar_bytes(entries), count, skipped
+    return task, _tar_bytes(samples), count, skipped
 
 
 def plan_shards(settings: ShardSettings, storage_options: Mapping[str, Any] | None = None) -> list[ShardTask]:
@@ -198,26 +228,110 @@ def plan_shards(settings: ShardSettings, storage_options: Mapping[str, Any] | No
 
 
 def read_manifest(out: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """The manifest of the shard set at ``out``, or None when there is none."""
+    """The manifest of the shard set at ``out``, or None when there is none; a manifest that is not
+    valid JSON or not a JSON object raises :class:`DataError` (its content is checked by :func:`check_manifest`)."""
     fs, root = open_root(out, storage_options)
     path = join(root, MANIFEST_NAME)
     if not fs.exists(path):
         return None
     try:
-        return json.loads(fs.cat_file(path))
-    except json.JSONDecodeError as error:
+        manifest = json.loads(fs.cat_file(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(path, f"manifest is not valid JSON: {error}") from error
+    if not isinstance(manifest, dict):
+        raise DataError(path, f"manifest is not a JSON object (got a JSON {type(manifest).__name__}); {REBUILD_HINT}")
+    return manifest
 
 
-def shard_urls(out: str, split: str, manifest: Mapping[str, Any] | None = None) -> list[tuple[str, int]]:
-    """(URL, sample count) of every shard of ``split``, from the manifest."""
+def manifest_problems(manifest: Any) -> tuple[list[str], list[str]]:
+    """What is wrong with a manifest, as (incomplete, broken) lists of one-line messages.
+
+    ``incomplete``: what an interrupted run leaves (``complete`` not true, shard entries or splits
+    missing); :func:`check_manifest` lets these pass with ``allow_incomplete``. ``broken``: never
+    readable as is (not a JSON object, another manifest format or schema version, malformed or
+    duplicate entries, totals that disagree with the shard entries).
+    """
+    incomplete: list[str] = []
+    broken: list[str] = []
+    if not isinstance(manifest, dict):
+        return incomplete, [f"manifest is not a JSON object (got {type(manifest).__name__}); {REBUILD_HINT}"]
+    versions = (manifest.get("manifest_format"), manifest.get("schema_version"))
+    if versions != (MANIFEST_FORMAT, SCHEMA_VERSION):
+        broken.append(
+            f"made by another version of actr_core (manifest_format {versions[0]!r}, schema_version {versions[1]!r}; "
+            f"this version reads {MANIFEST_FORMAT} and {SCHEMA_VERSION}); {REBUILD_HINT}"
+        )
+        return incomplete, broken
+    if manifest.get("complete") is not True:
+        incomplete.append("manifest says complete: false (a make_shards run was interrupted; rerun it to finish)")
+    settings, splits = manifest.get("settings"), manifest.get("splits")
+    if not isinstance(settings, dict) or not isinstance(splits, dict):
+        return incomplete, [*broken, "manifest lacks its settings or splits object"]
+    seen: set[str] = set()
+    totals = dict.fromkeys(("shards", "samples", "bytes", "skipped"), 0)
+    for split in settings.get("splits", []):
+        if split not in splits:
+            incomplete.append(f"split {split!r} has no shard entries")
+    for split, info in splits.items():
+        try:
+            entries = list(info["shards"])
+            sums = {key: sum(int(e[key]) for e in entries) for key in ("samples", "bytes")}
+            sums["skipped"] = sum(len(e["skipped"]) for e in entries)
+            indices = []
+            for entry in entries:
+                name = str(entry["name"])
+                if name in seen:
+                    broken.append(f"shard {name} is listed twice")
+                seen.add(name)
+                indices.append(int(posixpath.splitext(name)[0].rsplit("-", 1)[1]))
+                if int(entry["samples"]) + len(entry["skipped"]) != int(entry["stop"]) - int(entry["first"]):
+                    broken.append(f"{name}: {entry['samples']} samples and {len(entry['skipped'])} skipped "
+                                  f"do not make pairs {entry['first']}..{entry['stop']}")  # fmt: skip
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            broken.append(f"split {split!r}: malformed shard entry ({error!r})")
+            continue
+        missing = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
+        if settings.get("source") == "synthetic" and entries:
+            wanted = dict(map(tuple, settings.get("pairs", []))).get(split)
+            if wanted is not None and int(entries[-1]["stop"]) < wanted:
+                missing.append(max(indices) + 1)
+        if missing:
+            names = ", ".join(f"{split}-{k:06d}.tar" for k in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            incomplete.append(f"split {split!r}: missing shard entries ({names})")
+        for key, value in sums.items():
+            if info.get(key) != value:
+                broken.append(f"split {split!r}: {key} says {info.get(key)!r}, its shard entries add up to {value}")
+            totals[key] += value
+        totals["shards"] += len(entries)
+    listed = manifest.get("totals")
+    for key, value in totals.items():
+        if not isinstance(listed, dict) or listed.get(key) != value:
+            got = listed.get(key) if isinstance(listed, dict) else None
+            broken.append(f"totals.{key} says {got!r}, the shard entries add up to {value}")
+    return incomplete, broken
+
+
+def check_manifest(manifest: Any, where: str, *, allow_incomplete: bool = False) -> dict[str, Any]:
+    """``manifest`` if a reader may use it, else :class:`DataError` at ``where`` naming every problem
+    (see :func:`manifest_problems`; ``allow_incomplete`` lets an interrupted run's manifest through)."""
+    incomplete, broken = manifest_problems(manifest)
+    problems = broken if allow_incomplete else broken + incomplete
+    if problems:
+        hint = "" if broken or allow_incomplete else " (allow_incomplete=True reads the shards written so far)"
+        raise DataError(where, "; ".join(problems) + hint)
+    return manifest
+
+
+def shard_urls(out: str, split: str, manifest: Mapping[str, Any] | None = None) -> list[tuple[str, int, str]]:
+    """(URL, sample count, sha256) of every shard of ``split``, from the manifest."""
     manifest = manifest if manifest is not None else read_manifest(out)
     if manifest is None:
         raise DataError(join(str(out), MANIFEST_NAME), "no manifest: not a shard set (run make_shards first)")
     if split not in manifest["splits"]:
         raise ValueError(f"split {split!r} not in the shard set (has {sorted(manifest['splits'])})")
     base = str(out).rstrip("/")
-    return [(f"{base}/{entry['name']}", int(entry["samples"])) for entry in manifest["splits"][split]["shards"]]
+    shards = manifest["splits"][split]["shards"]
+    return [(f"{base}/{entry['name']}", int(entry["samples"]), str(entry["sha256"])) for entry in shards]
 
 
 def _manifest(settings: ShardSettings, tasks: Sequence[ShardTask], done: Mapping[str, dict], complete: bool) -> dict:
@@ -307,9 +421,49 @@ def make_shards(
         storage_options: fsspec options for ``out`` and the data set root.
         mp_context: multiprocessing start method (default: fork where available, else spawn).
         on_shard: called with each shard's name once it is written (progress hooks, tests).
+
+    Raises:
+        RuntimeError: another process is writing the same local folder (see the module docstring).
     """
     fs, root = open_root(out, storage_options)
     fs.makedirs(root, exist_ok=True)
+    with _single_writer(fs, root, out):
+        return _make_shards(out, fs, root, settings, workers, progress, overwrite, storage_options, mp_context, on_shard)
+
+
+@contextlib.contextmanager
+def _single_writer(fs: Any, root: str, out: str) -> Iterator[None]:
+    """Hold the shard set's lock file for the block on a local folder (nothing on other filesystems)."""
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    lock = filelock.FileLock(join(root, LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout as error:
+        raise RuntimeError(
+            f"{out} is being written by another make_shards process (it holds {join(root, LOCK_NAME)}); "
+            "a shard set has one writer at a time: wait for it to finish, then rerun"
+        ) from error
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _make_shards(
+    out: str,
+    fs: Any,
+    root: str,
+    settings: ShardSettings,
+    workers: int,
+    progress: bool,
+    overwrite: bool,
+    storage_options: Mapping[str, Any] | None,
+    mp_context: str | None,
+    on_shard: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """:func:`make_shards` under the writer's lock."""
     settings_json = settings.to_json()
     tasks = plan_shards(settings, storage_options)
     planned = {t.name for t in tasks}
@@ -369,110 +523,6 @@ def make_shards(
     return manifest
 
 
-_BLOCK = 512
-_END_BLOCK = bytes(_BLOCK)
-_REGULAR_TYPES = (b"0", b"\0", b"7")
-_PAX_TYPES = (b"x", b"g")
-_GNU_LONG_NAME = b"L"
-_GNU_LONG_LINK = b"K"
-
-
-def _read_exact(stream: Any, n: int) -> bytes:
-    """``n`` bytes from ``stream`` (fewer only at the end of the stream)."""
-    data = stream.read(n)
-    if len(data) == n or not data:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < n:
-        more = stream.read(n - got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
-
-
-def _octal(field: bytes, what: str) -> int:
-    if field and field[0] & 0x80:  # GNU base-256 for large values
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError as error:
-        raise tarfile.ReadError(f"bad {what} field {field!r}") from error
-
-
-def _tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
-    """(name, content) of the regular members of a tar stream (ustar, GNU long names, pax paths).
-
-    A header with a bad checksum, a member cut short or a missing header block raises
-    ``tarfile.ReadError``; a stream ending cleanly between members ends the archive (the manifest's
-    sample count catches a shard cut exactly there).
-    """
-    long_name: str | None = None
-    while True:
-        header = _read_exact(stream, _BLOCK)
-        if not header or header == _END_BLOCK:
-            return
-        if len(header) < _BLOCK:
-            raise tarfile.ReadError(f"truncated header ({len(header)} of {_BLOCK} bytes)")
-        stored = _octal(header[148:156], "checksum")
-        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise tarfile.ReadError("bad header checksum")
-        size = _octal(header[124:136], "size")
-        kind = header[156:157]
-        name = header[:100].split(b"\0", 1)[0]
-        if header[257:262] == b"ustar":
-            prefix = header[345:500].split(b"\0", 1)[0]
-            if prefix:
-                name = prefix + b"/" + name
-        content = _read_exact(stream, size)
-        if len(content) < size:
-            raise tarfile.ReadError(f"member {name.decode('utf-8', 'replace')} is truncated ({len(content)} of {size} bytes)")
-        padding = -size % _BLOCK
-        if padding and len(_read_exact(stream, padding)) < padding:
-            raise tarfile.ReadError(f"member {name.decode('utf-8', 'replace')} lacks its padding")
-        if kind == _GNU_LONG_NAME:
-            long_name = content.split(b"\0", 1)[0].decode("utf-8")
-            continue
-        if kind in _PAX_TYPES or kind == _GNU_LONG_LINK:
-            if kind == b"x":
-                for record in content.decode("utf-8").splitlines():
-                    field = record.partition(" ")[2]
-                    if field.startswith("path="):
-                        long_name = field[len("path=") :]
-            continue
-        if kind in _REGULAR_TYPES:
-            yield (long_name if long_name is not None else name.decode("utf-8")), content
-        long_name = None
-
-
-def iter_tar(data: Any, where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, members) of each sample of a tar stream or bytes; a truncated or corrupt tar raises :class:`DataError`.
-
-    ``data`` is a binary file object or bytes (uncompressed tar). Members are grouped by the key
-    before the first dot of their base name, as WebDataset does.
-    """
-    stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
-    key, members = None, {}
-    try:
-        for name, content in _tar_members(stream):
-            base = name.rsplit("/", 1)[-1]
-            sample_key, dot, member = base.partition(".")
-            if not dot:
-                continue
-            if sample_key != key:
-                if members:
-                    yield key, members
-                key, members = sample_key, {}
-            members[member] = content
-    except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as error:
-        raise DataError(where, f"truncated or corrupt tar (after sample {key!r}): {error}") from error
-    if members:
-        yield key, members
-
-
 @dataclasses.dataclass(frozen=True)
 class VerifyReport:
     """Outcome of :func:`verify_shards`: ``ok`` when ``problems`` is empty."""
@@ -493,8 +543,10 @@ class VerifyReport:
 
 
 def verify_shards(out: str, *, deep: bool = True, storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
-    """Check a shard set against its manifest: presence, sizes, sha256, no stray shards; with ``deep``,
-    also that every tar parses and holds the listed number of complete samples."""
+    """Check a shard set against its manifest: the manifest itself (:func:`manifest_problems`), every
+    shard's presence, size and sha256, no stray shards; with ``deep``, also that every tar parses into
+    the listed number of complete samples whose keys lie in the shard's pair range and whose content
+    agrees with the recorded settings (image format and frame size, flow grid)."""
     problems: list[str] = []
     fs, root = open_root(out, storage_options)
     try:
@@ -503,13 +555,14 @@ def verify_shards(out: str, *, deep: bool = True, storage_options: Mapping[str, 
         return VerifyReport(str(out), 0, 0, (str(error),))
     if manifest is None:
         return VerifyReport(str(out), 0, 0, (f"{join(root, MANIFEST_NAME)}: no manifest",))
-    if not manifest.get("complete"):
-        problems.append("manifest says the shard set is incomplete (a run was interrupted; rerun make_shards)")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        problems.append(f"schema version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    incomplete, broken = manifest_problems(manifest)
+    problems.extend(incomplete + broken)
+    if not isinstance(manifest.get("splits"), dict) or any("another version" in p for p in broken):
+        return VerifyReport(str(out), 0, 0, tuple(problems))
+    settings = manifest.get("settings", {})
     listed, shards, samples = set(), 0, 0
-    for split, info in manifest.get("splits", {}).items():
-        for entry in info.get("shards", []):
+    for split, info in manifest["splits"].items():
+        for entry in info.get("shards", []) if isinstance(info, dict) else []:
             shards += 1
             name = entry["name"]
             listed.add(name)
@@ -525,20 +578,45 @@ def verify_shards(out: str, *, deep: bool = True, storage_options: Mapping[str, 
                 continue
             if deep:
                 try:
-                    count = 0
-                    for key, members in iter_tar(data, path):
-                        lacking = [m for m in ("flow.npy", "valid.npy", "kps.json", "meta.json") if m not in members]
-                        if lacking or not any(m.startswith("src.") for m in members):
-                            problems.append(f"{name}: sample {key} lacks {lacking or ['src image']}")
-                        count += 1
+                    content = tar_samples(data, path)
                 except DataError as error:
                     problems.append(str(error))
                     continue
-                if count != entry["samples"]:
-                    problems.append(f"{name}: {count} samples, manifest says {entry['samples']} (split {split})")
+                problems.extend(_content_problems(name, content, entry, settings))
+                if len(content) != entry["samples"]:
+                    problems.append(f"{name}: {len(content)} samples, manifest says {entry['samples']} (split {split})")
             samples += entry["samples"]
     for path in fs.glob(join(root, "*.tar")):
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if name not in listed:
             problems.append(f"{name}: shard not listed in the manifest")
     return VerifyReport(str(out), shards, samples, tuple(problems))
+
+
+def _content_problems(
+    name: str, content: Sequence[tuple[str, Mapping[str, bytes]]], entry: Mapping[str, Any], settings: Mapping[str, Any]
+) -> list[str]:
+    """Disagreements between a shard's samples and its manifest entry and settings (first one per kind)."""
+    problems: dict[str, str] = {}  # kind -> first message
+    fmt = settings.get("image_format")
+    h, w = settings.get("size", (0, 0))
+    stride = settings.get("pseudo", {}).get("stride", FLOW_STRIDE)
+    for key, members in content:
+        split, _, index = key.rpartition("_")
+        if not (index.isdigit() and entry["first"] <= int(index) < entry["stop"] and split == entry["split"]):
+            problems.setdefault("key", f"{name}: sample {key} outside the shard's pairs {entry['first']}..{entry['stop']}")
+        lacking = [m for m in (f"src.{fmt}", f"trg.{fmt}", "flow.npy", "valid.npy", "kps.json", "meta.json") if m not in members]
+        if lacking:
+            problems.setdefault("members", f"{name}: sample {key} lacks {lacking} (settings say image_format {fmt!r})")
+            continue
+        try:
+            sizes = [Image.open(io.BytesIO(members[f"{side}.{fmt}"])).size[::-1] for side in ("src", "trg")]
+            flow_shape = np.load(io.BytesIO(members["flow.npy"]), allow_pickle=False, mmap_mode=None).shape
+        except (OSError, ValueError, SyntaxError) as error:
+            problems.setdefault("decode", f"{name}: sample {key} does not decode: {error}")
+            continue
+        if any(tuple(size) != (h, w) for size in sizes):
+            problems.setdefault("size", f"{name}: sample {key} has images of {sizes}, settings say size {[h, w]}")
+        if flow_shape != (2, h // stride, w // stride):
+            problems.setdefault("flow", f"{name}: sample {key} has flow {flow_shape}, settings say {(2, h // stride, w // stride)}")
+    return list(problems.values())

@@ -5,8 +5,9 @@ Axis legend: H W frame rows, columns · h w flow grid (H/stride × W/stride) · 
 
 A transform is a callable ``(sample, generator) -> sample`` on :class:`~actr_core.data.samples.PairSample`
 (``uint8`` images); :class:`Compose` chains them and :func:`train_transforms` builds the released
-code's training set: seven photometric operations at p = 0.2 each, drawn independently per
-image, then a random crop that keeps the object box, per image with p = 0.7.
+code's training set: seven photometric operations at p = 0.2 each (torchvision ``transforms.v2``
+functional ops, their parameters drawn from the given generator), drawn independently per image,
+then a random crop that keeps the object box, per image with p = 0.7.
 
 Convention:
     A crop keeps pixel columns ``left .. right - 1`` and rows ``top .. bottom - 1`` of a frame and
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from jaxtyping import Float, UInt8
 from torch import Tensor
 
@@ -76,108 +78,65 @@ class Compose:
 @dataclasses.dataclass(frozen=True)
 class PhotometricConfig:
     """The released code's albumentations set (ToGray, Posterize, Equalize, Sharpen, RandomBrightnessContrast,
-    Solarize, ColorJitter, each p = 0.2) on uint8 tensors, in plain torch (no torchvision import in the data
-    path); ranges are albumentations' defaults where they map."""
+    Solarize, ColorJitter, each p = 0.2) as torchvision ``transforms.v2`` functional ops on uint8 tensors;
+    ranges are albumentations' defaults where they map."""
 
     p: float = 0.2  # probability of each operation, per image (released train transform)
     posterize_bits: int = 4  # albumentations Posterize default num_bits
-    sharpen: tuple[float, float] = (0.5, 1.5)  # unsharp-mask amount standing in for Sharpen(alpha 0.2-0.5) (chosen)
+    sharpen: tuple[float, float] = (0.5, 1.5)  # unsharp-mask amount a of x + a(x - box3x3(x)), standing in for Sharpen(alpha 0.2-0.5) (chosen)
     brightness: float = 0.2  # RandomBrightnessContrast brightness_limit / ColorJitter brightness
     contrast: float = 0.2  # RandomBrightnessContrast contrast_limit / ColorJitter contrast
     saturation: float = 0.2  # ColorJitter saturation
-    hue: float = 0.2  # ColorJitter hue, as a fraction of the colour circle (rotation in YIQ space)
+    hue: float = 0.2  # ColorJitter hue, as a fraction of the colour circle (HSV hue shift, as albumentations)
     solarize_threshold: int = 128  # albumentations Solarize default threshold
 
 
-_LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601 luma weights
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]])
-_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+# torchvision's sharpness blends with a 3x3 smoothing of weights (1 ... 5 ... 1)/13: x + (f - 1)(x - smooth(x))
+# equals the unsharp mask x + a(x - box3x3(x)) inside the frame when f - 1 = a·13/9 (the border rows stay).
+_SHARPNESS_PER_AMOUNT = 13.0 / 9.0
 
 
-def _colour_matrix(
-    image: Tensor, brightness: float, contrast: float, saturation: float = 1.0, hue: float = 0.0
-) -> Tensor:
-    """Brightness, contrast, saturation and hue as one affine colour map ``M x + t`` (one pass over the image).
-
-    brightness scales; contrast blends with the mean grey level; saturation blends with each
-    pixel's grey level; hue rotates the chroma plane of YIQ by ``hue`` turns.
-    """
-    x = image.float().reshape(3, -1)
-    grey_mean = float(_LUMA @ x.mean(dim=1))
-    eye = torch.eye(3)
-    m = brightness * eye
-    t = torch.zeros(3)
-    m, t = contrast * m, contrast * t + (1.0 - contrast) * brightness * grey_mean
-    desaturate = saturation * eye + (1.0 - saturation) * torch.outer(torch.ones(3), _LUMA)
-    m, t = desaturate @ m, desaturate @ t
-    if hue:
-        angle = 2.0 * torch.pi * torch.tensor(hue)
-        c, s = float(torch.cos(angle)), float(torch.sin(angle))
-        rotation = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-        rotate = _YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ
-        m, t = rotate @ m, rotate @ t
-    out = torch.addmm(t[:, None], m, x)
-    return out.round_().clamp_(0, 255).to(torch.uint8).reshape(image.shape)
+def _factor(generator: torch.Generator, spread: float) -> float:
+    """A factor drawn uniformly in [1 - spread, 1 + spread]."""
+    return _uniform(generator, 1.0 - spread, 1.0 + spread)
 
 
 def _jitter(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
-    return _colour_matrix(
-        image,
-        _uniform(generator, 1 - cfg.brightness, 1 + cfg.brightness),
-        _uniform(generator, 1 - cfg.contrast, 1 + cfg.contrast),
-        _uniform(generator, 1 - cfg.saturation, 1 + cfg.saturation),
-        _uniform(generator, -cfg.hue, cfg.hue),
-    )
+    """Brightness, contrast, saturation (factors in 1 ± their spread) and hue (± ``hue`` turns), in that order."""
+    b, c, s = (_factor(generator, spread) for spread in (cfg.brightness, cfg.contrast, cfg.saturation))
+    hue = _uniform(generator, -cfg.hue, cfg.hue)
+    image = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, b), c), s)
+    return TF.adjust_hue(image, hue)
 
 
 def _brightness_contrast(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
-    return _colour_matrix(
-        image,
-        _uniform(generator, 1 - cfg.brightness, 1 + cfg.brightness),
-        _uniform(generator, 1 - cfg.contrast, 1 + cfg.contrast),
-    )
+    b, c = _factor(generator, cfg.brightness), _factor(generator, cfg.contrast)
+    return TF.adjust_contrast(TF.adjust_brightness(image, b), c)
 
 
 def _sharpen(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
-    """Unsharp mask: x + a (x - box3x3(x)), a drawn in ``cfg.sharpen``."""
-    x = image.float()
-    padded = F.pad(x[None], (1, 1, 1, 1), mode="replicate")[0]
-    rows = padded[:, :, :-2] + padded[:, :, 1:-1] + padded[:, :, 2:]  # separable 3x3 box, replicated edges
-    blur = (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) / 9.0
-    amount = _uniform(generator, *cfg.sharpen)
-    return (x + amount * (x - blur)).round_().clamp_(0, 255).to(torch.uint8)
+    """Unsharp mask of amount a drawn in ``cfg.sharpen`` (torchvision's sharpness factor 1 + a·13/9)."""
+    return TF.adjust_sharpness(image, 1.0 + _SHARPNESS_PER_AMOUNT * _uniform(generator, *cfg.sharpen))
 
 
 def _gray(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
-    """Luma (BT.601) repeated on the three channels."""
-    grey = (_LUMA.view(3, 1, 1) * image.float()).sum(0).round_().clamp_(0, 255).to(torch.uint8)
-    return grey.expand(3, -1, -1).contiguous()
+    """Luma (ITU-R BT.601) repeated on the three channels."""
+    return TF.rgb_to_grayscale(image, num_output_channels=3)
 
 
 def _posterize(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
     """Keep the ``posterize_bits`` high bits of every value."""
-    mask = (0xFF << (8 - cfg.posterize_bits)) & 0xFF
-    return image & mask
+    return TF.posterize(image, cfg.posterize_bits)
 
 
 def _equalize(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
-    """Histogram equalisation per channel, PIL's ``ImageOps.equalize`` rule (a channel with one value is kept)."""
-    out = []
-    for channel in image:
-        hist = torch.bincount(channel.reshape(-1).long(), minlength=256)
-        used = hist[hist > 0]
-        step = (int(hist.sum()) - int(used[-1])) // 255
-        if step == 0:
-            out.append(channel)
-            continue
-        lut = (step // 2 + torch.cumsum(hist, 0) - hist) // step  # exclusive cumulative histogram
-        out.append(lut.clamp_(0, 255).to(torch.uint8)[channel.long()])
-    return torch.stack(out)
+    """Histogram equalisation per channel (PIL's ``ImageOps.equalize`` rule)."""
+    return TF.equalize(image)
 
 
 def _solarize(image: Tensor, cfg: PhotometricConfig, generator: torch.Generator) -> Tensor:
     """Invert the values at or above ``solarize_threshold``."""
-    return torch.where(image >= cfg.solarize_threshold, 255 - image, image)
+    return TF.solarize(image, cfg.solarize_threshold)
 
 
 _OPERATIONS: tuple[tuple[str, Callable[[Tensor, PhotometricConfig, torch.Generator], Tensor]], ...] = (

@@ -18,9 +18,10 @@ from actr_core.data import (
     ShardSettings,
     SPairReader,
     make_shards,
+    verify_shards,
 )
 from actr_core.data.records import image_to_rgb, load_image
-from actr_core.data.shards import _tar_bytes, iter_tar
+from actr_core.data.shards import _tar_bytes, sha256_hex, tar_samples
 
 # ----------------------------------------------------------------------------------------------
 # Readers
@@ -168,49 +169,74 @@ def test_make_shards_skip_lists_the_bad_pairs(memory_root, builders):
 
 
 def _shard_root(memory_root, tiny_settings_factory):
-    make_shards(memory_root, tiny_settings_factory(pairs=(("train", 1), ("val", 1), ("test", 8))), progress=False)
+    make_shards(memory_root, tiny_settings_factory(pairs=(("train", 8), ("val", 1), ("test", 8))), progress=False)
     return fsspec.filesystem("memory"), memory_root.removeprefix("memory://")
 
 
+def _record(fs, root, name, data):
+    """Write ``data`` as shard ``name`` and record its size and sha256 in the manifest (a shard written bad)."""
+    fs.pipe_file(f"{root}/{name}", data)
+    manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
+    split = manifest["splits"][name.split("-")[0]]
+    entry = next(e for e in split["shards"] if e["name"] == name)
+    for where in (split, manifest["totals"]):
+        where["bytes"] += len(data) - entry["bytes"]
+    entry["bytes"], entry["sha256"] = len(data), sha256_hex(data)
+    fs.pipe_file(f"{root}/manifest.json", json.dumps(manifest).encode())
+
+
 def _rewrite(fs, path, edit):
-    samples = list(iter_tar(fs.cat_file(path), path))
-    entries = []
-    for key, members in samples:
-        members = edit(key, dict(members))
-        entries.extend((f"{key}.{name}", data) for name, data in members.items())
-    fs.pipe_file(path, _tar_bytes(entries))
+    samples = [{"__key__": key, **edit(key, dict(members))} for key, members in tar_samples(fs.cat_file(path), path)]
+    _record(fs, path.rsplit("/", 1)[0], path.rsplit("/", 1)[1], _tar_bytes(samples))
 
 
-def _read(memory_root, on_error="raise", split="test"):
-    dataset = ShardDataset(memory_root, split, batch_size=2, rank=0, world_size=1, on_error=on_error)
+def _read(memory_root, on_error="raise", split="test", training=False):
+    dataset = ShardDataset(memory_root, split, batch_size=2, training=training, rank=0, world_size=1, on_error=on_error)
     return [p for batch in dataset for p in batch["pair_id"]], dataset
 
 
-def test_truncated_tar_raises_naming_the_shard(memory_root, tiny_settings_factory):
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_evaluation_stops_at_a_shard_that_differs_from_the_manifest(memory_root, tiny_settings_factory, on_error):
+    """A shard is read whole and checked before any of its samples is used; evaluation stops there."""
+    fs, root = _shard_root(memory_root, tiny_settings_factory)
+    data = fs.cat_file(f"{root}/test-000001.tar")
+    fs.pipe_file(f"{root}/test-000001.tar", data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"test-000001.tar: sha256 [0-9a-f]{16}… differs from the manifest's"):
+        _read(memory_root, on_error=on_error)
+
+
+def test_training_skips_and_counts_a_damaged_shard(memory_root, tiny_settings_factory, caplog):
+    fs, root = _shard_root(memory_root, tiny_settings_factory)
+    data = bytearray(fs.cat_file(f"{root}/train-000000.tar"))
+    data[3000] ^= 0xFF
+    fs.pipe_file(f"{root}/train-000000.tar", bytes(data))
+    with pytest.raises(DataError, match="train-000000.tar: sha256"):
+        _read(memory_root, split="train", training=True)
+    with caplog.at_level(logging.WARNING, logger="actr_core.data.pipeline"):
+        ids, dataset = _read(memory_root, on_error="skip", split="train", training=True)
+    assert dataset.skipped.count == 4 and len(ids) == 4  # the whole shard left out, its 4 samples counted
+    assert all(int(p[-6:]) >= 4 for p in ids)  # only the intact shard's pairs
+    assert "skipped 4 samples" in caplog.text and "train-000000.tar: sha256" in caplog.text
+
+
+def test_truncated_tar_with_a_matching_manifest(memory_root, tiny_settings_factory):
+    """A shard recorded truncated (its sha256 matches): the tar does not parse, named with the shard."""
     fs, root = _shard_root(memory_root, tiny_settings_factory)
     data = fs.cat_file(f"{root}/test-000000.tar")
-    fs.pipe_file(f"{root}/test-000000.tar", data[: len(data) // 2])
+    _record(fs, root, "test-000000.tar", data[:600])  # inside the first member's content (a cut at a header ends the tar)
     with pytest.raises(DataError, match=r"test-000000.tar: truncated or corrupt tar"):
         _read(memory_root)
+    assert any("truncated or corrupt tar" in p for p in verify_shards(memory_root).problems)
 
 
-def test_truncated_tar_skip_counts_the_lost_samples(memory_root, tiny_settings_factory, caplog):
-    fs, root = _shard_root(memory_root, tiny_settings_factory)
-    data = fs.cat_file(f"{root}/test-000000.tar")
-    fs.pipe_file(f"{root}/test-000000.tar", data[: len(data) // 2])
-    with caplog.at_level(logging.WARNING, logger="actr_core.data.pipeline"):
-        ids, dataset = _read(memory_root, on_error="skip")
-    assert len(ids) + dataset.skipped.count == 8
-    assert dataset.skipped.count >= 2
-    assert f"skipped {dataset.skipped.count} samples" in caplog.text and "test-000000.tar" in caplog.text
-
-
-def test_missing_shard_is_counted(memory_root, tiny_settings_factory):
+def test_missing_shard(memory_root, tiny_settings_factory):
     fs, root = _shard_root(memory_root, tiny_settings_factory)
     fs.rm(f"{root}/test-000001.tar")
-    with pytest.raises(DataError, match="test-000001.tar: shard not found"):
-        _read(memory_root)
-    ids, dataset = _read(memory_root, on_error="skip")
+    fs.rm(f"{root}/train-000001.tar")
+    for on_error in ("raise", "skip"):
+        with pytest.raises(DataError, match="test-000001.tar: shard not found"):
+            _read(memory_root, on_error=on_error)
+    ids, dataset = _read(memory_root, on_error="skip", split="train", training=True)
     assert len(ids) == 4 and dataset.skipped.count == 4
 
 
@@ -239,6 +265,7 @@ def test_corrupt_jpeg_in_a_shard(memory_root, tiny_settings_factory, caplog):
         (lambda m: {**m, "kps.json": m["kps.json"].replace(b'"src":[[', b'"src":[[NaN,0],[').replace(b'"trg":[[', b'"trg":[[0,0],[').replace(b'"src_orig":[[', b'"src_orig":[[0,0],[').replace(b'"trg_orig":[[', b'"trg_orig":[[0,0],[').replace(b'"valid":[', b'"valid":[true,')}, "NaN or inf in keypoints"),
         (lambda m: {**m, "flow.npy": _nan_flow(m["flow.npy"])}, "NaN or inf in the stored flow"),
         (lambda m: {**m, "meta.json": b"{"}, "invalid JSON"),
+        (lambda m: {**m, "valid.npy": _pickled_npy()}, "cannot read .npy: .*allow_pickle=False"),
     ],
 )
 def test_bad_members_in_a_shard(memory_root, tiny_settings_factory, edit, match):
@@ -258,21 +285,28 @@ def _nan_flow(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def _pickled_npy() -> bytes:
+    """An .npy of Python objects: loading it would unpickle, which the reader refuses."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
+
+
 def test_fewer_samples_than_the_manifest_promises(memory_root, tiny_settings_factory):
     fs, root = _shard_root(memory_root, tiny_settings_factory)
     path = f"{root}/test-000000.tar"
-    entries = [(f"{k}.{n}", d) for k, m in list(iter_tar(fs.cat_file(path), path))[:3] for n, d in m.items()]
-    fs.pipe_file(path, _tar_bytes(entries))
-    with pytest.raises(DataError, match="3 samples, the manifest says 4"):
+    kept = [{"__key__": k, **m} for k, m in tar_samples(fs.cat_file(path), path)[:3]]
+    _record(fs, root, "test-000000.tar", _tar_bytes(kept))
+    with pytest.raises(DataError, match="test-000000.tar: 3 samples, the manifest says 4"):
         _read(memory_root)
 
 
-def test_iter_tar_on_garbage():
+def test_tar_samples_on_garbage():
     with pytest.raises(DataError, match="truncated or corrupt tar"):
-        list(iter_tar(b"\x00" * 100 + b"garbage" * 100, "g.tar"))
+        tar_samples(b"\x00" * 100 + b"garbage" * 100, "g.tar")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         info = tarfile.TarInfo("a.src.jpg")
         info.size = 10
         tar.addfile(info, io.BytesIO(b"0123456789"))
-    assert list(iter_tar(buffer.getvalue(), "ok.tar")) == [("a", {"src.jpg": b"0123456789"})]
+    assert tar_samples(buffer.getvalue(), "ok.tar") == [("a", {"src.jpg": b"0123456789"})]

@@ -105,23 +105,6 @@ def test_encode_decode_round_trip(image_format):
     torch.testing.assert_close(back.trg_frame_bbox, expected, atol=float32_tolerance(expected, terms=3), rtol=0)
 
 
-@pytest.mark.parametrize("image_format", ["jpg", "png"])
-def test_decode_into_given_rows(image_format):
-    """Images land in the given (H, W, 3) rows when they fit (the sample's images are views of them),
-    with the pixels a plain decode gives; rows of another size are left alone."""
-    members = encode_sample(build_sample(_record(), (32, 48)), image_format)
-    plain = decode_sample(members)
-    rows = (torch.zeros(32, 48, 3, dtype=torch.uint8), torch.zeros(32, 48, 3, dtype=torch.uint8))
-    into = decode_sample(members, out=rows)
-    for image, row, want in ((into.src_image, rows[0], plain.src_image), (into.trg_image, rows[1], plain.trg_image)):
-        assert image.data_ptr() == row.data_ptr() and image.shape == (3, 32, 48)
-        assert torch.equal(image, want)
-    small = (torch.zeros(16, 48, 3, dtype=torch.uint8), torch.zeros(16, 48, 3, dtype=torch.uint8))
-    other = decode_sample(members, out=small)
-    assert other.src_image.data_ptr() != small[0].data_ptr() and not small[0].any()
-    assert torch.equal(other.src_image, plain.src_image)
-
-
 def test_encoding_is_deterministic():
     sample = build_sample(_record(), 32)
     assert encode_sample(sample) == encode_sample(sample)

@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from tolerances import float32_tolerance
 
 from actr_core.data import (
@@ -20,7 +21,7 @@ from actr_core.data import (
     train_transforms,
 )
 from actr_core.data.synthetic import SyntheticConfig, generate_pair
-from actr_core.data.transforms import _OPERATIONS, _colour_matrix
+from actr_core.data.transforms import _OPERATIONS, _sharpen
 from actr_core.flow import rescale_keypoints, transfer_keypoints
 
 SIZE = (64, 96)
@@ -74,15 +75,52 @@ class TestPhotometric:
             out = operation(sample.src_image, PhotometricConfig(), _gen())
             assert out.dtype == torch.uint8 and out.shape == sample.src_image.shape, name
 
-    def test_colour_matrix_known_values(self):
-        image = torch.tensor([[[100]], [[50]], [[200]]], dtype=torch.uint8)
-        assert torch.equal(_colour_matrix(image, 1.0, 1.0, 1.0, 0.0), image)  # identity
-        assert _colour_matrix(image, 1.2, 1.0).flatten().tolist() == [120, 60, 240]  # brightness scales
-        grey = round(0.299 * 100 + 0.587 * 50 + 0.114 * 200)
-        assert _colour_matrix(image, 1.0, 1.0, 0.0).flatten().tolist() == [grey] * 3  # no saturation = grey
-        # a full turn of hue is the identity; half a turn moves the colour
-        assert torch.equal(_colour_matrix(image, 1.0, 1.0, 1.0, 1.0), image)
-        assert not torch.equal(_colour_matrix(image, 1.0, 1.0, 1.0, 0.5), image)
+    def test_operations_are_torchvision_ops_with_parameters_from_the_generator(self):
+        """p = 1: each operation in the documented order, its coin then its parameters drawn from the
+        generator (uniform in the configured ranges), applied by transforms.v2's functional ops."""
+        cfg = PhotometricConfig(p=1.0)
+        image = _keypoint_sample().src_image
+        draws = _gen(7)
+
+        def uniform(low, high):
+            return low + (high - low) * float(torch.rand((), generator=draws))
+
+        expected = image
+        for name, _ in _OPERATIONS:
+            assert float(torch.rand((), generator=draws)) < 1.0  # the operation's coin
+            if name == "gray":
+                expected = TF.rgb_to_grayscale(expected, num_output_channels=3)
+            elif name == "posterize":
+                expected = TF.posterize(expected, 4)
+            elif name == "equalize":
+                expected = TF.equalize(expected)
+            elif name == "sharpen":
+                expected = TF.adjust_sharpness(expected, 1 + uniform(0.5, 1.5) * 13 / 9)
+            elif name == "brightness_contrast":
+                b, c = uniform(0.8, 1.2), uniform(0.8, 1.2)
+                expected = TF.adjust_contrast(TF.adjust_brightness(expected, b), c)
+            elif name == "solarize":
+                expected = TF.solarize(expected, 128)
+            else:
+                b, c, s, h = uniform(0.8, 1.2), uniform(0.8, 1.2), uniform(0.8, 1.2), uniform(-0.2, 0.2)
+                expected = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(expected, b), c), s), h)
+        assert torch.equal(Photometric(cfg).image(image, _gen(7)), expected)
+
+    def test_sharpen_is_the_unsharp_mask_inside_the_frame(self):
+        """torchvision's sharpness factor 1 + a·13/9 is x + a(x − box3x3(x)) away from the border (float64
+        reference), within torchvision's uint8 roundings: its blurred image is rounded to whole levels, an
+        error the blend scales by f − 1, and the blend truncates; plus the reference's own rounding."""
+        image = _keypoint_sample(seed=2).src_image
+        amount = 0.5 + 1.0 * float(torch.rand((), generator=_gen(4)))
+        out = _sharpen(image, PhotometricConfig(), _gen(4)).double()
+        x = image.double()
+        box = torch.nn.functional.avg_pool2d(x[None], 3, stride=1)[0]  # interior cells only
+        inner = x[:, 1:-1, 1:-1]
+        reference = (inner + amount * (inner - box)).round().clamp(0, 255)
+        bound = 0.5 * amount * 13 / 9 + 1.0 + 0.5
+        assert (out[:, 1:-1, 1:-1] - reference).abs().max() <= bound
+        naive = TF.adjust_sharpness(image, 1 + amount).double()  # the misreading: factor 1 + a
+        assert (naive[:, 1:-1, 1:-1] - reference).abs().max() > bound
 
     def test_probability_must_be_valid(self):
         with pytest.raises(ValueError, match="p must be in"):
@@ -198,24 +236,3 @@ def test_train_transforms_compose_deterministically():
     a, b = chain(sample, _gen(5)), chain(sample, _gen(5))
     assert torch.equal(a.src_image, b.src_image) and torch.equal(a.flow, b.flow)
     assert dataclasses.replace(a) == a  # still a valid sample
-
-
-def test_operations_match_torchvision():
-    """The plain-torch photometric ops equal torchvision's (grayscale and resizing to within one level of rounding)."""
-    import torch.nn.functional as F
-    import torchvision.transforms.v2.functional as TF
-
-    from actr_core.data.transforms import _equalize, _gray, _posterize, _solarize
-
-    cfg = PhotometricConfig()
-    for image in (_keypoint_sample().src_image.contiguous(), (_keypoint_sample(seed=1).trg_image // 4 + 60).contiguous()):
-        assert (_gray(image, cfg, _gen()).int() - TF.rgb_to_grayscale(image, 3).int()).abs().max() <= 1
-        assert torch.equal(_posterize(image, cfg, _gen()), TF.posterize(image, cfg.posterize_bits))
-        assert torch.equal(_equalize(image, cfg, _gen()), TF.equalize(image))
-        assert torch.equal(_solarize(image, cfg, _gen()), TF.solarize(image, cfg.solarize_threshold))
-        ours = F.interpolate(image[:, 3:30, 5:50][None].contiguous(), size=(64, 96), mode="bilinear", antialias=True)[0]
-        theirs = TF.resized_crop(image, 3, 5, 27, 45, [64, 96], antialias=True)
-        # torchvision calls the same uint8 kernel where ATen vectorises it (AVX2, AVX512), else it resizes in
-        # float32 and rounds (ATEN_CPU_CAPABILITY=default): one level apart at most
-        assert (ours.int() - theirs.int()).abs().max() <= 1
-
