@@ -5,7 +5,11 @@ Axis legend: b batch · H W input frame · h w token grid (H/p, W/p) · p patch 
 
 * Any timm ``VisionTransformer`` by name (``vit_small_patch16_224`` = ViT-S/16,
   ``vit_base_patch16_224`` = ViT-B/16, ...), built with ``pretrained=False``: nothing is ever
-  downloaded. Only the modules the token output uses are kept (no classifier head, no pooling).
+  downloaded. The backbone is that timm model itself, as the ``VisionTransformer`` subclass
+  :class:`ViTBackbone`, without its classifier head: its token path (``forward_features`` in the
+  ``dynamic_img_size`` mode) and its state-dict keys are timm's.
+* Gradient checkpointing is timm's: ``set_grad_checkpointing(True)`` (or
+  ``create_vit(..., grad_checkpointing=True)``) recomputes the blocks in the backward pass.
 * Inputs of any size whose sides are multiples of the patch size: the absolute position embedding
   (learnt for the model's native grid, e.g. 14 × 14 at 224) is resampled to the input's token grid
   on every call by an injected ``resample_pos_embed`` function. The default,
@@ -27,7 +31,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -77,9 +81,7 @@ def resample_pos_embed_bicubic(
     The first ``num_prefix_tokens`` embeddings ([cls], ...) are kept unchanged; returns
     ``pos_embed`` itself when the grid is the native one.
     """
-    return resample_abs_pos_embed(
-        pos_embed, new_size=list(grid), old_size=list(native_grid), num_prefix_tokens=num_prefix_tokens
-    )
+    return resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=list(native_grid), num_prefix_tokens=num_prefix_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,42 +107,68 @@ class WeightsReport:
         return "; ".join(parts)
 
 
-class ViTBackbone(nn.Module):
-    """A timm ViT's token path: patch embedding, [cls] (+ other prefix tokens), resampled position
-    embedding, blocks, final norm. Returns ``[cls]`` + patch tokens ``(b, 1 + h·w, c)``.
+class ViTBackbone(VisionTransformer):
+    """timm's ``VisionTransformer`` returning ``[cls]`` + patch tokens ``(b, 1 + h·w, c)`` for any
+    input size, with an injected position-embedding resampler.
+
+    The token path is timm's own ``forward_features`` (patch embedding, prefix tokens, position
+    embedding, blocks, final norm) in its ``dynamic_img_size`` mode; only ``_pos_embed``, where timm
+    resamples the position embedding to the input's grid, calls ``resample_pos_embed`` instead.
+    Gradient checkpointing is timm's: :meth:`set_grad_checkpointing` recomputes each block in the
+    backward pass instead of keeping its activations.
 
     State-dict keys are timm's (``cls_token``, ``pos_embed``, ``patch_embed.proj.weight``,
-    ``blocks.0.attn.qkv.weight``, ``norm.weight``, ...), which are also DINO's and iBOT's.
-    Register and distillation tokens, where a model has them, take part in attention and are
-    dropped from the output.
+    ``blocks.0.attn.qkv.weight``, ``norm.weight``, ...), which are also DINO's and iBOT's; there is
+    no classifier head. Register and distillation tokens, where a model has them, take part in
+    attention and are dropped from the output.
+
+    Args:
+        resample_pos_embed: how the position embedding follows the input size.
+        grad_checkpointing: recompute the blocks in the backward pass (less memory, one more
+            forward pass of the blocks).
+        vit_kwargs: timm ``VisionTransformer`` arguments (``patch_size=16, embed_dim=384, ...``);
+            :meth:`from_timm` turns a model built by name instead.
     """
 
-    def __init__(self, vit: VisionTransformer, *, resample_pos_embed: PosEmbedResampler = resample_pos_embed_bicubic):
-        super().__init__()
+    cls_token: nn.Parameter  # never None here (checked at construction), unlike timm's
+    pos_embed: nn.Parameter
+
+    def __init__(
+        self,
+        *,
+        resample_pos_embed: PosEmbedResampler = resample_pos_embed_bicubic,
+        grad_checkpointing: bool = False,
+        **vit_kwargs: Any,
+    ) -> None:
+        super().__init__(**{"num_classes": 0, **vit_kwargs, "dynamic_img_size": True})
+        _check_vit(self)
+        self._init_backbone(resample_pos_embed, grad_checkpointing)
+
+    @classmethod
+    def from_timm(
+        cls,
+        vit: nn.Module,
+        *,
+        resample_pos_embed: PosEmbedResampler = resample_pos_embed_bicubic,
+        grad_checkpointing: bool = False,
+    ) -> "ViTBackbone":
+        """Turn ``vit`` (e.g. from ``timm.create_model(name, dynamic_img_size=True)``) into a
+        backbone, in place: its class becomes :class:`ViTBackbone`, its classifier head is removed;
+        its modules, parameters and state-dict keys stay timm's."""
         if not isinstance(vit, VisionTransformer):
             raise ValueError(f"expected a timm VisionTransformer, got {type(vit).__name__}")
-        if vit.cls_token is None or vit.pos_embed is None:
-            raise ValueError(
-                f"{type(vit).__name__} has no [cls] token or no absolute position embedding: "
-                "the backbone returns [cls] + patch tokens and resamples an absolute embedding"
-            )
-        patch = tuple(vit.patch_embed.patch_size)
-        if patch[0] != patch[1]:
-            raise ValueError(f"non-square patches {patch} are not supported")
-        self.patch_embed = vit.patch_embed
-        self.cls_token = vit.cls_token
-        self.reg_token = vit.reg_token  # None for most models
-        self.pos_embed = vit.pos_embed
-        self.pos_drop = vit.pos_drop
-        self.norm_pre = vit.norm_pre
-        self.blocks = vit.blocks
-        self.norm = vit.norm
-        self.patch_size: int = int(patch[0])
-        self.embed_dim: int = int(vit.embed_dim)
-        self.num_prefix_tokens: int = int(vit.num_prefix_tokens)
-        self.no_embed_class: bool = bool(vit.no_embed_class)
-        self.native_grid: tuple[int, int] = tuple(int(g) for g in vit.patch_embed.grid_size)
+        _check_vit(vit)
+        vit.reset_classifier(0)
+        vit.__class__ = cls
+        backbone = cast("ViTBackbone", vit)
+        backbone._init_backbone(resample_pos_embed, grad_checkpointing)
+        return backbone
+
+    def _init_backbone(self, resample_pos_embed: PosEmbedResampler, grad_checkpointing: bool) -> None:
+        self.patch_size: int = int(self.patch_embed.patch_size[0])
+        self.native_grid: tuple[int, int] = (int(self.patch_embed.grid_size[0]), int(self.patch_embed.grid_size[1]))
         self.resample_pos_embed = resample_pos_embed
+        self.set_grad_checkpointing(grad_checkpointing)
 
     @property
     def pretrained_part(self) -> nn.Module:
@@ -156,33 +184,42 @@ class ViTBackbone(nn.Module):
         covered = 0 if self.no_embed_class else self.num_prefix_tokens
         return self.resample_pos_embed(self.pos_embed, grid, self.native_grid, covered)
 
-    def forward(self, image: Float[Tensor, "b 3 H W"]) -> Float[Tensor, "b n c"]:
+    def _pos_embed(self, x: Float[Tensor, "b h w c"]) -> Float[Tensor, "b n c"]:
+        """timm's ``_pos_embed`` (prefix tokens, position embedding, dropout) with the injected resampler."""
+        pos = self.position_embedding((int(x.shape[1]), int(x.shape[2])))
+        x = rearrange(x, "b h w c -> b (h w) c")
+        prefix = [token.expand(x.shape[0], -1, -1) for token in (self.cls_token, self.reg_token) if token is not None]
+        if self.no_embed_class:  # the embedding covers the patches only (DeiT-3): add, then prepend
+            x = torch.cat(prefix + [x + pos], dim=1)
+        else:  # it covers the prefix too (timm, DINO, iBOT): prepend, then add
+            x = torch.cat(prefix + [x], dim=1) + pos
+        return self.pos_drop(x)
+
+    def forward(self, image: Float[Tensor, "b 3 H W"]) -> Float[Tensor, "b n c"]:  # type: ignore[override]  # tokens, not logits
         """Tokens ``(b, 1 + h·w, c)``: [cls] then the patches in row-major order (after the final norm)."""
         check_image(image, multiple=self.patch_size, name="image")
-        x = self.patch_embed.proj(image)  # b c h w
-        grid = (int(x.shape[-2]), int(x.shape[-1]))
-        x = rearrange(x, "b c h w -> b (h w) c")
-        x = self.patch_embed.norm(x)
-        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
-        if self.reg_token is not None:
-            prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
-        pos = self.position_embedding(grid)
-        if self.no_embed_class:
-            x = torch.cat(prefix + [x + pos], dim=1)
-        else:
-            x = torch.cat(prefix + [x], dim=1) + pos
-        x = self.norm_pre(self.pos_drop(x))
-        x = self.norm(self.blocks(x))
+        x = self.forward_features(image)
         return torch.cat((x[:, :1], x[:, self.num_prefix_tokens :]), dim=1)
 
 
+def _check_vit(vit: VisionTransformer) -> None:
+    """The timm models a :class:`ViTBackbone` can be: [cls], absolute position embedding, square
+    patches, built with ``dynamic_img_size=True``."""
+    if vit.cls_token is None or vit.pos_embed is None:
+        raise ValueError(
+            f"{type(vit).__name__} has no [cls] token or no absolute position embedding: "
+            "the backbone returns [cls] + patch tokens and resamples an absolute embedding"
+        )
+    patch = tuple(vit.patch_embed.patch_size)
+    if patch[0] != patch[1]:
+        raise ValueError(f"non-square patches {patch} are not supported")
+    if not vit.dynamic_img_size:
+        raise ValueError("the VisionTransformer must be built with dynamic_img_size=True (any input size)")
+
+
 def _strip_prefixes(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
+    while key.startswith(_WRAPPER_PREFIXES):  # each prefix ends at the key's first dot
+        key = key.split(".", 1)[1]
     return key
 
 
@@ -201,7 +238,7 @@ def read_checkpoint(path: str | os.PathLike, *, weights_only: bool = True) -> di
         return dict(load_file(str(path), device="cpu"))
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:  # noqa: BLE001 - re-raised with advice
+    except Exception as err:
         if weights_only:
             raise ValueError(
                 f"{path} could not be read with torch.load(weights_only=True) ({err}); if you trust "
@@ -250,7 +287,7 @@ def load_vit_weights(
     pos = state.get("pos_embed")
     if pos is not None and pos.ndim == 3 and pos.shape != own["pos_embed"].shape and pos.shape[-1] == own["pos_embed"].shape[-1]:
         covered = 0 if backbone.no_embed_class else backbone.num_prefix_tokens
-        side = int(round((pos.shape[1] - covered) ** 0.5))
+        side = round((pos.shape[1] - covered) ** 0.5)
         if side * side + covered == pos.shape[1]:
             state["pos_embed"] = resample_pos_embed_bicubic(pos.float(), backbone.native_grid, (side, side), covered)
             resized.append("pos_embed")
@@ -284,6 +321,7 @@ def create_vit(
     weights: str | os.PathLike | Mapping[str, Any] | None = None,
     checkpoint_key: str | None = None,
     resample_pos_embed: PosEmbedResampler = resample_pos_embed_bicubic,
+    grad_checkpointing: bool = False,
     warn_random_init: bool = True,
     **timm_kwargs: Any,
 ) -> ViTBackbone:
@@ -297,19 +335,21 @@ def create_vit(
         checkpoint_key: the entry of the checkpoint holding the network (default: see
             :func:`convert_vit_state_dict`).
         resample_pos_embed: how the position embedding follows the input size.
-        timm_kwargs: passed to ``timm.create_model`` (e.g. ``depth=2, embed_dim=64`` for tests).
+        grad_checkpointing: recompute the blocks in the backward pass (timm's gradient checkpointing).
+        timm_kwargs: passed to ``timm.create_model`` (e.g. ``depth=2, embed_dim=64`` for tests);
+            ``pretrained`` is always ``False``.
     """
-    kwargs = {"num_classes": 0, **timm_kwargs, "pretrained": False}
+    kwargs = {"num_classes": 0, **timm_kwargs, "pretrained": False, "dynamic_img_size": True}
     try:
         vit = timm.create_model(name, **kwargs)
     except RuntimeError as err:
         raise ValueError(f"timm has no model {name!r}: {err}") from err
-    except TypeError as err:  # a CNN does not take img_size / depth
+    except TypeError as err:  # a CNN takes neither dynamic_img_size nor depth
         raise ValueError(
             f"timm model {name!r} is not a VisionTransformer ({err}); a CNN backbone needs "
             "ACTRConfig.conv_backbone (create_conv_backbone)"
         ) from err
-    backbone = ViTBackbone(vit, resample_pos_embed=resample_pos_embed)
+    backbone = ViTBackbone.from_timm(vit, resample_pos_embed=resample_pos_embed, grad_checkpointing=grad_checkpointing)
     if weights is not None:
         load_vit_weights(backbone, weights, checkpoint_key=checkpoint_key)
     elif warn_random_init:

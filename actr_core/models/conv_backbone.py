@@ -14,25 +14,31 @@ translation-equivariant filters, which learn to match from scratch within minute
   in row-major order, each projected to ``c`` channels, plus a learnt absolute position embedding
   (resampled bicubically for other grids, as the ViT's), after a LayerNorm;
 * ``patch_size`` is the stage's stride (the blocks and the flow grid use it as the ViT's patch
-  size), ``embed_dim`` is ``c``.
+  size), ``embed_dim`` is ``c``;
+* ``set_grad_checkpointing(True)`` (timm's name for the switch) recomputes each module of the CNN
+  in the backward pass instead of keeping its activations, in training mode.
 
 The ``[cls]`` token only keeps the token layout of the ViT (the correspondence blocks attend to it;
 Eq. 2 drops it); it carries no image content at the input.
 """
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
 
 import timm
 import torch
 from einops import rearrange
 from jaxtyping import Float
 from timm.layers import trunc_normal_
+from timm.models import FeatureDictNet
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from actr_core.models.backbones import WeightsReport, read_checkpoint, resample_pos_embed_bicubic
 from actr_core.models.base import check_image
@@ -40,6 +46,9 @@ from actr_core.models.base import check_image
 __all__ = ["ConvBackbone", "ConvBackboneConfig", "create_conv_backbone", "load_conv_weights"]
 
 _log = logging.getLogger(__name__)
+
+# BatchNorm buffers a training-mode forward updates (torch.nn.modules.batchnorm._NormBase)
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +79,8 @@ class ConvBackbone(nn.Module):
             other grids resample it bicubically.
         init_std: trunc-normal std of ``[cls]``, the position embedding and the projection weights.
         layer_norm_eps: epsilon of the LayerNorm applied to the grid tokens.
+        grad_checkpointing: recompute the CNN's activations in the backward pass (see
+            :meth:`set_grad_checkpointing`).
     """
 
     def __init__(
@@ -80,9 +91,10 @@ class ConvBackbone(nn.Module):
         grid: tuple[int, int],
         init_std: float = 0.02,
         layer_norm_eps: float = 1e-6,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        info = getattr(cnn, "feature_info", None)
+        info: Any = getattr(cnn, "feature_info", None)  # timm's FeatureInfo
         if not hasattr(info, "channels") or len(info.channels()) != 1:
             raise ValueError(
                 f"{type(cnn).__name__} must be a timm features_only model with exactly one output stage "
@@ -101,6 +113,8 @@ class ConvBackbone(nn.Module):
         for tensor in (self.cls_token, self.pos_embed, self.proj.weight):
             trunc_normal_(tensor, std=init_std)
         nn.init.zeros_(self.proj.bias)
+        self.grad_checkpointing = False
+        self.set_grad_checkpointing(grad_checkpointing)
 
     @property
     def pretrained_part(self) -> nn.Module:
@@ -112,6 +126,36 @@ class ConvBackbone(nn.Module):
         """Token grid ``(h, w)`` of an ``height × width`` input."""
         return height // self.patch_size, width // self.patch_size
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the CNN's activations in the backward pass instead of keeping them (training
+        mode only): each module of the timm feature network (stem layers, residual stages) runs
+        under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, keeping only its input.
+        The recomputation leaves BatchNorm running statistics alone, so a training step updates
+        them once, as without checkpointing. Raises ``ValueError`` for a CNN that is not a timm
+        ``FeatureDictNet``/``FeatureListNet`` (whose modules run one after the other)."""
+        if enable and not isinstance(self.cnn, FeatureDictNet):
+            raise ValueError(
+                f"gradient checkpointing runs the modules of a timm FeatureDictNet/FeatureListNet one by one; "
+                f"the CNN is a {type(self.cnn).__name__}"
+            )
+        self.grad_checkpointing = bool(enable)
+
+    def _cnn_features(self, image: Float[Tensor, "b 3 H W"]) -> Float[Tensor, "b k h w"]:
+        """The kept stage's feature map (channels-last), checkpointed module by module when
+        gradient checkpointing is on and the backbone is training."""
+        # channels-last: oneDNN's convolutions and pooling run faster on CPU (and cuDNN's under AMP),
+        # and the (h w) k token layout in forward is then a view, not a copy
+        x = image.contiguous(memory_format=torch.channels_last)
+        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+            return self.cnn(x)[-1]
+        for module in cast(FeatureDictNet, self.cnn).values():  # the network ends with the kept stage
+            if getattr(module, "inplace", False):  # e.g. the stem's ReLU: it would overwrite a kept input
+                x = module(x)
+            else:
+                recompute = functools.partial(_recompute_keeping_running_stats, module)
+                x = checkpoint(module, x, use_reentrant=False, context_fn=recompute)
+        return x
+
     def position_embedding(self, grid: tuple[int, int]) -> Float[Tensor, "1 hw c"]:
         """The position embedding for a token grid ``(h, w)`` (the learnt one, resampled if ``grid`` differs)."""
         return resample_pos_embed_bicubic(self.pos_embed, grid, self.native_grid, 0)
@@ -119,9 +163,7 @@ class ConvBackbone(nn.Module):
     def forward(self, image: Float[Tensor, "b 3 H W"]) -> Float[Tensor, "b n c"]:
         """Tokens ``(b, 1 + h·w, c)``: [cls], then the stage's cells in row-major order."""
         check_image(image, multiple=self.patch_size, name="image")
-        # channels-last: oneDNN's convolutions and pooling run faster on CPU (and cuDNN's under AMP),
-        # and the (h w) k token layout below is then a view, not a copy
-        features = self.cnn(image.contiguous(memory_format=torch.channels_last))[-1]  # b k h w
+        features = self._cnn_features(image)  # b k h w
         grid = (int(features.shape[-2]), int(features.shape[-1]))
         tokens = self.proj(rearrange(features, "b k h w -> b (h w) k")) + self.position_embedding(grid)
         tokens = self.norm(tokens)
@@ -129,6 +171,27 @@ class ConvBackbone(nn.Module):
 
     def extra_repr(self) -> str:
         return f"stride={self.patch_size}, embed_dim={self.embed_dim}, native_grid={self.native_grid}"
+
+
+@contextlib.contextmanager
+def _running_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Whatever runs inside leaves the running statistics of ``module``'s BatchNorm layers (and
+    their batch counters) as they were: they are copied on entry and put back on exit."""
+    kept = [(b, b.clone()) for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] in _RUNNING_STATS]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
+
+
+def _recompute_keeping_running_stats(
+    module: nn.Module,
+) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+    """``context_fn`` of ``torch.utils.checkpoint.checkpoint``: a plain forward, and a recomputation
+    that does not update BatchNorm running statistics a second time."""
+    return contextlib.nullcontext(), _running_stats_kept(module)
 
 
 def load_conv_weights(backbone: ConvBackbone, weights: str | os.PathLike | Mapping[str, Any]) -> WeightsReport:
@@ -171,6 +234,7 @@ def create_conv_backbone(
     config: ConvBackboneConfig = ConvBackboneConfig(),
     image_size: tuple[int, int] = (128, 128),
     weights: str | os.PathLike | Mapping[str, Any] | None = None,
+    grad_checkpointing: bool = False,
     warn_random_init: bool = True,
 ) -> ConvBackbone:
     """A timm CNN by ``name`` cut after ``config.stage``, as a :class:`ConvBackbone` (never downloads).
@@ -181,12 +245,15 @@ def create_conv_backbone(
         image_size: the training frame; the position embedding is learnt for its token grid.
         weights: a local timm/torchvision state dict for the CNN; ``None`` keeps the random
             initialisation (with a one-line warning unless ``warn_random_init`` is false).
+        grad_checkpointing: recompute the CNN's activations in the backward pass
+            (:meth:`ConvBackbone.set_grad_checkpointing`).
     """
     try:
         cnn = timm.create_model(name, pretrained=False, features_only=True, out_indices=(config.stage,))
     except (RuntimeError, IndexError, AssertionError) as err:
         raise ValueError(f"timm cannot build {name!r} with features_only, out_indices=({config.stage},): {err}") from err
-    stride = int(cnn.feature_info.reduction()[-1])
+    info: Any = cnn.feature_info  # timm's FeatureInfo
+    stride = int(info.reduction()[-1])
     h, w = image_size
     if h % stride or w % stride or h <= 0 or w <= 0:
         raise ValueError(f"image_size = {image_size}: sides must be positive multiples of the stride {stride}")
@@ -196,6 +263,7 @@ def create_conv_backbone(
         grid=(h // stride, w // stride),
         init_std=config.init_std,
         layer_norm_eps=config.layer_norm_eps,
+        grad_checkpointing=grad_checkpointing,
     )
     if weights is not None:
         load_conv_weights(backbone, weights)

@@ -1,5 +1,7 @@
-"""ViT backbones: tokens for any multiple-of-16 input, local weights only, reports and errors."""
+"""ViT backbones: tokens for any multiple-of-16 input, timm's token path and gradient checkpointing,
+local weights only, reports and errors."""
 
+import copy
 import warnings
 
 import pytest
@@ -45,6 +47,79 @@ def test_default_forward_equals_timm_dynamic_img_size():
     x = torch.randn(2, 3, 48, 96, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), ref.forward_features(x))  # float64 defaults: 1e-7
+
+
+def test_state_dict_keys_are_timm_dino_and_0_1_0_names():
+    """The keys of DINO/iBOT/timm checkpoints and of checkpoints saved by earlier versions (0.1.0
+    saved exactly these for this model); no classifier head."""
+    assert list(tiny().state_dict()) == [
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        *(f"blocks.0.{k}" for k in _BLOCK_KEYS),
+        "norm.weight",
+        "norm.bias",
+    ]
+
+
+_BLOCK_KEYS = (
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+)
+
+
+def test_constructor_from_timm_arguments_equals_the_model_by_name():
+    by_name = tiny()
+    direct = ViTBackbone(patch_size=16, **TINY)
+    direct.load_state_dict(by_name.state_dict())  # strict: the same keys
+    assert isinstance(by_name, timm.models.VisionTransformer)
+    assert (direct.patch_size, direct.embed_dim, direct.native_grid) == (16, 32, (4, 4))
+    x = torch.randn(2, 3, 32, 80)
+    with torch.no_grad():
+        assert torch.equal(direct(x), by_name(x))
+
+
+def _gradients(backbone: ViTBackbone, image: torch.Tensor) -> tuple[dict, int]:
+    """Parameter and image gradients of one training-mode step, and how often the first block ran."""
+    calls = []
+    handle = backbone.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    image = image.clone().requires_grad_(True)
+    backbone.train()(image).square().mean().backward()
+    handle.remove()
+    return {"image": image.grad, **{name: p.grad for name, p in backbone.named_parameters()}}, len(calls)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    """float64, H != W, batch 2: timm's checkpointing recomputes the blocks in the backward pass
+    (the first block runs twice) and every gradient equals the one without it."""
+    plain = tiny(depth=2).double()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing(True)
+    image = torch.randn(2, 3, 32, 80, dtype=torch.float64)
+    grads, calls = _gradients(plain, image)
+    grads_ckpt, calls_ckpt = _gradients(checkpointed, image)
+    assert (calls, calls_ckpt) == (1, 2)
+    assert grads_ckpt.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, msg=name)  # float64 defaults
+
+
+def test_grad_checkpointing_switch_in_create_vit():
+    assert tiny(grad_checkpointing=True).grad_checkpointing and not tiny().grad_checkpointing
+    backbone = tiny(grad_checkpointing=True)
+    backbone.set_grad_checkpointing(False)
+    assert not backbone.grad_checkpointing
 
 
 def test_native_grid_keeps_the_position_embedding_itself():
@@ -169,8 +244,14 @@ def test_missing_file_and_missing_checkpoint_key(tmp_path):
 
 
 def test_not_a_vit_or_unknown_name(no_typecheck):
-    with pytest.raises(ValueError, match="expected a timm VisionTransformer, got ResNet"):
+    with pytest.raises(ValueError, match="timm model 'resnet18' is not a VisionTransformer"):
         create_vit("resnet18")
+    with pytest.raises(ValueError, match="expected a timm VisionTransformer, got ResNet"):
+        ViTBackbone.from_timm(timm.create_model("resnet18", pretrained=False))
+    with pytest.raises(ValueError, match="dynamic_img_size=True"):
+        ViTBackbone.from_timm(timm.create_model("vit_small_patch16_224", pretrained=False, **TINY))
+    with pytest.raises(ValueError, match="no \\[cls\\] token"):
+        ViTBackbone(patch_size=16, class_token=False, global_pool="avg", **TINY)
     with pytest.raises(ValueError, match="timm has no model 'no_such_vit'"):
         create_vit("no_such_vit")
 

@@ -2,9 +2,9 @@
 
 import copy
 
+import pytest
 import timm
 import torch
-import pytest
 from tolerances import float32_tolerance
 
 from actr_core.models.conv_backbone import ConvBackbone, ConvBackboneConfig, create_conv_backbone, load_conv_weights
@@ -60,6 +60,56 @@ def test_every_parameter_gets_a_gradient():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.parameters())
 
 
+def _train_step(backbone: ConvBackbone, image: torch.Tensor) -> tuple[torch.Tensor, dict, dict, int]:
+    """Tokens, parameter gradients, buffers after one training-mode step, and how often ``layer1`` ran."""
+    calls = []
+    handle = backbone.cnn.layer1.register_forward_pre_hook(lambda *_: calls.append(1))
+    image = image.clone().requires_grad_(True)
+    tokens = backbone.train()(image)
+    tokens.square().mean().backward()
+    handle.remove()
+    grads = {name: p.grad for name, p in backbone.named_parameters()}
+    grads["image"] = image.grad
+    return tokens, grads, {k: v.clone() for k, v in backbone.named_buffers()}, len(calls)
+
+
+def test_grad_checkpointing_gives_the_same_gradients_and_running_statistics():
+    """float64, H != W, batch 2: each CNN module's activations are recomputed in the backward pass
+    (``layer1`` runs twice), the tokens, every gradient (image included) and the BatchNorm running
+    statistics (updated once, not again by the recomputation) equal those without checkpointing."""
+    torch.manual_seed(0)
+    plain = _backbone().double()
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if name.endswith("bn2.weight"):  # timm starts them at zero: make every branch carry gradient
+                p.fill_(1.0)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing(True)
+    assert checkpointed.grad_checkpointing and not plain.grad_checkpointing
+    image = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    tokens, grads, buffers, calls = _train_step(plain, image)
+    tokens_ckpt, grads_ckpt, buffers_ckpt, calls_ckpt = _train_step(checkpointed, image)
+    assert (calls, calls_ckpt) == (1, 2)
+    torch.testing.assert_close(tokens_ckpt, tokens)  # float64 defaults
+    assert grads_ckpt.keys() == grads.keys() and all(g.abs().sum() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
+    assert buffers["cnn.bn1.num_batches_tracked"] == 1
+    for name, buffer in buffers.items():
+        torch.testing.assert_close(buffers_ckpt[name], buffer, msg=name)
+
+
+def test_grad_checkpointing_only_in_training_mode():
+    backbone = _backbone(grad_checkpointing=True).eval()
+    calls = []
+    backbone.cnn.layer1.register_forward_pre_hook(lambda *_: calls.append(1))
+    image = torch.randn(1, 3, 32, 48, requires_grad=True)
+    backbone(image).sum().backward()
+    assert backbone.grad_checkpointing and len(calls) == 1  # eval mode: no recomputation
+    backbone.set_grad_checkpointing(False)
+    assert not backbone.grad_checkpointing
+
+
 def test_stride_follows_the_stage():
     backbone = create_conv_backbone(
         "resnet18", config=ConvBackboneConfig(stage=3, embed_dim=16), image_size=(32, 32), warn_random_init=False
@@ -108,6 +158,12 @@ class TestErrors:
     def test_model_without_features_only(self):
         with pytest.raises(ValueError, match="features_only"):
             ConvBackbone(timm.create_model("resnet18", pretrained=False), embed_dim=8, grid=(2, 2))
+
+    def test_grad_checkpointing_needs_a_feature_list_network(self):
+        cnn = timm.create_model("resnet18", pretrained=False, features_only=True, feature_cls="hook", out_indices=(2,))
+        backbone = ConvBackbone(cnn, embed_dim=8, grid=(2, 2))
+        with pytest.raises(ValueError, match="the CNN is a FeatureHookNet"):
+            backbone.set_grad_checkpointing(True)
 
     def test_bad_config(self):
         with pytest.raises(ValueError, match="embed_dim = 0"):
