@@ -1,49 +1,21 @@
-"""The ``actr`` command: match images, make shards, train, evaluate, benchmark, run the main job.
+"""The ``actr`` command: match images, make shards, train, evaluate, count parameters, run the main job.
 
-User errors (a missing or unreadable file, a bad argument, a foreign checkpoint) end in one line
-on stderr naming the file and the problem, and exit status 2; no traceback (set ``ACTR_DEBUG=1``
-to see one).
+    actr <command> [options]      (the same as python pipelines/<command's script>.py [options])
+
+Every command reads its options from a config dataclass (``--help`` lists each option's type,
+default and meaning) and follows one exit-status policy (:mod:`pipelines.entry`): 0 success,
+1 a failed check, 2 a user error, reported in one line on stderr without a traceback
+(``--verbose`` or ``ACTR_DEBUG=1`` shows it). ``actr`` returns its command's status.
 """
 
-import argparse
 import importlib
-import json
-import os
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-__all__ = ["main", "match_main", "known_warp"]
-
-EXIT_USER_ERROR = 2
+__all__ = ["main", "known_warp", "COMMANDS"]
 
 
-def _delegate(module: str, entry: str) -> Callable[[list[str]], object]:
-    """Run ``pipelines.<module>.<entry>(argv)``; ``entry="main(parse_args)"`` parses first."""
-
-    def run(argv: list[str]) -> object:
-        mod = importlib.import_module(f"pipelines.{module}")
-        if entry == "main(parse_args)":
-            return mod.main(mod.parse_args(argv))
-        return getattr(mod, entry)(argv)
-
-    return run
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from actr_core.api import ImageError
-
-    errors: list[type[BaseException]] = [ImageError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError]
-    try:
-        from actr_core.training.checkpoint import CheckpointError
-
-        errors.append(CheckpointError)
-    except ImportError:  # pragma: no cover - the training package ships with the library
-        pass
-    return tuple(errors)
-
-
-# ---------------------------------------------------------------- actr match
+# ---------------------------------------------------------------- the known warp of actr match
 
 
 def known_warp(image, seed: int = 0, strength: float = 0.15):
@@ -95,133 +67,50 @@ def _apply(homography, pts):
     return p[:, :2] / p[:, 2:]
 
 
-def _build_matcher(args: argparse.Namespace):
-    from actr_core.api import Matcher
-
-    if args.checkpoint:
-        return Matcher.from_checkpoint(args.checkpoint, device=args.device)
-    if args.released:
-        return Matcher.from_released(args.released, device=args.device)
-    from actr_core.models import build_model
-
-    size = args.size
-    return Matcher(build_model(args.model), (size, size), device=args.device)
-
-
-def match_main(argv: Sequence[str] | None = None) -> dict:
-    """``actr match``: match two images (or a photo and a known warp of it); PNG + JSON out."""
-    import numpy as np
-    import torch
-
-    from actr_core.api import load_image
-    from actr_core.metrics import pck
-    from actr_core.viz.matches import plot_matches
-
-    p = argparse.ArgumentParser(prog="actr match", description=match_main.__doc__)
-    p.add_argument("source", type=Path, help="source image file")
-    p.add_argument("target", type=Path, nargs="?", help="target image file (omit with --known-warp)")
-    src_model = p.add_mutually_exclusive_group(required=True)
-    src_model.add_argument("--checkpoint", type=Path, help="a checkpoint written by actr train")
-    src_model.add_argument("--released", type=Path, help="a released ACTR checkpoint (model_best.pth)")
-    src_model.add_argument("--model", help="a registered builder name (random weights; for trying the plumbing)")
-    p.add_argument("--size", type=int, default=256, help="input side for --model (default 256)")
-    p.add_argument("--keypoints", type=Path, help="JSON list of [x, y] source points (default: a 6×6 grid)")
-    p.add_argument("--known-warp", action="store_true", help="target = a random homography of the source; prints PCK")
-    p.add_argument("--seed", type=int, default=0, help="seed of the known warp")
-    p.add_argument("--alpha", type=float, default=0.1, help="PCK threshold as a fraction of the target's longer side")
-    p.add_argument("--out", type=Path, default=Path("match_out"), help="output folder")
-    p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
-    if args.known_warp == (args.target is not None):
-        raise ValueError("give either a target image or --known-warp, not both or neither")
-
-    source = load_image(args.source)
-    gt = valid = None
-    if args.known_warp:
-        target, grid_kps, gt, valid = known_warp(source, seed=args.seed)
-    else:
-        target = load_image(args.target)
-        h, w = source.shape[-2:]
-        xs, ys = np.linspace(0.1 * w, 0.9 * w, 6), np.linspace(0.1 * h, 0.9 * h, 6)
-        grid_kps = torch.from_numpy(np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)).float()
-    if args.keypoints:
-        if args.known_warp:
-            raise ValueError("--keypoints cannot be combined with --known-warp (its matches come from the warp)")
-        try:
-            kps = torch.tensor(json.loads(args.keypoints.read_text()), dtype=torch.float32)
-        except (json.JSONDecodeError, TypeError, ValueError) as err:
-            raise ValueError(f"{args.keypoints}: not a JSON list of [x, y] pairs ({err})") from None
-    else:
-        kps = grid_kps
-    matcher = _build_matcher(args)
-    result = matcher(source, target, kps)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    report: dict = {
-        "source": str(args.source),
-        "target": "known warp" if args.known_warp else str(args.target),
-        "source_keypoints": kps.tolist(),
-        "target_keypoints": result.keypoints.tolist(),
-        "confidence": result.confidence.tolist(),
-        "cycle_error_px": result.cycle_error.tolist(),
-        "convention": "(x, y) pixels of each original image, pixel centres at integers",
-    }
-    if gt is not None:
-        threshold = torch.tensor([float(max(target.shape[-2:]))])
-        score = pck(result.keypoints[None], gt[None], threshold, args.alpha, valid[None])
-        report.update(ground_truth=gt.tolist(), valid=valid.tolist(), alpha=args.alpha, pck=float(score[0]))
-        correct = (result.keypoints - gt).norm(dim=-1) <= args.alpha * threshold
-        title = f"PCK@{args.alpha:g} (image side) = {100 * float(score[0]):.1f}% on a known warp"
-        from torchvision.utils import save_image
-
-        save_image(target, args.out / "target.png")
-    else:
-        correct, title = result.confidence >= 0.5, "green: cycle-consistent (confidence ≥ 0.5), red: not"
-    png = plot_matches(source, target, kps, result.keypoints, gt, correct, args.out / "matches.png", valid=valid, title=title)
-    (args.out / "matches.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {png} and {args.out / 'matches.json'}")
-    if gt is not None:
-        print(f"PCK@{args.alpha:g} against the known warp: {100 * report['pck']:.1f}% ({int(valid.sum())} points)")
-    return report
-
-
 # ---------------------------------------------------------------- dispatch
 
 
-COMMANDS: dict[str, tuple[str, Callable[[list[str]], object]]] = {
-    "quickstart": ("the main job on the embedded default data: shards → train → evaluate → report", _delegate("quickstart", "cli")),
-    "match": ("match two images (or a photo and a known warp of it); writes PNG and JSON", match_main),
-    "make-shards": ("write WebDataset shards from a reader (synthetic, spair, pfpascal, pfwillow)", _delegate("make_shards", "main(parse_args)")),
-    "train": ("train a model with Ray Train (local by default)", _delegate("train", "cli")),
-    "evaluate": ("evaluate a checkpoint or builder on shards; netCDF, table and figures", _delegate("evaluate", "cli")),
-    "bench": ("benchmark parameters, FLOPs, latency and memory of the models", _delegate("bench", "cli")),
-    "params": ("parameter counts beside the paper's Table 3", _delegate("param_count", "main")),
+def _delegate(module: str):
+    """``pipelines.<module>.cli(argv, prog)``, imported only when the command runs (``--help`` stays fast)."""
+
+    def run(argv: list[str], prog: str) -> int | None:
+        return importlib.import_module(f"pipelines.{module}").cli(argv, prog)
+
+    return run
+
+
+COMMANDS = {
+    "quickstart": ("the main job on the embedded default data: shards → train → evaluate → report", _delegate("quickstart")),
+    "match": ("match two images (or a photo and a known warp of it); writes PNG and JSON", _delegate("match")),
+    "make-shards": ("write or --verify WebDataset shards (synthetic, spair, pfpascal, pfwillow)", _delegate("make_shards")),
+    "train": ("train a model with Ray Train (local by default)", _delegate("train")),
+    "evaluate": ("evaluate a checkpoint or builder on shards; netCDF, table and figures", _delegate("evaluate")),
+    "params": ("parameter counts beside the paper's Table 3", _delegate("param_count")),
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``actr <command> [options]``: runs the command and returns its exit status (see the module docstring)."""
+    from pipelines.entry import COMMON_OPTIONS, EXIT_USER_ERROR, run
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--version":
+        import actr_core  # light: imports neither torch nor Ray
+
+        print(f"actr {actr_core.__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
-        lines = ["usage: actr <command> [options]", "", "commands:"]
+        lines = ["usage: actr [-h] [--version] <command> [options]", "", "commands:"]
         lines += [f"  {name:<12} {text}" for name, (text, _) in COMMANDS.items()]
-        lines += ["", "`actr <command> --help` describes each command's options."]
+        lines += ["", "`actr <command> --help` describes each command's options.", COMMON_OPTIONS]
+        lines += ["Exit status: 0 success, 1 a failed check (make-shards --verify), 2 a user error."]
         print("\n".join(lines))
         return 0 if argv else EXIT_USER_ERROR
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"actr: error: unknown command {name!r} (one of: {', '.join(COMMANDS)})", file=sys.stderr)
         return EXIT_USER_ERROR
-    try:
-        COMMANDS[name][1](rest)
-    except _user_errors() as err:
-        if os.environ.get("ACTR_DEBUG"):
-            raise
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)) and err.filename:
-            message = f"{err.filename}: {err.strerror or message}"
-        print(f"actr {name}: error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+    return run(COMMANDS[name][1], rest, prog=f"actr {name}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Two small functions know the outside world and are the ones to swap: :func:`load
 (checkpoint or builder name → matcher) and :func:`open_batches` (shards → batches in the schema).
 """
 
-import argparse
 import dataclasses
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -47,24 +46,36 @@ MIN_MATCHES_FOR_WARP = 3  # thin-plate spline needs three matches
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
-    """What to evaluate, on what, how, and where the results go."""
+    """Evaluate a checkpoint or builder on a shard split: PCK table, netCDF results, figures."""
 
-    shards: str | None = None  # shard set URL (any fsspec URL) made by pipelines/make_shards.py
-    split: str = "test"  # split of the shard set to score (model selection uses "val", never this)
     checkpoint: str | None = None  # a training checkpoint (actr_core.training); wins over --model
     model: str | None = None  # a registered builder name (actr_core.models.model_entries), random weights
-    protocol: str = "standard"  # actr_core.metrics.PROTOCOLS
+    shards: str | None = None  # shard set URL (any fsspec URL) made by pipelines/make_shards.py
+    split: str = "test"  # split of the shard set to score (model selection uses "val", never this)
+    protocol: str = "standard"  # scoring protocol, one of actr_core.metrics.PROTOCOLS (docs/evaluation.md)
     alphas: tuple[float, ...] = DEFAULT_ALPHAS  # PCK tolerances of the table
     out: str = "runs/evaluate"  # output folder
-    batch_size: int = 8
+    batch_size: int = 8  # pairs per batch
     limit: int = 0  # score only the first `limit` batches (0: all)
-    device: str = "cpu"
-    figures: bool = True
+    device: str = "cpu"  # torch device of the model
+    figures: bool = True  # draw the four figures (PCK curve, matches, TPS warp, path flows)
     figure_alpha: float = 0.1  # α of the correct/wrong colouring in the matches figure
-    image_size: tuple[int, int] | None = None  # model input (default: the checkpoint's; 256 for --model)
+    image_size: tuple[int, ...] | None = None  # model input N or H W (default: the checkpoint's; 256 for --model)
     loader_workers: int = 1  # DataLoader processes decoding shards
-    progress: bool = True
+    progress: bool = True  # tqdm bar
     peer: bool = True  # score the classical peer (ORB + RANSAC) beside the model; identity always
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
+        if self.image_size is not None:
+            if len(self.image_size) not in (1, 2):
+                raise ValueError(f"image_size takes N or H W, got {self.image_size}")
+            object.__setattr__(self, "image_size", (self.image_size[0], self.image_size[-1]))
+        if self.batch_size < 1 or self.limit < 0 or self.loader_workers < 0:
+            raise ValueError(
+                f"batch_size must be >= 1, limit and loader_workers >= 0; got {self.batch_size}, {self.limit}, {self.loader_workers}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,61 +208,24 @@ def main(cfg: EvaluateConfig) -> xr.Dataset:
     return results
 
 
-def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
-    """Command-line arguments → :class:`EvaluateConfig`."""
-    defaults = EvaluateConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="training checkpoint to evaluate")
-    p.add_argument("--model", help="registered builder name (random weights) when no checkpoint is given")
-    p.add_argument("--shards", help="shard set URL (local path or any fsspec URL)")
-    p.add_argument("--split", default=defaults.split)
-    p.add_argument("--protocol", default=defaults.protocol, choices=sorted(PROTOCOLS))
-    p.add_argument("--alphas", type=float, nargs="+", default=list(defaults.alphas))
-    p.add_argument("--out", default=defaults.out, help="output folder")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--limit", type=int, default=defaults.limit, help="score only this many batches (0: all)")
-    p.add_argument("--device", default=defaults.device)
-    p.add_argument("--no-figures", action="store_true")
-    p.add_argument("--figure-alpha", type=float, default=defaults.figure_alpha)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--image-size", type=int, nargs="+", help="model input: N or H W (default: the checkpoint's)")
-    p.add_argument("--loader-workers", type=int, default=defaults.loader_workers)
-    p.add_argument("--no-peer", action="store_true", help="skip the classical peer (identity is always scored)")
-    a = p.parse_args(argv)
-    if a.image_size is not None and len(a.image_size) not in (1, 2):
-        p.error(f"--image-size takes N or H W, got {a.image_size}")
-    if a.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {a.batch_size}")
-    return EvaluateConfig(
-        shards=a.shards,
-        split=a.split,
-        checkpoint=a.checkpoint,
-        model=a.model,
-        protocol=a.protocol,
-        alphas=tuple(a.alphas),
-        out=a.out,
-        batch_size=a.batch_size,
-        limit=a.limit,
-        device=a.device,
-        figures=not a.no_figures,
-        figure_alpha=a.figure_alpha,
-        progress=not a.no_progress,
-        image_size=None if a.image_size is None else (a.image_size[0], a.image_size[-1]),
-        loader_workers=a.loader_workers,
-        peer=not a.no_peer,
-    )
+def parse_args(argv: Sequence[str], prog: str = "python pipelines/evaluate.py") -> EvaluateConfig:
+    """Command line → :class:`EvaluateConfig`."""
+    from pipelines.entry import parse_config
+
+    return parse_config(EvaluateConfig, argv, prog=prog, description=__doc__.split("\n\n")[0])
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, run, exit status 0; a user error prints one line and returns 2."""
-    cfg = parse_args(argv)
-    try:
-        main(cfg)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"evaluate: error: {error}", file=sys.stderr)
-        return 2
+def cli(argv: Sequence[str], prog: str = "python pipelines/evaluate.py") -> int:
+    """Entry point: parse, check the device, run; exit status 0 (user errors: see :mod:`pipelines.entry`)."""
+    from pipelines.entry import check_device
+
+    cfg = parse_args(argv, prog)
+    check_device(cfg.device)
+    main(cfg)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    from pipelines.entry import run
+
+    sys.exit(run(cli))

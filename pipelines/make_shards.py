@@ -13,18 +13,49 @@ same command after an interruption). ``--out`` is a local path or any fsspec URL
 by ``actr_core.data.shards`` (see ``docs/data.md``); this script only parses arguments.
 """
 
-import argparse
 import dataclasses
-import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
+from typing import Literal
 
 from actr_core.data.samples import JPEG_QUALITY, PseudoFlow
-from actr_core.data.shards import SOURCES, ShardSettings, make_shards, verify_shards
+from actr_core.data.shards import ShardSettings, make_shards, read_manifest, verify_shards
 from actr_core.data.synthetic import SyntheticConfig
 
 HELD_OUT_FRACTION = 0.1  # --pairs N gives val and test round(0.1 N) synthetic pairs each, train the rest
+
+
+@dataclasses.dataclass(frozen=True)
+class MakeShardsConfig:
+    """Write a data set as WebDataset shards with a manifest, or --verify a shard set (exit status 1 on damage)."""
+
+    source: Literal["synthetic", "spair", "pfpascal", "pfwillow"] = "synthetic"  # pair reader (actr_core.data.shards.SOURCES)
+    root: str | None = None  # data set directory or URL (benchmarks)
+    out: str | None = None  # shard set directory or fsspec URL (default shards/<source>)
+    splits: tuple[str, ...] | None = None  # splits to write (default: train val test; PF-WILLOW: test)
+    pairs: int = 2000  # synthetic pairs in all (10 % val, 10 % test)
+    limit: int | None = None  # at most this many benchmark pairs per split
+    size: str = "256"  # stored frame: N or HxW (paper Sec. 4.1: 256)
+    format: Literal["jpg", "png"] = "jpg"  # image encoding in the shards
+    quality: int = JPEG_QUALITY  # JPEG quality
+    samples_per_shard: int = 100  # pairs per tar file
+    seed: int = 0  # synthetic pairs: seed
+    rotation: float = SyntheticConfig.rotation  # synthetic warps: max |angle|, degrees (docs/data.md)
+    scale: tuple[float, float] = SyntheticConfig.scale  # synthetic warps: zoom range LOW HIGH
+    translation: float = SyntheticConfig.translation  # synthetic warps: max shift per axis, normalised units
+    homography: float = SyntheticConfig.homography  # synthetic warps: max corner shift, normalised units
+    tps: float = SyntheticConfig.tps  # synthetic warps: max spline control point shift, normalised units
+    jitter: float = SyntheticConfig.jitter  # synthetic colours: brightness/contrast/saturation in 1 ± jitter
+    crop_scale: tuple[float, float] = SyntheticConfig.crop_scale  # synthetic: source crop side / photo's shorter side
+    n_kps: int = SyntheticConfig.n_kps  # synthetic keypoints per pair
+    neighbourhood: float = PseudoFlow.neighbourhood  # benchmarks: pseudo-flow side at 512 px (paper Sec. 3.5)
+    on_error: Literal["raise", "skip"] = "raise"  # a pair that cannot be read: stop, or skip it (listed in the manifest)
+    workers: int = os.cpu_count() or 1  # processes (0: in this process)
+    overwrite: bool = False  # replace a shard set made with other settings
+    verify: bool = False  # only verify --out against its manifest
+    progress: bool = True  # tqdm bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +72,9 @@ class Config:
 
 def _size(text: str) -> tuple[int, int]:
     parts = text.lower().replace(",", "x").split("x")
-    if len(parts) == 1:
-        return int(parts[0]), int(parts[0])
-    if len(parts) == 2:
-        return int(parts[0]), int(parts[1])
-    raise argparse.ArgumentTypeError(f"size must be N or HxW, got {text!r}")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts):
+        return int(parts[0]), int(parts[-1])
+    raise ValueError(f"--size must be N or HxW, got {text!r}")
 
 
 def split_counts(total: int) -> tuple[tuple[str, int], ...]:
@@ -54,44 +83,11 @@ def split_counts(total: int) -> tuple[tuple[str, int], ...]:
     return (("train", total - 2 * held_out), ("val", held_out), ("test", held_out))
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> :class:`Config`."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=SOURCES, default="synthetic")
-    parser.add_argument("--root", help="data set directory or URL (benchmarks)")
-    parser.add_argument("--out", help="shard set directory or fsspec URL (default shards/<source>)")
-    parser.add_argument("--splits", nargs="+", help="splits to write (default: train val test; PF-WILLOW: test)")
-    parser.add_argument("--pairs", type=int, default=2000, help="synthetic pairs in all (10%% val, 10%% test)")
-    parser.add_argument("--limit", type=int, help="at most this many benchmark pairs per split")
-    parser.add_argument("--size", type=_size, default=(256, 256), help="stored frame: N or HxW (default 256)")
-    parser.add_argument("--format", choices=("jpg", "png"), default="jpg", dest="image_format")
-    parser.add_argument("--quality", type=int, default=JPEG_QUALITY, help="JPEG quality")
-    parser.add_argument("--samples-per-shard", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0, help="synthetic pairs: seed")
-    synthetic = parser.add_argument_group("synthetic warps (ranges and distributions: docs/data.md)")
-    synthetic.add_argument("--rotation", type=float, default=SyntheticConfig.rotation, help="max |angle|, degrees")
-    synthetic.add_argument(
-        "--scale", type=float, nargs=2, default=SyntheticConfig.scale, metavar=("LOW", "HIGH"), help="zoom range"
-    )
-    synthetic.add_argument("--translation", type=float, default=SyntheticConfig.translation, help="max shift per axis")
-    synthetic.add_argument("--homography", type=float, default=SyntheticConfig.homography, help="max corner shift")
-    synthetic.add_argument("--tps", type=float, default=SyntheticConfig.tps, help="max spline control point shift")
-    synthetic.add_argument("--jitter", type=float, default=SyntheticConfig.jitter, help="brightness/contrast/saturation in 1 ± jitter")
-    synthetic.add_argument(
-        "--crop-scale", type=float, nargs=2, default=SyntheticConfig.crop_scale, metavar=("LOW", "HIGH"),
-        help="source crop side / photo's shorter side",
-    )
-    parser.add_argument("--n-kps", type=int, default=SyntheticConfig.n_kps, help="synthetic keypoints per pair")
-    parser.add_argument("--neighbourhood", type=float, default=PseudoFlow.neighbourhood, help="pseudo-flow side at 512 px")
-    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (0: in this process)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a shard set made with other settings")
-    parser.add_argument("--verify", action="store_true", help="only verify --out against its manifest")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+def to_config(args: MakeShardsConfig) -> Config:
+    """The command's options → what to do (the library's :class:`ShardSettings`, or a verification)."""
     out = args.out or f"shards/{args.source}"
     if args.verify:
-        return Config(out=out, settings=None, verify=True, progress=not args.no_progress)
+        return Config(out=out, settings=None, verify=True, progress=args.progress)
     splits = tuple(args.splits) if args.splits else (("test",) if args.source == "pfwillow" else ("train", "val", "test"))
     settings = ShardSettings(
         source=args.source,
@@ -99,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         splits=splits,
         pairs=split_counts(args.pairs),
         limit=args.limit,
-        size=args.size,
-        image_format=args.image_format,
+        size=_size(args.size),
+        image_format=args.format,
         jpeg_quality=args.quality,
         samples_per_shard=args.samples_per_shard,
         seed=args.seed,
@@ -117,12 +113,22 @@ def parse_args(argv: list[str] | None = None) -> Config:
         ),
         on_error=args.on_error,
     )
-    return Config(out=out, settings=settings, workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
+    return Config(out=out, settings=settings, workers=args.workers, overwrite=args.overwrite, progress=args.progress)
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str = "python pipelines/make_shards.py") -> Config:
+    """Command line -> :class:`Config`."""
+    from pipelines.entry import parse_config
+
+    args = parse_config(MakeShardsConfig, sys.argv[1:] if argv is None else argv, prog=prog, description=__doc__.split("\n\n")[0])
+    return to_config(args)
 
 
 def main(cfg: Config) -> int:
     """Make (or verify) the shard set; returns the process exit status."""
     if cfg.verify:
+        if read_manifest(cfg.out) is None:
+            raise FileNotFoundError(f"{cfg.out}: no shard set here (no manifest.json)")  # a user error, not damage
         report = verify_shards(cfg.out)
         print(report)
         return 0 if report.ok else 1
@@ -136,6 +142,12 @@ def main(cfg: Config) -> int:
     return 0
 
 
+def cli(argv: Sequence[str], prog: str = "python pipelines/make_shards.py") -> int:
+    """Entry point: exit status 0, or 1 when ``--verify`` finds damage (user errors: :mod:`pipelines.entry`)."""
+    return main(parse_args(argv, prog))
+
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main(parse_args()))
+    from pipelines.entry import run
+
+    sys.exit(run(cli))

@@ -9,8 +9,10 @@ device (no memory, no weights). For ACTR as released the count of the released c
 the modules its code creates but never uses, is printed too (172,810,369 for ViT-B).
 """
 
-import argparse
+import dataclasses
+import sys
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -18,6 +20,13 @@ import torch
 PAPER_TABLE3 = {"ACTR": 172.8, "ACTR-S": 44.2}
 # Rows this library offers that Table 3 does not list with a count.
 OTHER_ROWS = ("Baseline",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCountConfig:
+    """Parameter counts of every registered model, beside the paper's Table 3."""
+
+    only: tuple[str, ...] | None = None  # registered model names to count (default: all)
 
 
 def build_on_meta(builder):
@@ -32,7 +41,7 @@ def build_on_meta(builder):
 
 
 def count_rows(only: list[str] | None = None) -> list[dict]:
-    from actr_core.models import ACTRReleased, model_entries, official_parameter_count, parameter_count
+    from actr_core.models import ACTRReleasedConfig, model_entries, official_parameter_count, parameter_count
 
     rows = []
     for entry in model_entries():
@@ -47,7 +56,7 @@ def count_rows(only: list[str] | None = None) -> list[dict]:
             "trainable": parameter_count(model, trainable_only=True),
             "note": entry.description,
         }
-        if isinstance(model, ACTRReleased):
+        if isinstance(getattr(model, "config", None), ACTRReleasedConfig):  # ACTR as released
             row["checkpoint"] = official_parameter_count(model)
         rows.append(row)
     return rows
@@ -77,14 +86,27 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", default=None, help="registered model names to count")
-    args = parser.parse_args(argv)
-    rows = count_rows(args.only)
+def main(cfg: ParamCountConfig) -> list[dict]:
+    """Count, print the table, return its rows; an unregistered name in ``only`` is a ``ValueError``."""
+    from actr_core.models import model_entries
+
+    unknown = sorted(set(cfg.only or ()) - {entry.name for entry in model_entries()})
+    if unknown:
+        raise ValueError(f"--only: no registered model named {unknown}; registered: {[e.name for e in model_entries()]}")
+    rows = count_rows(list(cfg.only) if cfg.only else None)
     print(render(rows))
     return rows
 
 
+def cli(argv: Sequence[str], prog: str = "python pipelines/param_count.py") -> int:
+    """Entry point: exit status 0 (user errors: see :mod:`pipelines.entry`)."""
+    from pipelines.entry import parse_config
+
+    main(parse_config(ParamCountConfig, argv, prog=prog, description=__doc__.split("\n\n")[0]))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    from pipelines.entry import run
+
+    sys.exit(run(cli))

@@ -11,7 +11,6 @@ curve, per-photo rows), ``eval/results.nc``, the figures, ``model_final.pt``/``m
 Every step is resumable: shards already written are verified and kept.
 """
 
-import argparse
 import csv
 import dataclasses
 import os
@@ -20,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import tyro
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,15 +28,18 @@ DEFAULT_TRAIN_CONFIG = REPO / "configs" / "small_cpu.yaml"
 
 @dataclasses.dataclass(frozen=True)
 class QuickstartConfig:
-    """The main job's settings; the defaults fit 2 CPU cores in about 10 minutes."""
+    """The main job on the embedded default data: shards, training, evaluation, report.
+
+    Any other option (e.g. ``--epochs 1``) is an option of ``pipelines/train.py``, given after the YAML.
+    """
 
     name: str = "quickstart"  # report folder: <runs_dir>/<name>
-    runs_dir: str = "runs"
+    runs_dir: str = "runs"  # parent of the report (and run) folder
     shards: str = "shards/synthetic"  # synthetic shard set (made if missing, verified if present)
     pairs: int = 2000  # synthetic pairs (80 % train, 10 % val, 10 % test)
-    train_config: str = str(DEFAULT_TRAIN_CONFIG)  # YAML of pipelines/train.py
-    train_overrides: tuple[str, ...] = ()  # extra "--key value" words for pipelines/train.py
+    train_config: str = str(DEFAULT_TRAIN_CONFIG)  # YAML of pipelines/train.py (configs/small_cpu.yaml)
     eval_batches: int = 0  # evaluate only this many test batches (0: the whole split)
+    train_overrides: tyro.conf.Suppress[tuple[str, ...]] = ()  # the other options, for pipelines/train.py
 
 
 def _step(title: str, timings: dict[str, float]):
@@ -68,18 +71,14 @@ def main(cfg: QuickstartConfig) -> Path:
     run_dir = Path(cfg.runs_dir) / cfg.name
     report = run_dir / "REPORT.md"
 
+    train_args = [cfg.train_config, "--name", cfg.name, "--runs-dir", cfg.runs_dir, "--shards", cfg.shards, *cfg.train_overrides]
+    training, ray = train_pipe.parse_args(train_args)  # before any work: a bad option stops the job at once
+
     with _step("1/4 synthetic shards", timings):
         shards_pipe.main(shards_pipe.parse_args(["--source", "synthetic", "--out", cfg.shards, "--pairs", str(cfg.pairs)]))
 
     with _step("2/4 train (Ray Train, local)", timings):
-        train_args = [
-            cfg.train_config,
-            "--name", cfg.name,
-            "--runs_dir", cfg.runs_dir,
-            "--shards", cfg.shards,
-            *cfg.train_overrides,
-        ]  # fmt: skip
-        summary = train_pipe.main(train_pipe.config_from_args(train_args))
+        summary = train_pipe.main(training, ray)
     train_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
 
     results = {}
@@ -210,30 +209,22 @@ def _pct(value, missing: str = "n/a") -> str:
     return missing if value is None else f"{100 * float(value):.1f} %"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> QuickstartConfig:
-    defaults = QuickstartConfig()
-    p = argparse.ArgumentParser(prog="actr quickstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", default=defaults.name)
-    p.add_argument("--runs-dir", default=defaults.runs_dir)
-    p.add_argument("--shards", default=defaults.shards)
-    p.add_argument("--pairs", type=int, default=defaults.pairs)
-    p.add_argument("--train-config", default=defaults.train_config)
-    p.add_argument("--eval-batches", type=int, default=defaults.eval_batches)
-    args, extra = p.parse_known_args(argv)
-    return QuickstartConfig(
-        name=args.name,
-        runs_dir=args.runs_dir,
-        shards=args.shards,
-        pairs=args.pairs,
-        train_config=args.train_config,
-        train_overrides=tuple(extra),
-        eval_batches=args.eval_batches,
-    )
+def parse_args(argv: Sequence[str], prog: str = "python -m pipelines.quickstart") -> QuickstartConfig:
+    """Command line → :class:`QuickstartConfig`; options it does not know go to ``pipelines/train.py``."""
+    from pipelines.entry import parse_config
+
+    about = __doc__.split("\n\n")[0] + " Any other option (e.g. --epochs 1) goes to pipelines/train.py."
+    cfg, extra = parse_config(QuickstartConfig, argv, prog=prog, description=about, return_unknown_args=True)
+    return dataclasses.replace(cfg, train_overrides=tuple(extra))
 
 
-def cli(argv: Sequence[str] | None = None) -> Path:
-    return main(parse_args(sys.argv[1:] if argv is None else argv))
+def cli(argv: Sequence[str], prog: str = "python -m pipelines.quickstart") -> int:
+    """Entry point: exit status 0 (user errors: see :mod:`pipelines.entry`)."""
+    main(parse_args(argv, prog))
+    return 0
 
 
 if __name__ == "__main__":
-    cli()
+    from pipelines.entry import run
+
+    sys.exit(run(cli))

@@ -1,7 +1,8 @@
 """Every command in the docs is checked: its script exists and accepts every flag it is given.
 
 Commands that need a GPU, a real cluster, cloud storage or the real data sets cannot run here;
-like the rest, they are checked by a dry run against the command's own ``--help``. What the
+like the rest, they are checked by a dry run against the command's own ``--help``: ``actr``,
+``python pipelines/<x>.py``, ``python -m pipelines.<x>`` and ``python benchmarks/<x>.py`` alike. What the
 commands do is exercised by the pipeline tests (make_shards, train, evaluate, match) and the
 examples.
 """
@@ -40,7 +41,8 @@ def doc_commands() -> list[tuple[str, str]]:
             words = text.split()
             while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
                 words = words[1:]  # environment assignments
-            if words and (words[:2] in (["python", "pipelines"],) or (len(words) > 1 and words[1].startswith("pipelines/"))
+            if words and (words[:3] == ["python", "-m", "pipelines.quickstart"]
+                          or (len(words) > 1 and words[1].startswith(("pipelines/", "benchmarks/")))
                           or words[0] in ("actr", "bash") or (len(words) > 1 and words[1].startswith("examples/"))
                           or words[:3] == ["ray", "job", "submit"] or words[:2] == ["ray", "start"]):
                 found.append((doc.name, " ".join(words)))
@@ -71,6 +73,13 @@ def test_docs_have_commands():
     assert len(COMMANDS) >= 15
 
 
+def test_benchmark_and_module_commands_are_collected(tmp_path, monkeypatch):
+    doc = tmp_path / "x.md"
+    doc.write_text("```bash\npython benchmarks/known_warps.py --seeds 3  # a comment\npython -m pipelines.quickstart --epochs 1\n```\n")
+    monkeypatch.setattr(sys.modules[__name__], "DOCS", [doc])
+    assert doc_commands() == [("x.md", "python benchmarks/known_warps.py --seeds 3"), ("x.md", "python -m pipelines.quickstart --epochs 1")]
+
+
 @pytest.mark.parametrize(("doc", "command"), COMMANDS, ids=[f"{d}:{c[:60]}" for d, c in COMMANDS])
 def test_doc_command_dry_run(doc, command):
     words = shlex.split(command)
@@ -82,7 +91,11 @@ def test_doc_command_dry_run(doc, command):
     if words[0] == "python" and words[1].startswith("examples/"):
         assert (ROOT / words[1]).is_file(), f"{doc}: {words[1]} does not exist"
         return
-    if words[0] == "python":
+    if words[:2] == ["python", "-m"]:
+        module = words[2]
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{doc}: {module} does not exist"
+        prefix, rest = (sys.executable, "-m", module), words[3:]
+    elif words[0] == "python":
         assert (ROOT / words[1]).is_file(), f"{doc}: {words[1]} does not exist"
         prefix, rest = (sys.executable, words[1]), words[2:]
     elif words[0] == "actr":

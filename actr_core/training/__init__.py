@@ -1,6 +1,7 @@
 """Training, free of any framework: steps, epochs, optimiser groups, schedules, checkpoints.
 
-``pipelines/train.py`` drives these with Ray Train; nothing here imports Ray.
+``fit`` runs one training process; ``pipelines/train.py`` runs it on Ray Train workers. Nothing
+here imports Ray.
 """
 
 from actr_core.training.checkpoint import (
@@ -18,8 +19,23 @@ from actr_core.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from actr_core.training.config import TrainConfig, config_from_args, load_config, parse_overrides
+from actr_core.training.config import RAY_SETTINGS_OF_0_1_0, TrainConfig, load_config
 from actr_core.training.loop import ValidationReferences, ValidationResult, all_reduce_sum, train_epoch, validate
+from actr_core.training.run import (
+    BEST_METRIC,
+    CHECKPOINTS_DIR,
+    checkpoint_folder,
+    epoch_line,
+    fit,
+    history_row,
+    latest_checkpoint,
+    resume_source,
+    run_summary,
+    seed_everything,
+    untrained_line,
+    write_csv,
+    write_run_outputs,
+)
 from actr_core.training.optim import build_optimizer, build_scheduler, lr_multiplier, parameter_groups, unwrap_model
 from actr_core.training.step import StepResult, StepSettings, move_batch, precision_settings, train_step
 
@@ -38,9 +54,21 @@ __all__ = [
     "save_checkpoint",
     "set_rng_state",
     "TrainConfig",
-    "config_from_args",
+    "RAY_SETTINGS_OF_0_1_0",
     "load_config",
-    "parse_overrides",
+    "BEST_METRIC",
+    "CHECKPOINTS_DIR",
+    "checkpoint_folder",
+    "epoch_line",
+    "fit",
+    "history_row",
+    "latest_checkpoint",
+    "resume_source",
+    "run_summary",
+    "seed_everything",
+    "untrained_line",
+    "write_csv",
+    "write_run_outputs",
     "ValidationReferences",
     "ValidationResult",
     "all_reduce_sum",

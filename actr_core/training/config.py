@@ -1,10 +1,12 @@
-"""Training configuration: one frozen dataclass, read from YAML and ``--key value`` overrides.
+"""Training configuration: one frozen dataclass of what the training needs, free of any framework.
 
 No tensors here. The defaults are the paper's optimiser settings (ACTR, Sec. 4.1) on a small CPU
-run; the model, data and scale come from a YAML file in ``configs/`` or the command line.
+run; the model, data and scale come from a YAML file in ``configs/`` or the command line of
+``pipelines/train.py``, which adds its own Ray settings (workers, resources, fault tolerance).
 """
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -16,10 +18,26 @@ import yaml
 
 from actr_core.metrics import PROTOCOLS
 
-__all__ = ["TrainConfig", "load_config", "parse_overrides", "config_from_args"]
+__all__ = ["TrainConfig", "load_config", "RAY_SETTINGS_OF_0_1_0"]
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Settings that actr_core 0.1.0 kept in TrainConfig and that now belong to the Ray pipeline
+# (pipelines/train.py RaySettings): a 0.1.0 config.yaml or checkpoint config still loads, without them.
+RAY_SETTINGS_OF_0_1_0 = frozenset(
+    {
+        "num_workers",
+        "use_gpu",
+        "cpus_per_worker",
+        "find_unused_parameters",
+        "ray_address",
+        "ray_num_cpus",
+        "object_store_mb",
+        "max_failures",
+        "checkpoints_to_keep",
+    }
+)
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +52,7 @@ class TrainConfig:
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # builder overrides
     # --- data: a shard set written by pipelines/make_shards.py (local path or any fsspec URL) --
     shards: str = "shards/synthetic"  # the shard set's folder, holding manifest.json
-    train_split: str = "train"
+    train_split: str = "train"  # the split trained on
     val_split: str = "val"  # model selection happens on this split, never on "test"
     image_size: int = 256  # model input side H = W; shards are resized to it (paper Sec. 4.1: 256; ACTR_h 512)
     augment: bool = True  # the released code's training augmentation (photometric set + box-preserving crop)
@@ -43,37 +61,26 @@ class TrainConfig:
     shuffle_buffer: int = 256  # training samples in the shuffle buffer (per loader worker)
     loader_workers: int = 0  # DataLoader processes per Ray worker; 0 = read in the training process
     # --- schedule ---------------------------------------------------------------------------
-    epochs: int = 10
+    epochs: int = 10  # passes over the training split (or steps_per_epoch steps each)
     steps_per_epoch: int = 0  # cap on optimiser steps per epoch (each worker); 0 = all the full batches of the split
     val_steps: int = 0  # cap on validation batches per worker; 0 = the whole validation split
     validate_before_training: bool = True  # score the untrained model first (row "epoch 0" of metrics.csv)
     # --- optimiser (paper Sec. 4.1: AdamW, backbone 6e-6, heads 6e-5, weight decay 0.05) ----
-    backbone_lr: float = 6e-6
-    head_lr: float = 6e-5
-    weight_decay: float = 0.05
+    backbone_lr: float = 6e-6  # AdamW learning rate of the pretrained backbone (paper Sec. 4.1)
+    head_lr: float = 6e-5  # AdamW learning rate of everything else (paper Sec. 4.1)
+    weight_decay: float = 0.05  # AdamW weight decay (paper Sec. 4.1)
     freeze_backbone: bool = False  # the released code freezes the backbone (peer_code.md §1.3)
     lr_schedule: str = "constant"  # "cosine" (to min_lr_ratio) or "constant", after warm-up
     warmup_steps: int = 0  # linear warm-up from 1/warmup_steps of the lr
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of each group's lr
     clip_grad_norm: float = 0.0  # 0 = no clipping
     precision: str = "fp32"  # "bf16" / "fp16" autocast on GPU ("fp16" adds a GradScaler); CPU uses fp32
-    seed: int = 0
+    seed: int = 0  # seeds model initialisation (with the rank), shuffling and augmentation
     # --- validation metric ------------------------------------------------------------------
     pck_alpha: float = 0.1  # PCK@0.1, the paper's headline metric
     val_protocol: str = "standard"  # actr_core.metrics scoring protocol (target-side threshold per dataset)
-    # Score the classical peer (ORB + RANSAC homography, actr_core.metrics.references) beside the model on
-    # the validation pairs, once per pair (then cached); identity (zero motion) is always scored.
-    val_peer: bool = True
-    # --- Ray Train / resources --------------------------------------------------------------
-    num_workers: int = 2  # Ray Train workers (DDP ranks)
-    use_gpu: bool = False  # one GPU per worker; backend nccl instead of gloo
-    cpus_per_worker: int = 1  # Ray CPU resource per worker = torch threads + loader_workers (docs/training.md)
-    find_unused_parameters: bool = False  # DDP option for models with branches unused in a step
-    ray_address: str = ""  # "" = RAY_ADDRESS if set, else Ray started in-process
-    ray_num_cpus: int = 0  # in-process Ray only; 0 = num_workers * cpus_per_worker
-    object_store_mb: int = 256  # in-process Ray only; the default would take a third of the RAM
-    max_failures: int = 1  # Ray FailureConfig: restarts from the last checkpoint after a failure
-    checkpoints_to_keep: int = 2  # Ray CheckpointConfig.num_to_keep (the best by val PCK is kept)
+    val_peer: bool = True  # also score the classical peer (ORB + RANSAC, once per pair); identity always
+    # --- run ---------------------------------------------------------------------------------
     resume: str = ""  # a checkpoint file (or a folder holding checkpoint.pt) to start from
     progress: bool = True  # tqdm bar on rank 0
 
@@ -86,11 +93,7 @@ class TrainConfig:
             "batch_size": self.batch_size,
             "val_batch_size": self.val_batch_size,
             "epochs": self.epochs,
-            "num_workers": self.num_workers,
-            "cpus_per_worker": self.cpus_per_worker,
-            "object_store_mb": self.object_store_mb,
             "pck_alpha": self.pck_alpha,
-            "checkpoints_to_keep": self.checkpoints_to_keep,
         }
         bad = {k: v for k, v in positive.items() if not v > 0}
         if bad:
@@ -106,8 +109,6 @@ class TrainConfig:
             "val_steps": self.val_steps,
             "loader_workers": self.loader_workers,
             "shuffle_buffer": self.shuffle_buffer,
-            "max_failures": self.max_failures,
-            "ray_num_cpus": self.ray_num_cpus,
         }
         bad = {k: v for k, v in non_negative.items() if v < 0}
         if bad:
@@ -125,7 +126,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        """Build from a mapping; unknown keys raise ``ValueError`` naming them."""
+        """Build from a mapping; unknown keys raise ``ValueError`` naming them.
+
+        The Ray settings of a 0.1.0 configuration (:data:`RAY_SETTINGS_OF_0_1_0`) are left out
+        with a note: ``pipelines/train.py`` reads them into its own settings.
+        """
+        legacy = sorted(set(values) & RAY_SETTINGS_OF_0_1_0)
+        if legacy:
+            _log.info("Ray settings %s are not training settings (pipelines/train.py reads them); left out", legacy)
+            values = {k: v for k, v in values.items() if k not in RAY_SETTINGS_OF_0_1_0}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -188,42 +197,3 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(values, Mapping):
         raise ValueError(f"{path} must hold a YAML mapping of settings, got {type(values).__name__}")
     return dict(values)
-
-
-def parse_overrides(args: Sequence[str]) -> dict[str, str]:
-    """``["--key", "value", "--other=3"]`` → ``{"key": "value", "other": "3"}`` (values stay strings).
-
-    Dashes in keys become underscores; a key given twice keeps its last value.
-    """
-    out: dict[str, str] = {}
-    items = list(args)
-    i = 0
-    while i < len(items):
-        token = items[i]
-        if not token.startswith("--") or token == "--":
-            raise ValueError(f"expected --key value, got {token!r} in {items}")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(items):
-                raise ValueError(f"--{key} has no value")
-            value = items[i + 1]
-            i += 1
-        out[key.replace("-", "_")] = value
-        i += 1
-    return out
-
-
-def config_from_args(args: Sequence[str]) -> TrainConfig:
-    """The command line of ``pipelines/train.py``: ``[CONFIG.yaml] [--config PATH] [--key value ...]``.
-
-    Later sources win: dataclass defaults < YAML file < ``--key value`` overrides.
-    """
-    items = list(args)
-    values: dict[str, Any] = {}
-    if items and not items[0].startswith("--"):
-        values.update(load_config(items.pop(0)))
-    overrides = parse_overrides(items)
-    if "config" in overrides:
-        values.update(load_config(overrides.pop("config")))
-    values.update(overrides)
-    return TrainConfig.from_dict(values)

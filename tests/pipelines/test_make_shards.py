@@ -19,7 +19,8 @@ SMALL = ["--pairs", "30", "--size", "32x48", "--samples-per-shard", "4", "--n-kp
 
 def _files(url: str) -> dict[str, bytes]:
     fs, root = fsspec.core.url_to_fs(url)
-    return {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in fs.ls(root, detail=False)}
+    names = {p.rsplit("/", 1)[-1]: p for p in fs.ls(root, detail=False)}
+    return {name: fs.cat_file(p) for name, p in names.items() if not name.startswith(".")}  # not the writer's lock file
 
 
 def test_defaults():
@@ -93,6 +94,15 @@ def test_synthetic_warp_flags():
         parse_args(["--scale", "1.4", "0.7"])
     with pytest.raises(ValueError, match="rotation must be .* got 200.0"):
         parse_args(["--rotation", "200"])
+
+
+def test_source_choices_are_the_librarys():
+    import typing
+
+    from actr_core.data.shards import SOURCES
+    from pipelines.make_shards import MakeShardsConfig
+
+    assert typing.get_args(typing.get_type_hints(MakeShardsConfig)["source"]) == SOURCES
 
 
 @pytest.mark.parametrize("argv", [["--size", "30"], ["--size", "2x3x4"], ["--format", "gif"]])

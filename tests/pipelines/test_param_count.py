@@ -1,10 +1,10 @@
 """pipelines/param_count.py: registered models counted beside the paper's Table 3."""
 
-from pipelines.param_count import main
+from pipelines.param_count import ParamCountConfig, main
 
 
 def test_released_counts(capsys):
-    rows = main(["--only", "actr_released"])
+    rows = main(ParamCountConfig(only=("actr_released",)))
     assert len(rows) == 1
     row = rows[0]
     assert row["all"] == 144_245_856 and row["trainable"] == 58_447_200

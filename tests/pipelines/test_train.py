@@ -1,4 +1,4 @@
-"""pipelines/train.py: configuration files, run outputs, the fault hook, and a Ray run killed mid-way.
+"""pipelines/train.py: configuration files and flags, Ray settings, the fault hook, and a Ray run killed mid-way.
 
 The Ray test (marked ``slow``, about 1-2 minutes on 2 cores) trains a tiny ACTR with 2 gloo workers
 on a tiny synthetic shard set, SIGKILLs one worker through the fault-injection hook in the second
@@ -6,7 +6,7 @@ epoch, and checks that Ray restarts from the last checkpoint and finishes with t
 """
 
 import csv
-import math
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from actr_core.training import TrainConfig, config_from_args, load_checkpoint, load_config, load_model_from_checkpoint
+from actr_core.training import TrainConfig, load_checkpoint, load_config, load_model_from_checkpoint
 from pipelines import train
+from pipelines.entry import UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "training"))  # the stand-in matcher of the training tests
@@ -25,8 +27,9 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_config_file_is_valid(path):
-    cfg = TrainConfig.from_dict(load_config(path))
-    assert cfg.name == path.stem
+    cfg, ray = train.parse_args([str(path)])
+    assert cfg.name == path.stem and cfg == TrainConfig.from_dict(load_config(path))
+    assert ray == train.ray_settings(train.split_settings(load_config(path))[1])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -39,35 +42,59 @@ def test_every_config_names_a_registered_model(path):
 
 
 def test_small_cpu_config_with_overrides():
-    cfg = config_from_args([str(ROOT / "configs" / "small_cpu.yaml"), "--epochs", "1", "--num_workers", "1"])
-    assert (cfg.epochs, cfg.num_workers, cfg.use_gpu) == (1, 1, False)
+    cfg, ray = train.parse_args([str(ROOT / "configs" / "small_cpu.yaml"), "--epochs", "1", "--num_workers", "1"])
+    assert (cfg.epochs, ray.num_workers, ray.use_gpu) == (1, 1, False)
+    assert cfg.image_size == 128  # from the YAML
+    cfg, ray = train.parse_args(["--config", str(ROOT / "configs" / "small_cpu.yaml"), "--head-lr", "1e-3", "--no-val-peer"])
+    assert (cfg.name, cfg.head_lr, cfg.val_peer, ray.cpus_per_worker) == ("small_cpu", 1e-3, False, 1)
+    assert train.parse_args([])[0] == TrainConfig() and train.parse_args([])[1] == train.RaySettings()
 
 
-def test_history_rows_and_epoch_lines_carry_the_references(tmp_path):
-    from actr_core.training import ValidationResult
+def test_model_kwargs_flag_merges_into_the_yaml_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_kwargs: {image_size: [128, 128], warn_random_init: false, flow_sr: {depth: 2, heads: 4}}\n")
+    cfg, _ = train.parse_args([str(path), "--model_kwargs", "{image_size: [64, 64], flow_sr: {heads: 2}}"])
+    assert cfg.model_kwargs == {"image_size": [64, 64], "warn_random_init": False, "flow_sr": {"depth": 2, "heads": 2}}
+    assert train.parse_args([str(path)])[0].model_kwargs["flow_sr"] == {"depth": 2, "heads": 4}
 
-    scores = ValidationResult(loss=0.5, pck=0.25, batches=2, pairs=8, references={"identity": 0.5, "classical_peer": 0.875},
-                              reference_fallbacks={"identity": 0, "classical_peer": 1})  # fmt: skip
-    row = train._row(1, 10, [1.0], scores, {"heads": 1e-3}, 3.0, 0)
-    assert (row["identity_val_pck"], row["peer_val_pck"], row["peer_val_fallbacks"]) == (0.5, 0.875, 1)
-    line = train._epoch_line(row, 2, 0.1)
-    assert "val_PCK@0.1 25.00% (identity 50.00%, peer 87.50%)" in line
-    no_peer = train._row(2, 20, [1.0], ValidationResult(0.5, 0.25, 2, 8, {"identity": 0.5}, {"identity": 0}), {}, 3.0, 0)
-    assert math.isnan(no_peer["peer_val_pck"]) and "(identity 50.00%, peer not run)" in train._epoch_line(no_peer, 2, 0.1)
-    assert train._reference_score(row, "peer_val_pck") == 0.875 and train._reference_score(no_peer, "peer_val_pck") is None
-    assert train._reference_count(row, "peer_val_fallbacks") == 1 and train._reference_score({}, "peer_val_pck") is None
-    # a run resumed from a checkpoint written before the reference columns: every column is kept
-    old = {k: v for k, v in row.items() if not k.startswith(("identity_", "peer_"))}
-    train._write_csv(tmp_path / "metrics.csv", [old, row])
-    rows = _rows(tmp_path / "metrics.csv")
-    assert rows[0]["identity_val_pck"] == "" and rows[1]["identity_val_pck"] == "0.5"
-    assert config_from_args(["--val_peer", "false"]).val_peer is False and TrainConfig().val_peer
+
+def test_a_0_1_0_run_config_routes_its_ray_settings_to_the_pipeline(tmp_path):
+    from test_config import CONFIG_OF_0_1_0
+
+    path = tmp_path / "config.yaml"  # what a 0.1.0 run folder holds
+    path.write_text(yaml.safe_dump({**CONFIG_OF_0_1_0, "num_workers": 3, "use_gpu": "false", "epochs": 2}))
+    cfg, ray = train.parse_args([str(path)])
+    assert cfg == TrainConfig(epochs=2) and ray == train.RaySettings(num_workers=3)
+    training, ray_values = train.split_settings(CONFIG_OF_0_1_0)
+    assert set(ray_values) == {f.name for f in dataclasses.fields(train.RaySettings)}
+    assert TrainConfig.from_dict(training) == TrainConfig()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "x"], "--epochs"),
+        (["--bogus", "1"], "--bogus"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--num-workers", "0"], "num_workers"),
+        (["--model-kwargs", "[1, 2]"], "YAML mapping"),
+        (["--lr-schedule", "step"], "lr_schedule"),
+    ],
+)
+def test_bad_flags_are_usage_errors_naming_them(argv, message):
+    with pytest.raises(UsageError, match=message):
+        train.parse_args(argv)
+
+
+def test_missing_config_file_is_a_file_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        train.parse_args([str(tmp_path / "none.yaml")])
 
 
 def test_thread_budget():
-    assert train._threads(TrainConfig(cpus_per_worker=1)) == 1
-    assert train._threads(TrainConfig(cpus_per_worker=6, loader_workers=4)) == 2
-    assert train._threads(TrainConfig(cpus_per_worker=2, loader_workers=4)) == 1
+    assert train._threads(TrainConfig(), train.RaySettings(cpus_per_worker=1)) == 1
+    assert train._threads(TrainConfig(loader_workers=4), train.RaySettings(cpus_per_worker=6)) == 2
+    assert train._threads(TrainConfig(loader_workers=4), train.RaySettings(cpus_per_worker=2)) == 1
 
 
 def test_fault_hook_fires_once_on_the_chosen_rank_and_step(tmp_path, monkeypatch):
@@ -92,9 +119,13 @@ def test_fault_settings_from_the_environment(tmp_path, monkeypatch):
     assert train._fault_settings(tmp_path)["step"] == 0
 
 
-def test_help_lists_the_settings(capsys):
-    assert train.cli(["--help"]) == {}
-    assert "head_lr" in capsys.readouterr().out
+def test_help_lists_every_setting_with_its_comment(capsys):
+    with pytest.raises(SystemExit) as done:
+        train.parse_args(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "--head-lr" in text and "--num-workers" in text and "--no-val-peer" in text
+    assert "Ray Train workers (DDP ranks)" in text  # each field's comment is its help
 
 
 def _tiny_shards(path: Path) -> Path:
@@ -121,12 +152,12 @@ def test_ray_run_survives_a_killed_worker_and_resumes_from_the_last_checkpoint(t
     shards = _tiny_shards(tmp_path / "shards")
     epochs, steps_per_epoch, kill_after = 3, 2, 3  # the kill lands in epoch 2, after epoch 1's checkpoint
     args = [
-        "--name", "fault", "--runs_dir", str(tmp_path / "runs"), "--shards", str(shards),
-        "--model", "actr_tiny", "--model_kwargs", "{image_size: [64, 64], warn_random_init: false}",
-        "--image_size", "64", "--batch_size", "2", "--val_batch_size", "4", "--epochs", str(epochs),
-        "--steps_per_epoch", str(steps_per_epoch), "--head_lr", "3e-4", "--backbone_lr", "1e-4",
-        "--augment", "false", "--num_workers", "2", "--max_failures", "1", "--progress", "false",
-        "--checkpoints_to_keep", "1",
+        "--name", "fault", "--runs-dir", str(tmp_path / "runs"), "--shards", str(shards),
+        "--model", "actr_tiny", "--model-kwargs", "{image_size: [64, 64], warn_random_init: false}",
+        "--image-size", "64", "--batch-size", "2", "--val-batch-size", "4", "--epochs", str(epochs),
+        "--steps-per-epoch", str(steps_per_epoch), "--head-lr", "3e-4", "--backbone-lr", "1e-4",
+        "--no-augment", "--num-workers", "2", "--max-failures", "1", "--no-progress",
+        "--checkpoints-to-keep", "1",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({train.FAULT_STEP_ENV: str(kill_after), train.FAULT_RANK_ENV: "1", "HF_HUB_OFFLINE": "1"})
@@ -153,7 +184,7 @@ def test_ray_run_survives_a_killed_worker_and_resumes_from_the_last_checkpoint(t
     assert [int(r["step"]) for r in _rows(run / "steps.csv")] == list(range(1, 7))
     final = load_checkpoint(run / "model_final.pt")
     assert (final.epoch, final.step) == (epochs, epochs * steps_per_epoch)
-    assert sorted(final.rng) == [] and final.config["name"] == "fault"
+    assert sorted(final.rng) == [] and final.config["name"] == "fault" and "num_workers" not in final.config
     # every checkpoint file left in the run folder is complete and self-describing
     files = sorted(run.glob("checkpoints/*/checkpoint.pt"))
     assert files and all(load_checkpoint(p).builder == "actr_tiny" for p in files)
@@ -167,7 +198,7 @@ def test_ray_run_survives_a_killed_worker_and_resumes_from_the_last_checkpoint(t
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64))
     assert out.flow.shape == (1, 2, 16, 16)
-    assert (run / "config.yaml").exists()
+    assert yaml.safe_load((run / "config.yaml").read_text())["num_workers"] == 2  # flat, as 0.1.0 wrote it
 
 
 def test_driver_makes_local_paths_absolute(tmp_path, monkeypatch):
@@ -176,31 +207,3 @@ def test_driver_makes_local_paths_absolute(tmp_path, monkeypatch):
     assert cfg.runs_dir == str(tmp_path.resolve() / "runs") and cfg.shards == "s3://bucket/shards"
     assert cfg.resume == str(tmp_path.resolve() / "a" / "b.pt")
     assert train._absolute_paths(TrainConfig()).resume == ""
-
-
-def _save_epoch(run_dir: Path, epoch: int) -> Path:
-    from training_toys import TOY_NAME, ToyMatcher  # noqa: F401  (registers the stand-in)
-
-    from actr_core.training import save_checkpoint
-
-    path = run_dir / train.CHECKPOINTS_DIR / f"epoch_{epoch:03d}" / "checkpoint.pt"
-    return save_checkpoint(path, model=ToyMatcher(), builder=TOY_NAME, epoch=epoch, step=10 * epoch)
-
-
-def test_resume_source_prefers_the_newest_complete_checkpoint_of_the_run(tmp_path):
-    cfg = TrainConfig(name="r", runs_dir=str(tmp_path))
-    assert train._resume_source(cfg, None) == (None, False)
-    _save_epoch(cfg.run_dir, 1)
-    newest = _save_epoch(cfg.run_dir, 2)
-    broken = cfg.run_dir / train.CHECKPOINTS_DIR / "epoch_003" / "checkpoint.pt"
-    broken.parent.mkdir()
-    broken.write_bytes(newest.read_bytes()[:100])  # e.g. a copy cut short by a crash
-    ckpt, own = train._resume_source(cfg, None)
-    assert own and ckpt.epoch == 2
-
-
-def test_resume_option_when_the_run_has_no_checkpoint(tmp_path):
-    other = _save_epoch(tmp_path / "other", 4)
-    cfg = TrainConfig(name="fresh", runs_dir=str(tmp_path), resume=str(other))
-    ckpt, own = train._resume_source(cfg, None)
-    assert not own and ckpt.step == 40

@@ -1,8 +1,10 @@
-"""TrainConfig: YAML + command-line overrides, type coercion, checks."""
+"""TrainConfig: YAML, type coercion, checks, configurations written by 0.1.0."""
 
 import pytest
 
-from actr_core.training import TrainConfig, config_from_args, parse_overrides
+import yaml
+
+from actr_core.training import RAY_SETTINGS_OF_0_1_0, TrainConfig, load_config
 
 
 def test_defaults_are_the_paper_optimiser_settings():
@@ -11,30 +13,46 @@ def test_defaults_are_the_paper_optimiser_settings():
     assert cfg.pck_alpha == 0.1
 
 
-def test_parse_overrides_both_forms_and_dashes():
-    assert parse_overrides(["--batch-size", "4", "--epochs=3", "--name", "x"]) == {
-        "batch_size": "4",
-        "epochs": "3",
-        "name": "x",
-    }
-
-
-@pytest.mark.parametrize("args", [["batch_size", "4"], ["--epochs"], ["--"]])
-def test_parse_overrides_rejects_malformed(args):
-    with pytest.raises(ValueError):
-        parse_overrides(args)
-
-
-def test_yaml_then_overrides_win(tmp_path):
+def test_yaml_values_take_the_fields_types(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("name: from_yaml\nbatch_size: 3\nhead_lr: 1e-4\nmodel_kwargs: {depth: 2}\nuse_gpu: false\n")
-    cfg = config_from_args([str(path), "--batch_size", "5", "--use_gpu", "true", "--model_kwargs", "{depth: 4}"])
-    assert cfg.name == "from_yaml"
-    assert cfg.batch_size == 5 and isinstance(cfg.batch_size, int)
+    path.write_text("name: from_yaml\nbatch_size: 3\nhead_lr: 1e-4\nmodel_kwargs: {depth: 2}\naugment: 'false'\n")
+    cfg = TrainConfig.from_dict(load_config(path))
+    assert cfg.name == "from_yaml" and cfg.batch_size == 3 and isinstance(cfg.batch_size, int)
     assert cfg.head_lr == 1e-4 and isinstance(cfg.head_lr, float)  # YAML reads "1e-4" as a string
-    assert cfg.use_gpu is True
-    assert cfg.model_kwargs == {"depth": 4}
-    assert config_from_args(["--config", str(path)]).batch_size == 3
+    assert cfg.augment is False and cfg.model_kwargs == {"depth": 2}
+
+
+def test_load_config_wants_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="YAML mapping"):
+        load_config(path)
+
+
+# The settings dict of a 0.1.0 run (config.yaml and every checkpoint's "config"): its Ray settings included.
+CONFIG_OF_0_1_0 = {
+    "name": "run", "runs_dir": "runs", "model": "actr_small", "model_kwargs": {}, "shards": "shards/synthetic",
+    "train_split": "train", "val_split": "val", "image_size": 256, "augment": True, "batch_size": 8,
+    "val_batch_size": 8, "shuffle_buffer": 256, "loader_workers": 0, "epochs": 10, "steps_per_epoch": 0,
+    "val_steps": 0, "validate_before_training": True, "backbone_lr": 6e-6, "head_lr": 6e-5, "weight_decay": 0.05,
+    "freeze_backbone": False, "lr_schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0,
+    "clip_grad_norm": 0.0, "precision": "fp32", "seed": 0, "pck_alpha": 0.1, "val_protocol": "standard",
+    "val_peer": True, "num_workers": 2, "use_gpu": False, "cpus_per_worker": 1, "find_unused_parameters": False,
+    "ray_address": "", "ray_num_cpus": 0, "object_store_mb": 256, "max_failures": 1, "checkpoints_to_keep": 2,
+    "resume": "", "progress": True,
+}  # fmt: skip
+
+
+def test_a_0_1_0_configuration_loads_without_its_ray_settings(tmp_path, caplog):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG_OF_0_1_0, "epochs": 3}, sort_keys=False))
+    with caplog.at_level("INFO", logger="actr_core.training.config"):
+        cfg = TrainConfig.from_dict(load_config(path))
+    assert cfg.epochs == 3 and cfg == TrainConfig(epochs=3)
+    assert set(cfg.to_dict()) == set(CONFIG_OF_0_1_0) - RAY_SETTINGS_OF_0_1_0
+    assert "num_workers" in caplog.text and "pipelines/train.py" in caplog.text
+    with pytest.raises(ValueError, match="unknown training settings"):
+        TrainConfig.from_dict({**CONFIG_OF_0_1_0, "num_workrs": 2})  # a misspelling is still an error
 
 
 def test_round_trip_through_dict():
@@ -53,7 +71,7 @@ def test_round_trip_through_dict():
         ({"precision": "fp8"}, "precision"),
         ({"val_protocol": "nope"}, "val_protocol"),
         ({"warmup_steps": -1}, "warmup_steps"),
-        ({"use_gpu": "maybe"}, "use_gpu"),
+        ({"augment": "maybe"}, "augment"),
         ({"name": "a/b"}, "name"),
         ({"min_lr_ratio": 2}, "min_lr_ratio"),
     ],

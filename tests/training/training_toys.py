@@ -11,12 +11,12 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from actr_core.blocks import masked_flow_loss
-from actr_core.models import Matcher, MatchOutput, model_entries, register_model
+from actr_core.models import CorrespondenceModel, MatchOutput, model_entries, register_model
 
 STRIDE = 4  # the matcher interface's flow stride
 
 
-class ToyMatcher(Matcher):
+class ToyMatcher(CorrespondenceModel):
     """``backbone``: a stride-4 patch conv; head: a 1x1 conv from both feature maps to a flow."""
 
     def __init__(self, channels: int = 8) -> None:
