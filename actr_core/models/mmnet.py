@@ -33,7 +33,7 @@ ResNet-101).
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -52,9 +52,7 @@ from actr_core.blocks.multiscale import LocalSelfAttention, MultiScaleStage, Top
 from actr_core.blocks.soft_argmax import soft_argmax
 from actr_core.flow import rescale_keypoints, resize_flow
 from actr_core.models.backbones import WeightsReport, read_checkpoint
-from actr_core.models.base import MatchOutput, Matcher, check_image_pair
-from actr_core.models.onednn import FrozenConv, FrozenConvCache
-from actr_core.models.onednn import available as onednn_available
+from actr_core.models.base import Matcher, MatchOutput, check_image_pair
 from actr_core.models.registry import register_model
 
 __all__ = [
@@ -110,7 +108,6 @@ class MMNetConfig:
     # -- execution
     input_multiple: int = 32  # H, W multiples of the ResNet's total stride, so that levels nest exactly
     channels_last: bool = True  # NHWC convolutions (oneDNN on CPU); no effect on values
-    onednn_inference: bool = True  # eval mode without autograd on CPU float32: fused oneDNN convolutions (equal values)
 
     def __post_init__(self) -> None:
         for name in ("layers", "widths"):  # YAML/JSON overrides arrive as lists
@@ -156,10 +153,6 @@ class MMNetOutput(MatchOutput):
         return reverse_correlation(self.pyramid[level])
 
 
-#: (name, convolution, BatchNorm or None, an input) -> that convolution frozen for inputs of that shape
-_FrozenGetter = Callable[[str, nn.Conv2d, nn.BatchNorm2d | None, Tensor], FrozenConv]
-
-
 class ResNetBottlenecks(nn.Module):
     """A timm ResNet without its head, yielding the output of every bottleneck, stage by stage.
 
@@ -178,62 +171,6 @@ class ResNetBottlenecks(nn.Module):
 
     def stem(self, x: Float[Tensor, "b 3 H W"]) -> Float[Tensor, "b c h w"]:
         return self.maxpool(self.act1(self.bn1(self.conv1(x))))
-
-    def frozen_stage_outputs(self, x: Float[Tensor, "b 3 H W"], frozen: _FrozenGetter) -> list[list[Tensor]]:
-        """The output of every bottleneck, stage by stage, through frozen oneDNN convolutions.
-
-        Eval mode only (BatchNorm folded with its running statistics). Each bottleneck is three
-        calls: ``relu(bn1(conv1))``, ``relu(bn2(conv2))`` and ``relu(bn3(conv3) + shortcut)``, plus
-        one for a projection shortcut; equal to the modules' forward to float rounding.
-        """
-        x = self.maxpool(frozen("stem", self.conv1, self.bn1, x)(x, relu=True))
-        outputs = []
-        for s, stage in enumerate(self.stages):
-            maps = []
-            for j, block in enumerate(stage):
-                name = f"{s}.{j}"
-                shortcut = x
-                if block.downsample is not None:
-                    conv, bn = block.downsample
-                    shortcut = frozen(f"{name}.down", conv, bn, x)(x)
-                y = frozen(f"{name}.conv1", block.conv1, block.bn1, x)(x, relu=True)
-                y = frozen(f"{name}.conv2", block.conv2, block.bn2, y)(y, relu=True)
-                x = frozen(f"{name}.conv3", block.conv3, block.bn3, y)(y, relu=True, residual=shortcut)
-                maps.append(x)
-            outputs.append(maps)
-        return outputs
-
-    def supports_freezing(self) -> bool:
-        """Whether every bottleneck is the plain conv-BN-ReLU form :meth:`frozen_stage_outputs` runs."""
-        for stage in self.stages:
-            for block in stage:
-                if not isinstance(block, Bottleneck) or not all(
-                    getattr(block, n) is None or isinstance(getattr(block, n), nn.Identity)
-                    for n in ("drop_block", "aa", "drop_path")
-                ):
-                    return False
-                if block.se is not None or not isinstance(block.act3, nn.ReLU):
-                    return False
-                if block.downsample is not None and not (
-                    isinstance(block.downsample, nn.Sequential)
-                    and len(block.downsample) == 2
-                    and isinstance(block.downsample[0], nn.Conv2d)
-                    and isinstance(block.downsample[1], nn.BatchNorm2d)
-                ):
-                    return False
-        return isinstance(self.act1, nn.ReLU)
-
-
-def _frozen_multiscale(stage: MultiScaleStage, maps: list[Tensor], frozen: _FrozenGetter, prefix: str) -> Tensor:
-    """:func:`~actr_core.blocks.multiscale.multiscale_stage` through frozen oneDNN convolutions (ReLUs fused)."""
-    hidden = torch.cat(
-        [frozen(f"{prefix}.in{j}", conv, None, x)(x, relu=True) for j, (conv, x) in enumerate(zip(stage.inputs, maps))],
-        dim=1,
-    )
-    total = hidden
-    for r, conv in enumerate(stage.branches):
-        total = total + frozen(f"{prefix}.branch{r}", conv, None, hidden)(hidden, relu=True)
-    return frozen(f"{prefix}.proj", stage.proj, None, total)(total)
 
 
 def load_resnet_weights(backbone: ResNetBottlenecks, path: str | os.PathLike) -> WeightsReport:
@@ -384,42 +321,18 @@ class MMNet(Matcher):
         )
         if cfg.channels_last:
             self.to(memory_format=torch.channels_last)
-        self._frozen = FrozenConvCache(self)
-
-    def uses_frozen_path(self, x: Tensor) -> bool:
-        """Whether a forward pass on ``x`` now runs the fused oneDNN path (see ``MMNetConfig.onednn_inference``)."""
-        return (
-            self.config.onednn_inference
-            and not self.training
-            and not torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and onednn_available()
-            and self.backbone.supports_freezing()
-        )
 
     def descriptors(self, images: Float[Tensor, "b 3 H W"]) -> list[Tensor]:
         """Per-level descriptors ``(b, c, h_l, w_l)``, coarsest first, after the top-down fusion."""
         x = images.contiguous(memory_format=torch.channels_last) if self.config.channels_last else images
         per_stage = []
-        if self.uses_frozen_path(x):
-            self._frozen.validate()
-            key = tuple(x.shape)
-
-            def frozen(name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, inp: Tensor) -> FrozenConv:
-                return self._frozen.get(name, conv, bn, inp, shape_key=key)
-
-            stage_maps = self.backbone.frozen_stage_outputs(x, frozen)
-            for s, (maps, head, attend) in enumerate(zip(stage_maps, self.multiscale, self.attention, strict=True)):
-                per_stage.append(attend(_frozen_multiscale(head, maps, frozen, f"ms{s}")))
-        else:
-            x = self.backbone.stem(x)
-            for stage, head, attend in zip(self.backbone.stages, self.multiscale, self.attention, strict=True):
-                maps = []
-                for bottleneck in stage:
-                    x = bottleneck(x)
-                    maps.append(x)
-                per_stage.append(attend(head(maps)))
+        x = self.backbone.stem(x)
+        for stage, head, attend in zip(self.backbone.stages, self.multiscale, self.attention, strict=True):
+            maps = []
+            for bottleneck in stage:
+                x = bottleneck(x)
+                maps.append(x)
+            per_stage.append(attend(head(maps)))
         fused = [per_stage[-1]]
         for fusion, finer in zip(self.fusion, reversed(per_stage[:-1]), strict=True):
             fused.append(fusion(finer, fused[-1]))
@@ -496,6 +409,18 @@ def _as_mmnet_output(output: MatchOutput) -> MMNetOutput:
     return output
 
 
+#: builder keywords of earlier versions, accepted and ignored so that their checkpoints and configs
+#: still build: ``onednn_inference`` (0.1.0) switched a private oneDNN inference path, since removed
+#: (``torch.compile`` is the fast path; docs/mmnet.md)
+RETIRED_KEYWORDS = ("onednn_inference",)
+
+
+def _config(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> MMNetConfig:
+    """``MMNetConfig(**defaults, **overrides)`` without the :data:`RETIRED_KEYWORDS`."""
+    kept = {k: v for k, v in overrides.items() if k not in RETIRED_KEYWORDS}
+    return MMNetConfig(**{**defaults, **kept})
+
+
 @register_model(
     "mmnet_resnet101",
     description="MMNet, ResNet-101 (released default); the paper's row uses gluoncv's FCN-ResNet-101 backbone",
@@ -503,14 +428,18 @@ def _as_mmnet_output(output: MatchOutput) -> MMNetOutput:
     paper_params_m=64.7,
 )
 def mmnet_resnet101(**overrides: Any) -> MMNet:
-    """MMNet with ResNet-101 (the released default): 52.85 M parameters, 10.35 M of them outside the backbone."""
-    return MMNet(MMNetConfig(**overrides))
+    """MMNet with ResNet-101 (the released default): 52.85 M parameters, 10.35 M of them outside the backbone.
+
+    ``overrides`` are :class:`MMNetConfig` fields; a retired keyword (``onednn_inference``, deprecated
+    since 0.2.0) is accepted and ignored, as in the other builders.
+    """
+    return MMNet(_config({}, overrides))
 
 
 @register_model("mmnet_resnet50")
 def mmnet_resnet50(**overrides: Any) -> MMNet:
     """MMNet with ResNet-50 (the released ``backbone_name='resnet50'`` option)."""
-    return MMNet(MMNetConfig(**{"layers": (3, 4, 6, 3), **overrides}))
+    return MMNet(_config({"layers": (3, 4, 6, 3)}, overrides))
 
 
 @register_model("mmnet_tiny")
@@ -523,4 +452,4 @@ def mmnet_tiny(**overrides: Any) -> MMNet:
         "hidden_channels": 4,
         "dilation_rate": 1,
     }
-    return MMNet(MMNetConfig(**{**defaults, **overrides}))
+    return MMNet(_config(defaults, overrides))

@@ -2,6 +2,10 @@
 
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +14,6 @@ from tolerances import float32_tolerance
 
 from actr_core.blocks.coarse_to_fine import reverse_correlation
 from actr_core.models.base import Matcher, parameter_count
-from actr_core.models.onednn import available as onednn_available
 from actr_core.models.mmnet import (
     MMNet,
     MMNetConfig,
@@ -78,9 +81,9 @@ def test_loss_is_sum_over_levels_and_directions(tiny):
         trg = (batch["trg_kps"] + 0.5) * scale - 0.5
         total = total + tiny.criterion(corr, src, trg, batch["valid_kps"])
         total = total + tiny.criterion(reverse_correlation(corr), trg, src, batch["valid_kps"])
-    # per term a blurred target (4 + 9), a log-softmax and a sum over the finest level's l cells, 8 terms added
-    l = out.pyramid[-1].shape[1] * out.pyramid[-1].shape[2]
-    torch.testing.assert_close(tiny.loss(out, batch), total, atol=float32_tolerance(total, terms=2 * l + 13 + 8), rtol=0)
+    # per term a blurred target (4 + 9), a log-softmax and a sum over the finest level's cells, 8 terms added
+    cells = out.pyramid[-1].shape[1] * out.pyramid[-1].shape[2]
+    torch.testing.assert_close(tiny.loss(out, batch), total, atol=float32_tolerance(total, terms=2 * cells + 13 + 8), rtol=0)
 
 
 def test_convention_swapping_images_reverses_the_pyramid(tiny):
@@ -288,42 +291,55 @@ def test_released_state_dict_unknown_key(no_typecheck):
         convert_released_state_dict({"head.weight": torch.zeros(1)})
 
 
-@pytest.mark.skipif(not onednn_available(), reason="this PyTorch has no oneDNN fused convolutions")
-def test_fused_onednn_path_equals_module_path():
+def test_retired_onednn_keyword_is_accepted_and_ignored():
+    """Checkpoints and configs of 0.1.0 may carry ``onednn_inference``: they still build, to the default network."""
     torch.manual_seed(0)
-    fused = mmnet_tiny().eval()
-    with torch.no_grad():
-        for module in fused.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 2.0)
-    reference = mmnet_tiny(onednn_inference=False).eval()
-    reference.load_state_dict(fused.state_dict())
-    x, y = torch.randn(2, 3, H, W), torch.randn(2, 3, H, W)
-    with torch.no_grad():
-        assert fused.uses_frozen_path(x) and not reference.uses_frozen_path(x)
-        reference = reference.double()  # the module path as a float64 reference
-        x64, y64 = x.double(), y.double()
-        a, b = fused(x, y), reference(x64, y64)
-        # the longest chain of sums: the stem (147), four bottlenecks (1x1, 3x3, 1x1: 56 + 96 + 112 + 192), the
-        # multi-scale block (3x3 over 64: 576, branches 36, 1x1 4), local attention (40), three top-down fusions
-        # (transposed 4x4 over 4 and 3x3 over 8: 3·136) and the correlation over 4 descriptors with 4 levels (8)
-        terms = 147 + 456 + 616 + 40 + 408 + 8
-        for ca, cb in zip(a.pyramid, b.pyramid):
-            torch.testing.assert_close(ca.double(), cb, atol=float32_tolerance(cb, terms=terms), rtol=0)
-        # weights changed in place: the cached frozen convolutions are rebuilt
-        for p_fused, p_ref in zip(fused.parameters(), reference.parameters()):
-            p_fused.mul_(1.5)
-            p_ref.mul_(1.5)
-        cb = reference(x64, y64).pyramid[-1]
-        torch.testing.assert_close(fused(x, y).pyramid[-1].double(), cb, atol=float32_tolerance(cb, terms=terms), rtol=0)
+    old = mmnet_tiny(onednn_inference=True)
+    torch.manual_seed(0)
+    new = mmnet_tiny()
+    assert old.config == new.config
+    assert not hasattr(old.config, "onednn_inference")
+    for a, b in zip(old.state_dict().values(), new.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert mmnet_resnet50(onednn_inference=False).config.layers == (3, 4, 6, 3)
 
 
-def test_fused_path_only_without_autograd_in_eval(tiny):
-    x = torch.randn(1, 3, H, W)
-    tiny.eval()
-    assert not tiny.uses_frozen_path(x)  # autograd on
-    tiny.train()
-    with torch.no_grad():
-        assert not tiny.uses_frozen_path(x)
-    tiny.eval()
+# Compiled in a fresh interpreter: the test session turns on jaxtyping's run-time checks, which dynamo
+# cannot trace. float64: compiled code must give the eager values, and a float32 rounding bound would
+# hide a miscompiled kernel of a percent.
+MMNET_COMPILE_CHECK = """
+import sys, warnings, torch
+warnings.simplefilter("ignore")
+from actr_core.models import mmnet_tiny
+torch.manual_seed(0)
+model = mmnet_tiny().eval().double()
+src, trg = (torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (0, 1))
+compiled = torch.compile(model, fullgraph=True, backend=sys.argv[1])  # fullgraph: no graph break allowed
+with torch.no_grad():
+    eager, out = model(src, trg), compiled(src, trg)
+for level, (a, b) in enumerate(zip(out.pyramid, eager.pyramid, strict=True)):
+    torch.testing.assert_close(a, b, msg=lambda m: f"level {level}: {m}")  # float64 defaults: 1e-7
+torch.testing.assert_close(out.flow, eager.flow)
+print("compiled outputs equal eager")
+"""
+
+
+def _compile_check(backend: str, cache: Path) -> None:
+    """Compile with a fresh inductor cache folder: a shared one can hand over kernels built for another
+    ATen vector ISA, or a library that a concurrent run is still writing."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    run = subprocess.run([sys.executable, "-c", MMNET_COMPILE_CHECK, backend], capture_output=True, text=True, timeout=1800, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "compiled outputs equal eager" in run.stdout
+
+
+@pytest.mark.slow  # ~30 s: a fresh interpreter, the model traced
+def test_torch_compile_captures_mmnet_in_one_graph(tmp_path):
+    """Dynamo traces MMNet without a graph break and the captured graph gives the eager pyramid and flow."""
+    _compile_check("eager", tmp_path)
+
+
+@pytest.mark.slow  # minutes: inductor generates and compiles C++ kernels
+def test_torch_compile_inductor_equals_eager_for_mmnet(tmp_path):
+    """torch.compile, the documented fast path of MMNet inference (docs/mmnet.md), gives the eager values."""
+    _compile_check("inductor", tmp_path)

@@ -1,7 +1,7 @@
 """Reader throughput: pairs per second delivered by the shard pipeline, without and with augmentation.
 
     python pipelines/make_shards.py --source synthetic --out shards/synthetic --pairs 2000
-    python pipelines/bench_data.py --shards shards/synthetic --workers 2 --batch-size 32
+    python benchmarks/data_throughput.py --shards shards/synthetic --workers 2 --batch-size 32
 
 Reads the training split as training does (shard and sample shuffling, full batches in the schema)
 through a ``DataLoader`` with ``--workers`` processes, with the images delivered either as uint8
