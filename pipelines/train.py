@@ -69,9 +69,6 @@ class RaySettings:
             raise ValueError(f"these Ray settings must be > 0 (max_failures, ray_num_cpus >= 0): {bad}")
 
 
-assert {f.name for f in dataclasses.fields(RaySettings)} == RAY_SETTINGS_OF_0_1_0  # what 0.1.0 configs carry
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainCommand:
     """Train a matcher from shards with Ray Train (Ray started in-process unless a cluster is named)."""
