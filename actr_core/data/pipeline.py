@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.gopen import gopen, gopen_schemes
 
 from actr_core.data.errors import DataError, SkipLog, check_on_error
@@ -280,17 +280,21 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images
         if n > pad_kps_to:
             raise ValueError(f"a sample has {n} keypoints, more than pad_kps_to={pad_kps_to}")
         n = pad_kps_to
+    # the bulky tensors through default_collate, which stacks straight into shared memory in a loader
+    # worker (handing the batch over then copies nothing); uint8 images as (b, H, W, 3) bytes, channels-last
     pictures = {}
     for key in (SRC_IMAGE, TRG_IMAGE):
-        stacked = torch.stack([getattr(s, key).permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2)  # channels-last
-        pictures[key] = stacked if images == "uint8" else _normalise(stacked)
+        if images == "uint8":
+            pictures[key] = default_collate([getattr(s, key).permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2)
+        else:
+            pictures[key] = default_collate([_normalise(getattr(s, key)[None])[0] for s in samples])
     batch: dict[str, Any] = {
         **pictures,
         "src_kps": _padded([s.src_kps for s in samples], n, 0.0, torch.float32),
         "trg_kps": _padded([s.trg_kps for s in samples], n, 0.0, torch.float32),
         "valid_kps": _padded([s.valid_kps for s in samples], n, False, torch.bool),
-        "flow": torch.stack([s.flow.float() for s in samples]),
-        "valid_flow": torch.stack([s.valid_flow for s in samples]),
+        "flow": default_collate([s.flow.float() for s in samples]),
+        "valid_flow": default_collate([s.valid_flow for s in samples]),
         "src_kps_orig": _padded([s.src_kps_orig for s in samples], n, 0.0, torch.float32),
         "trg_kps_orig": _padded([s.trg_kps_orig for s in samples], n, 0.0, torch.float32),
         "src_size": torch.tensor([s.src_size for s in samples], dtype=torch.int64),
