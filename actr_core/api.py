@@ -2,12 +2,13 @@
 
 Axis legend: b batch · n keypoints · 2 (x, y) · H W model input · h w model flow grid.
 
-``Matcher`` wraps any model of the library (the matcher interface: ``model(src, trg).flow`` on the
-source grid at ``H/4 × W/4``). Each image is read (EXIF orientation applied, any mode converted to
-RGB), resized to the model's input size, ImageNet-normalised and matched; keypoints are returned
-in pixels of the **original** target image. A per-match confidence comes from forward–backward
-(cycle) consistency: the source point is sent to the target by the forward flow and back by the
-backward flow, and the distance to where it started decides the confidence.
+``Matcher`` wraps any model of the library (an ``actr_core.models.CorrespondenceModel``:
+``model(src, trg).flow`` on the source grid at ``H/4 × W/4``). Each image is read (EXIF orientation
+applied, any mode converted to RGB), resized to the model's input size, ImageNet-normalised and
+matched; keypoints are returned in pixels of the **original** target image. A per-match confidence
+comes from forward–backward (cycle) consistency: the source point is sent to the target by the
+forward flow and back by the backward flow, and the distance to where it started decides the
+confidence.
 """
 
 import dataclasses
@@ -102,7 +103,8 @@ class Matcher:
     """One-call matching of arbitrary images with any model of the library.
 
     Args:
-        model: a matcher model (``model(src, trg).flow`` of shape ``(b, 2, H/4, W/4)``).
+        model: a correspondence model (``actr_core.models.CorrespondenceModel``: ``model(src, trg).flow``
+            of shape ``(b, 2, H/4, W/4)``).
         input_size: ``(H, W)`` the model input; images are resized to it and the result mapped back.
         device: where to run (default: the model's device).
         sigma: cycle-error scale of the confidence, in flow-grid cells.

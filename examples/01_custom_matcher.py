@@ -5,10 +5,10 @@ from torch import nn
 
 from actr_core.blocks import MultiHeadCorrelation, masked_flow_loss, soft_argmax
 from actr_core.flow import resize_flow
-from actr_core.models import MatchOutput, Matcher, create_vit
+from actr_core.models import CorrespondenceModel, MatchOutput, create_vit
 
 
-class CorrelationMatcher(Matcher):
+class CorrelationMatcher(CorrespondenceModel):
     """A shared ViT, one multi-head correlation (Eq. 2), soft-argmax (Eq. 3), bilinear ×4 flow."""
 
     def __init__(self, tau: float = 0.02):

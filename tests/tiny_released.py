@@ -7,7 +7,7 @@
 import dataclasses
 import warnings
 
-from actr_core.models import ACTRReleased, ACTRReleasedConfig
+from actr_core.models import ACTR, ACTRReleasedConfig, actr_released
 
 TINY_RELEASED = ACTRReleasedConfig(
     backbone="vit_small_patch16_224",
@@ -22,8 +22,9 @@ TINY_RELEASED = ACTRReleasedConfig(
 )
 
 
-def tiny_released_model(**changes) -> ACTRReleased:
-    """:class:`ACTRReleased` of :data:`TINY_RELEASED` with ``changes``, without the random-init warning."""
+def tiny_released_model(**changes) -> ACTR:
+    """ACTR as released (:func:`actr_released`) of :data:`TINY_RELEASED` with ``changes``, without the
+    random-init warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return ACTRReleased(dataclasses.replace(TINY_RELEASED, **changes))
+        return actr_released(dataclasses.replace(TINY_RELEASED, **changes))

@@ -1,30 +1,27 @@
 """Building blocks of ACTR (CVPR 2023): pure, shape-typed functions, each with a thin ``nn.Module``.
 
-- :mod:`~actr_core.blocks.attention`: biased (asymmetric) cross-attention, Sec. 3.2.
+- :mod:`~actr_core.blocks.attention`: the attention probabilities (one ``softmax(q kᵀ · scale)``
+  for every attention whose probabilities are read) and biased (asymmetric) cross-attention, Sec. 3.2.
 - :mod:`~actr_core.blocks.reweighting`: salient target reweighting, Eq. 1, and the target block.
 - :mod:`~actr_core.blocks.correlation`: multi-head correlation, Eq. 2.
 - :mod:`~actr_core.blocks.soft_argmax`: correlation → coarse flow, Eq. 3.
 - :mod:`~actr_core.blocks.windows`: (shifted-)window attention with relative position bias.
 - :mod:`~actr_core.blocks.flow_sr`: dual-window matching-flow super-resolution, Sec. 3.4.
 - :mod:`~actr_core.blocks.loss`: masked flow loss, Eq. 4.
+- :mod:`~actr_core.blocks.released`: the blocks ACTR as released composes instead (docs/models.md).
 - MMNet (ICCV 2021): :mod:`~actr_core.blocks.multiscale`, :mod:`~actr_core.blocks.coarse_to_fine`,
   :mod:`~actr_core.blocks.correlation_keypoints` (see ``docs/mmnet.md``).
 
 See ``docs/blocks.md`` for shapes, equations and the choices made where the paper is silent.
 """
 
-from actr_core.blocks.attention import BiasedCrossAttention, biased_cross_attention, cross_attention_probs
-from actr_core.blocks.correlation import MultiHeadCorrelation, correlation_from_attention, multihead_correlation
-from actr_core.blocks.flow_sr import DualWindowFlowSR, DualWindowRound, FlowSRConfig, flow_sr_input
-from actr_core.blocks.loss import MaskedFlowLoss, masked_flow_loss
-from actr_core.blocks.correlation_loss import CorrelationCrossEntropy, correlation_cross_entropy
-from actr_core.blocks.reweighting import (
-    ReweightedTargetBlock,
-    TargetReweighting,
-    target_reweighting,
-    target_token_weights,
+from actr_core.blocks.attention import (
+    BiasedCrossAttention,
+    attention_probs,
+    biased_cross_attention,
+    cross_attention_probs,
 )
-from actr_core.blocks.soft_argmax import SoftArgmax, soft_argmax
+
 # MMNet (ICCV 2021): multi-scale blocks, coarse-to-fine correlation, keypoint loss and transfer (docs/mmnet.md)
 from actr_core.blocks.coarse_to_fine import (
     coarse_to_fine_correlation,
@@ -32,6 +29,12 @@ from actr_core.blocks.coarse_to_fine import (
     dot_product_correlation,
     reverse_correlation,
     upsample_correlation,
+)
+from actr_core.blocks.correlation import (
+    CorrelationFromAttention,
+    MultiHeadCorrelation,
+    correlation_from_attention,
+    multihead_correlation,
 )
 from actr_core.blocks.correlation_keypoints import (
     CorrelationKeypointLoss,
@@ -44,6 +47,9 @@ from actr_core.blocks.correlation_keypoints import (
     soft_argmax_transfer,
     softmax_bce,
 )
+from actr_core.blocks.correlation_loss import CorrelationCrossEntropy, correlation_cross_entropy
+from actr_core.blocks.flow_sr import DualWindowFlowSR, DualWindowRound, FlowSRConfig, flow_sr_input, refine_paths
+from actr_core.blocks.loss import MaskedFlowLoss, masked_flow_loss
 from actr_core.blocks.multiscale import (
     LocalSelfAttention,
     MultiScaleDilatedBlock,
@@ -54,6 +60,13 @@ from actr_core.blocks.multiscale import (
     multiscale_stage,
     top_down_fusion,
 )
+from actr_core.blocks.reweighting import (
+    ReweightedTargetBlock,
+    TargetReweighting,
+    target_reweighting,
+    target_token_weights,
+)
+from actr_core.blocks.soft_argmax import SoftArgmax, soft_argmax
 from actr_core.blocks.windows import (
     WindowAttention,
     WindowTransformerBlock,
@@ -65,7 +78,8 @@ from actr_core.blocks.windows import (
 )
 
 __all__ = [
-    # Sec. 3.2: biased cross-attention
+    # Sec. 3.2: attention probabilities, biased cross-attention
+    "attention_probs",
     "biased_cross_attention",
     "cross_attention_probs",
     "BiasedCrossAttention",
@@ -77,6 +91,7 @@ __all__ = [
     # Eq. 2: multi-head correlation
     "multihead_correlation",
     "correlation_from_attention",
+    "CorrelationFromAttention",
     "MultiHeadCorrelation",
     # Eq. 3: soft-argmax
     "soft_argmax",
@@ -86,6 +101,7 @@ __all__ = [
     "DualWindowRound",
     "FlowSRConfig",
     "flow_sr_input",
+    "refine_paths",
     "window_self_attention",
     "WindowAttention",
     "WindowTransformerBlock",

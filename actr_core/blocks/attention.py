@@ -1,6 +1,13 @@
-"""Biased (asymmetric) cross-attention: source queries, target keys and values (paper Sec. 3.2).
+"""Attention probabilities and biased (asymmetric) cross-attention (paper Sec. 3.2).
 
-# b batch · ns source tokens · nt target tokens · c channels · g heads · d channels per head
+# b batch · ns source tokens · nt target tokens · nq nk query and key tokens · c channels · g heads
+# d channels per head
+
+:func:`attention_probs` is the one weight-free ``softmax(q kᵀ · scale)`` of the library: every
+attention whose probabilities are read (the cross-attention maps that ACTR's correlation, Eq. 2,
+and its target reweighting, Eq. 1, consume; the multi-head correlation) computes them with it.
+Where only the attention's output is needed, the fused ``F.scaled_dot_product_attention`` kernel
+is used instead (tested equal).
 """
 
 import torch
@@ -11,7 +18,21 @@ from torch import Tensor, nn
 
 from actr_core.blocks._checks import check_divisible, check_rank
 
-__all__ = ["BiasedCrossAttention", "biased_cross_attention", "cross_attention_probs"]
+__all__ = ["BiasedCrossAttention", "attention_probs", "biased_cross_attention", "cross_attention_probs"]
+
+
+def attention_probs(
+    q: Float[Tensor, "b g nq d"], k: Float[Tensor, "b g nk d"], *, scale: float | None = None
+) -> Float[Tensor, "b g nq nk"]:
+    """Per-head attention probabilities ``softmax(q kᵀ · scale)`` over the keys (no weights, no values).
+
+    ``scale`` defaults to ``d ** -0.5`` (``d`` channels per head). Each row (one head, one query) is
+    a distribution over the ``nk`` keys.
+    """
+    check_rank("q", q, 4, "b g nq d")
+    check_rank("k", k, 4, "b g nk d")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax(torch.einsum("bgqd,bgkd->bgqk", q, k) * scale, dim=-1)
 
 
 def _check_tokens(src: Tensor, trg: Tensor, num_heads: int) -> None:
@@ -58,9 +79,7 @@ def cross_attention_probs(
     """
     _check_tokens(src, trg, num_heads)
     q, k, _ = _project_qkv(src, trg, qkv_weight, qkv_bias, num_heads)
-    d = q.shape[-1]
-    scale = d**-0.5 if scale is None else scale
-    return torch.softmax(torch.einsum("bgsd,bgtd->bgst", q, k) * scale, dim=-1)
+    return attention_probs(q, k, scale=scale)
 
 
 def biased_cross_attention(
@@ -89,14 +108,12 @@ def biased_cross_attention(
     """
     _check_tokens(src, trg, num_heads)
     q, k, v = _project_qkv(src, trg, qkv_weight, qkv_bias, num_heads)
-    d = q.shape[-1]
-    scale = d**-0.5 if scale is None else scale
     if need_weights:
-        attn = torch.softmax(torch.einsum("bgsd,bgtd->bgst", q, k) * scale, dim=-1)
+        attn = attention_probs(q, k, scale=scale)
         out = torch.einsum("bgst,bgtd->bgsd", attn, v)
     else:
         attn = None
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5 if scale is None else scale)
     out = rearrange(out, "b g ns d -> b ns (g d)")
     return F.linear(out, proj_weight, proj_bias), attn
 

@@ -18,8 +18,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from actr_core.blocks._checks import check_divisible, check_rank
+from actr_core.blocks.attention import attention_probs
 
-__all__ = ["MultiHeadCorrelation", "correlation_from_attention", "multihead_correlation"]
+__all__ = ["CorrelationFromAttention", "MultiHeadCorrelation", "correlation_from_attention", "multihead_correlation"]
 
 
 def _check_grid(name: str, num_tokens: int, size: tuple[int, int], num_prefix_tokens: int) -> None:
@@ -86,9 +87,7 @@ def multihead_correlation(
     k = F.linear(trg[:, num_prefix_tokens:], qk_weight[c:], None if qk_bias is None else qk_bias[c:])
     q = rearrange(q, "b ns (g d) -> b g ns d", g=num_heads)
     k = rearrange(k, "b nt (g d) -> b g nt d", g=num_heads)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    probs = torch.softmax(torch.einsum("bgsd,bgtd->bgst", q, k) * scale, dim=-1)
-    return _to_grid(probs, src_size, trg_size)
+    return _to_grid(attention_probs(q, k, scale=scale), src_size, trg_size)
 
 
 def correlation_from_attention(
@@ -112,6 +111,27 @@ def correlation_from_attention(
     cells = attn[:, :, num_prefix_tokens:, num_prefix_tokens:]
     mass = cells.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(cells.dtype).tiny)
     return _to_grid(cells / mass, src_size, trg_size)
+
+
+class CorrelationFromAttention(nn.Module):
+    """Module form of :func:`correlation_from_attention` on equal source and target grids: the
+    correlation readout of ACTR as described (paper Eq. 2 from each block's cross-attention map).
+
+    ``forward(attn, grid)``: the per-head attention ``(b, g, ns, nt)`` of a correspondence block and
+    the token grid ``(h, w)`` of both images → ``(b, h, w, h, w)``. No parameters.
+    """
+
+    def __init__(self, *, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, attn: Float[Tensor, "b g ns nt"], grid: tuple[int, int]) -> Float[Tensor, "b hs ws ht wt"]:
+        return correlation_from_attention(
+            attn, src_size=grid, trg_size=grid, num_prefix_tokens=self.num_prefix_tokens
+        )
+
+    def extra_repr(self) -> str:
+        return f"num_prefix_tokens={self.num_prefix_tokens}"
 
 
 class MultiHeadCorrelation(nn.Module):

@@ -4,6 +4,7 @@
 # c feature channels · k working width (FlowSRConfig.dim) · 2 (x, y), channel 0 = x
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from actr_core.blocks._checks import check_divisible, check_rank
 from actr_core.blocks.windows import WindowTransformerBlock
 from actr_core.flow import resize_flow
 
-__all__ = ["DualWindowFlowSR", "DualWindowRound", "FlowSRConfig", "flow_sr_input"]
+__all__ = ["DualWindowFlowSR", "DualWindowRound", "FlowSRConfig", "flow_sr_input", "refine_paths"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,34 @@ def _path_features(features: Tensor, start: int, stop: int) -> Tensor:
         return features.expand(stop - start, -1, -1, -1)
     index = torch.arange(start, stop, device=features.device) % bf
     return features.index_select(0, index)
+
+
+def refine_paths(
+    up_flow: Float[Tensor, "b 2 H W"],
+    up_features: Float[Tensor, "bf k H W"],
+    refine: Callable[[Tensor], Tensor],
+    *,
+    chunk: int = 0,
+) -> Float[Tensor, "b 2 H W"]:
+    """``up_flow + refine(concat(up_flow, features of its path))``, ``chunk`` flows per call (0: all).
+
+    The residual refinement both super-resolution modules share (Sec. 3.4 and the released
+    refiner). ``up_flow`` holds the paths concatenated along the batch, path-major (``(m b)``: flow
+    ``i`` reads feature ``i mod bf``); the features are never repeated in memory beyond one chunk.
+    The concatenation is laid out channels-last, the layout the window branches read. Every
+    operation of ``refine`` must be per sample, so that chunks give the values of one batched call.
+    """
+    _check_sr_input(up_flow, up_features)
+    if chunk < 0:
+        raise ValueError(f"chunk = {chunk}: expected 0 (all flows at once) or a positive number of flows")
+    b = up_flow.shape[0]
+    step = b if chunk == 0 else chunk
+    outs = []
+    for start in range(0, b, step):
+        stop = min(start + step, b)
+        x = torch.cat((up_flow[start:stop], _path_features(up_features, start, stop)), dim=1)
+        outs.append(up_flow[start:stop] + refine(x.contiguous(memory_format=torch.channels_last)))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def flow_sr_input(
@@ -172,17 +201,13 @@ class DualWindowFlowSR(nn.Module):
         projected = self.feature_proj(features)
         _check_sr_input(flow, projected)
         up_flow, up_features = _upsample(flow, projected, self.config.upscale)  # once for all paths
-        b = flow.shape[0]
-        step = b if self.chunk == 0 else self.chunk
-        outs = []
-        for start in range(0, b, step):
-            stop = min(start + step, b)
-            x = torch.cat((up_flow[start:stop], _path_features(up_features, start, stop)), dim=1)
-            x = x.contiguous(memory_format=torch.channels_last)  # the layout the window branches read
-            for round_ in self.rounds:
-                x = round_(x)
-            outs.append(up_flow[start:stop] + self.head(x))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return refine_paths(up_flow, up_features, self._refine, chunk=self.chunk)
+
+    def _refine(self, x: Tensor) -> Tensor:
+        """The rounds and the head on ``concat(flow, features)``: the residual flow."""
+        for round_ in self.rounds:
+            x = round_(x)
+        return self.head(x)
 
     def extra_repr(self) -> str:
         return f"feature_dim={self.feature_dim}, config={self.config}, chunk={self.chunk}"

@@ -9,7 +9,24 @@ from torch import Tensor, nn
 
 from actr_core.blocks._checks import check_bool, check_rank
 
-__all__ = ["MaskedFlowLoss", "masked_flow_loss"]
+__all__ = ["MaskedFlowLoss", "check_flow_pair", "masked_flow_loss"]
+
+
+def check_flow_pair(pred: Tensor, target: Tensor, valid: Tensor) -> None:
+    """Raise ``ValueError`` naming the shapes unless ``pred`` and ``target`` are both ``(b, 2, h, w)``
+    and ``valid`` is a boolean ``(b, h, w)`` mask (the contract of every flow loss)."""
+    check_rank("pred", pred, 4, "b 2 h w")
+    check_bool("valid", valid)
+    if pred.shape[1] != 2 or target.shape != pred.shape:
+        raise ValueError(
+            f"pred has shape {tuple(pred.shape)} and target has shape {tuple(target.shape)}: "
+            "expected both (b, 2, h, w)"
+        )
+    if valid.shape != (pred.shape[0], *pred.shape[2:]):
+        raise ValueError(
+            f"valid has shape {tuple(valid.shape)}: expected {(pred.shape[0], *pred.shape[2:])} (b, h, w) "
+            f"for pred of shape {tuple(pred.shape)}"
+        )
 
 
 def masked_flow_loss(
@@ -32,18 +49,7 @@ def masked_flow_loss(
     unsquared norm is taken as 0. A batch with no valid cell gives 0, still connected to ``pred``
     (its gradient is 0), never NaN.
     """
-    check_rank("pred", pred, 4, "b 2 h w")
-    check_bool("valid", valid)
-    if pred.shape[1] != 2 or target.shape != pred.shape:
-        raise ValueError(
-            f"pred has shape {tuple(pred.shape)} and target has shape {tuple(target.shape)}: "
-            "expected both (b, 2, h, w)"
-        )
-    if valid.shape != (pred.shape[0], *pred.shape[2:]):
-        raise ValueError(
-            f"valid has shape {tuple(valid.shape)}: expected {(pred.shape[0], *pred.shape[2:])} (b, h, w) "
-            f"for pred of shape {tuple(pred.shape)}"
-        )
+    check_flow_pair(pred, target, valid)
     cell_valid = valid.unsqueeze(1)
     diff = torch.where(cell_valid, pred - torch.where(cell_valid, target, torch.zeros_like(target)), 0.0)
     sq = diff.square().sum(dim=1)

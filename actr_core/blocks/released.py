@@ -1,18 +1,22 @@
 """The blocks that ACTR *as released* composes differently from the paper's description.
 
 Axis legend: b batch · n tokens (1 + hs·ws, [cls] first) · c channels · g heads · d channels per
-head · hs ws source token grid · ht wt target token grid · h w flow grid (×4) · k guidance channels.
+head · hs ws source token grid · ht wt target token grid · h w flow grid (×4) · k guidance channels ·
+m paths.
 
 The released code (github YXSUNMADMAX/ACTR, ``models/ACTR.py`` and ``models/base/swin.py``) differs
-from the paper in the places below; each difference is one function here (plus a thin module), so
-that :class:`actr_core.models.released.ACTRReleased` is the same composition as ACTR as described
-with these blocks swapped in. The arithmetic is the released code's, including where it mixes
-conventions (each docstring's ``Convention:`` says how). Differences, in forward order:
+from the paper in the places below; each difference is one function here (plus a thin module), and
+ACTR as released is :class:`actr_core.models.actr.ACTR`, the composition of ACTR as described, with
+these blocks injected by :func:`actr_core.models.released.actr_released`. The arithmetic is the
+released code's, including where it mixes conventions (each docstring's ``Convention:`` says how).
+Differences, in forward order:
 
 1. :func:`dino_pos_embed_interpolation`: DINO's position-embedding interpolation (bicubic with a
    ``scale_factor`` of (grid + 0.1) / native grid, not a target size).
-2. :func:`head_summed_cross_attention`: cross-attention whose attention map is the *sum* over heads
-   (each row sums to g), not the mean of Eq. 2.
+2. Head-summed cross-attention: the cross-attention is :class:`~actr_core.blocks.BiasedCrossAttention`
+   (the released ``cattn``: one ``qkv`` for both streams, q from the source, k and v from the
+   target), but its map is read as the *sum* over heads (each row sums to g), not the mean of Eq. 2:
+   :func:`head_summed_correlation` (the correlation) and :func:`released_target_reweighting`.
 3. :class:`ReleasedAsymmetricBlock`: the feed-forward network is applied to the attention output,
    ``x + a + MLP(LN2(a))``, not to the updated stream; self- and cross-attention stages, source and
    target, share ``norm1``, ``norm2`` and ``mlp``.
@@ -23,11 +27,13 @@ conventions (each docstring's ``Convention:`` says how). Differences, in forward
 6. :func:`released_soft_argmax`: SFNet/CATs soft-argmax on ``linspace(−1, 1)`` grids (buffers)
    unnormalised with ``(W − 1)/2`` (``align_corners=True``).
 7. :func:`nearest_upsample_flow`: nearest ×4 upsampling of the coarse flow.
-8. :class:`ReleasedGuidance`: a 1×1 projection 768→94 of the last block's source tokens, bilinear
-   ×4 with ``align_corners=True``, ``Dropout2d(0.5)`` while training.
+8. :class:`ReleasedGuidance`: a 1×1 projection 768→94 of the last block's source feature map,
+   bilinear ×4 with ``align_corners=True``, ``Dropout2d(0.5)`` while training.
 9. :class:`ReleasedSwinBranch`: an *unshifted* Swin block wrapped as ``x + LN(block(x))`` and
    followed by channel attention (:func:`channel_attention`); two such branches (windows 8 and 4)
-   are summed per round (:class:`ReleasedSRRound`).
+   are summed per round (:class:`ReleasedSRRound`), rounds and a conv head in
+   :class:`ReleasedFlowRefiner`; with 7 and 8, :class:`ReleasedFlowUpsampler` is the model's flow
+   upsampling stage.
 10. :func:`released_epe_loss`: the end-point error averaged over all valid cells of the batch.
 """
 
@@ -41,12 +47,15 @@ from jaxtyping import Bool, Float
 from timm.layers import Attention, Mlp, trunc_normal_
 from torch import Tensor, nn
 
+from actr_core.blocks.attention import BiasedCrossAttention
+from actr_core.blocks.flow_sr import refine_paths
+from actr_core.blocks.loss import check_flow_pair
 from actr_core.blocks.windows import WindowTransformerBlock
 
 __all__ = [
     "dino_pos_embed_interpolation",
-    "head_summed_cross_attention",
-    "HeadSummedCrossAttention",
+    "head_summed_correlation",
+    "HeadSummedCorrelation",
     "arf",
     "ARF",
     "released_target_reweighting",
@@ -62,7 +71,9 @@ __all__ = [
     "ReleasedSwinBranch",
     "ReleasedSRRound",
     "ReleasedFlowRefiner",
+    "ReleasedFlowUpsampler",
     "released_epe_loss",
+    "ReleasedEPELoss",
 ]
 
 DINO_POS_OFFSET = 0.1  # DINO's interpolate_pos_encoding adds 0.1 to the grid "to avoid floating point error"
@@ -125,63 +136,46 @@ def dino_pos_embed_interpolation(
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. head-summed cross-attention
+# 2. head-summed cross-attention: the correlation
 
 
-def head_summed_cross_attention(
-    queries: Float[Tensor, "b nq c"],
-    keys_values: Float[Tensor, "b nk c"],
-    qkv_weight: Float[Tensor, "c3 c"],
-    qkv_bias: Float[Tensor, " c3"] | None,
-    proj_weight: Float[Tensor, "c c"],
-    proj_bias: Float[Tensor, " c"] | None,
+def head_summed_correlation(
+    attn: Float[Tensor, "b g ns nt"],
     *,
-    num_heads: int,
-) -> tuple[Float[Tensor, "b nq c"], Float[Tensor, "b nq nk"]]:
-    """Cross-attention with queries from ``queries`` and keys/values from ``keys_values``.
+    src_size: tuple[int, int],
+    trg_size: tuple[int, int],
+    num_prefix_tokens: int = 1,
+) -> Float[Tensor, "b hs ws ht wt"]:
+    """The released correlation: the cross-attention probabilities **summed** over the heads, then
+    the prefix ([cls]) rows and columns dropped, laid out on the source and target grids.
 
-    One fused ``qkv`` projection (rows: q, k, v; each ``g·d``) serves both streams, as in the
-    released code: q from the queries, k and v from the keys/values. Per head
-    ``A_g = softmax(q_g k_gᵀ / √d)`` over the keys; output ``proj(concat_g A_g v_g)``.
-
-    Returns ``(output, Σ_g A_g)``: the attention **summed** over heads (each row sums to g), where
-    the paper's Eq. 2 averages.
+    ``attn`` is the per-head attention of the source queries on the target keys, each row a
+    softmax over *all* target tokens ([cls] included). The released code sums the heads (each row
+    of the sum totals g) and drops [cls] *after* the softmax, without renormalising, so each
+    source cell's row sums to a little less than g; Eq. 2 (:func:`~actr_core.blocks.correlation_from_attention`)
+    averages the heads and renormalises over the target cells.
     """
-    c = queries.shape[-1]
-    _check(c % num_heads == 0, f"channels = {c} is not divisible by num_heads = {num_heads}")
-    _check(qkv_weight.shape == (3 * c, c), f"qkv_weight has shape {tuple(qkv_weight.shape)}: expected {(3 * c, c)}")
-    w_q, w_kv = qkv_weight[:c], qkv_weight[c:]
-    b_q, b_kv = (None, None) if qkv_bias is None else (qkv_bias[:c], qkv_bias[c:])
-    q = rearrange(F.linear(queries, w_q, b_q), "b n (g d) -> b g n d", g=num_heads)
-    k, v = rearrange(F.linear(keys_values, w_kv, b_kv), "b n (two g d) -> two b g n d", two=2, g=num_heads)
-    scale = (c // num_heads) ** -0.5
-    attn = torch.softmax(torch.einsum("bgnd,bgmd->bgnm", q, k) * scale, dim=-1)
-    out = rearrange(torch.einsum("bgnm,bgmd->bgnd", attn, v), "b g n d -> b n (g d)")
-    return F.linear(out, proj_weight, proj_bias), attn.sum(dim=1)
+    ns, nt = attn.shape[-2:]
+    (hs, ws), (ht, wt) = src_size, trg_size
+    _check(
+        ns == num_prefix_tokens + hs * ws and nt == num_prefix_tokens + ht * wt,
+        f"attn has shape {tuple(attn.shape)}: expected {num_prefix_tokens} prefix tokens and grids "
+        f"{src_size} (source) and {trg_size} (target)",
+    )
+    cells = attn.sum(dim=1)[:, num_prefix_tokens:, num_prefix_tokens:]
+    return rearrange(cells, "b (hs ws) (ht wt) -> b hs ws ht wt", hs=hs, ws=ws, ht=ht, wt=wt)
 
 
-class HeadSummedCrossAttention(nn.Module):
-    """Module form of :func:`head_summed_cross_attention` (parameters ``qkv`` and ``proj``)."""
+class HeadSummedCorrelation(nn.Module):
+    """Module form of :func:`head_summed_correlation` on equal source and target grids: the
+    correlation readout of ACTR as released, ``forward(attn, grid)``. No parameters."""
 
-    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True) -> None:
+    def __init__(self, *, num_prefix_tokens: int = 1) -> None:
         super().__init__()
-        _check(dim % num_heads == 0, f"dim = {dim} is not divisible by num_heads = {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.num_prefix_tokens = num_prefix_tokens
 
-    def forward(
-        self, queries: Float[Tensor, "b nq c"], keys_values: Float[Tensor, "b nk c"]
-    ) -> tuple[Float[Tensor, "b nq c"], Float[Tensor, "b nq nk"]]:
-        return head_summed_cross_attention(
-            queries,
-            keys_values,
-            self.qkv.weight,
-            self.qkv.bias,
-            self.proj.weight,
-            self.proj.bias,
-            num_heads=self.num_heads,
-        )
+    def forward(self, attn: Float[Tensor, "b g ns nt"], grid: tuple[int, int]) -> Float[Tensor, "b hs ws ht wt"]:
+        return head_summed_correlation(attn, src_size=grid, trg_size=grid, num_prefix_tokens=self.num_prefix_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,16 +212,17 @@ class ARF(nn.Module):
 
 
 def released_target_reweighting(
-    target: Float[Tensor, "b n c"], attention: Float[Tensor, "b nq n"], weight: Float[Tensor, "1 1 c"]
+    target: Float[Tensor, "b n c"], attention: Float[Tensor, "b g nq n"], weight: Float[Tensor, "1 1 c"]
 ) -> Float[Tensor, "b n c"]:
     """``T + T · w · σ(h)``, ``h_j`` = mean over the query rows (the [cls] row included) of the
-    head-summed cross-attention on target token ``j``, under stop-gradient.
+    head-summed cross-attention on target token ``j``, under stop-gradient. ``attention`` is the
+    per-head map ``(b, g, nq, n)``; its heads are summed here, as the released code does.
 
     The paper's Eq. 1 multiplies T by the weights; the released code adds the weighted T to T, with a
     learnable per-channel ``w`` (initialised to ones). Since each head-summed row sums to g, the
     mean over n query rows is g/n on average, so σ(h) ≈ 0.5 and T is first scaled by ≈ 1.5.
     """
-    heat = attention.detach().mean(dim=1).unsqueeze(-1)  # b n 1
+    heat = attention.detach().sum(dim=1).mean(dim=1).unsqueeze(-1)  # b n 1
     return target + target * weight * torch.sigmoid(heat)
 
 
@@ -238,14 +233,15 @@ class ReleasedTargetReweighting(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(1, 1, dim))
 
-    def forward(self, target: Float[Tensor, "b n c"], attention: Float[Tensor, "b nq n"]) -> Float[Tensor, "b n c"]:
+    def forward(self, target: Float[Tensor, "b n c"], attention: Float[Tensor, "b g nq n"]) -> Float[Tensor, "b n c"]:
         return released_target_reweighting(target, attention, self.weight)
 
 
 class NoTargetReweighting(nn.Module):
     """The target stream unchanged (the released last block, whose target output is never used)."""
 
-    def forward(self, target: Float[Tensor, "b n c"], attention: Float[Tensor, "b nq n"]) -> Float[Tensor, "b n c"]:
+    def forward(self, target: Float[Tensor, "b n c"], attention: Float[Tensor, "b g nq n"]) -> Float[Tensor, "b n c"]:
+        del attention  # the interface of a reweighting; the target passes unchanged
         return target
 
 
@@ -258,7 +254,8 @@ class ReleasedAsymmetricBlock(nn.Module):
 
     With ``S``, ``T`` the source and target tokens ``(b, n, c)`` ([cls] first), ``P`` a learnt
     source positional encoding (zeros at init), ``SA`` a standard multi-head self-attention shared
-    by S and T, ``CA`` :func:`head_summed_cross_attention`, one ``norm1``/``norm2``/``mlp`` for all::
+    by S and T, ``CA`` the cross-attention (:class:`~actr_core.blocks.BiasedCrossAttention`, the
+    released ``cattn``), one ``norm1``/``norm2``/``mlp`` for all::
 
         S ← S + P
         Ŝ, T̂ = SA(LN1(S)), SA(LN1(T))
@@ -267,10 +264,12 @@ class ReleasedAsymmetricBlock(nn.Module):
         S ← S + Ĉ + MLP(LN2(Ĉ))
         T ← reweighting(T, A)                                      (identity in the last block)
 
-    Returns ``(S, T, A)`` with ``A`` the head-summed attention ``(b, n, n)`` ([cls] row/column
-    included). The target never attends to the source. S and T go through the shared
-    self-attention stage as one batch of ``2b`` sequences (per-sequence operations: the same values
-    as two calls).
+    Returns ``(S, T, A)`` with ``A`` the per-head attention ``(b, g, n, n)`` ([cls] row/column
+    included; the reweighting and :func:`head_summed_correlation` sum its heads). The target never
+    attends to the source. S and T go through the shared self-attention stage as one batch of
+    ``2b`` sequences (per-sequence operations: the same values as two calls). ``P`` has the
+    training frame's ``num_tokens`` (``1 + hs·ws``), so the block takes that one token grid only, as
+    released; ``forward`` raises ``ValueError`` naming the grids for any other.
     """
 
     def __init__(
@@ -289,19 +288,20 @@ class ReleasedAsymmetricBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.self_attn = Attention(dim, num_heads=num_heads, qkv_bias=True)
-        self.cross_attn = HeadSummedCrossAttention(dim, num_heads, qkv_bias=True)
+        self.cross_attn = BiasedCrossAttention(dim, num_heads, qkv_bias=True)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
         self.activation = ARF() if activation is None else activation
         self.reweighting = NoTargetReweighting() if reweighting is None else reweighting
         self.apply(_init_linear_and_norm)
 
     def forward(
-        self, source: Float[Tensor, "b n c"], target: Float[Tensor, "b n c"]
-    ) -> tuple[Float[Tensor, "b n c"], Float[Tensor, "b n c"], Float[Tensor, "b n n"]]:
+        self, source: Float[Tensor, "b n c"], target: Float[Tensor, "b n c"], grid: tuple[int, int]
+    ) -> tuple[Float[Tensor, "b n c"], Float[Tensor, "b n c"], Float[Tensor, "b g n n"]]:
         _check(
-            source.shape[1] == self.source_pos.shape[1],
-            f"source has {source.shape[1]} tokens but the block's positional encoding has "
-            f"{self.source_pos.shape[1]} (the released model takes one input size only)",
+            1 + grid[0] * grid[1] == self.source_pos.shape[1] == source.shape[1],
+            f"a {grid[0]}x{grid[1]} token grid ({source.shape[1]} tokens): the block's source positional "
+            f"encoding has {self.source_pos.shape[1]} tokens, and ACTR as released takes the input size "
+            "it was built for only (resize the images first)",
         )
         s = source + self.source_pos
         b = s.shape[0]
@@ -353,7 +353,7 @@ def released_soft_argmax(
         makes the grids trainable ``nn.Parameter``s; here they are inputs (buffers of
         :class:`ReleasedSoftArgmax`), loaded from a checkpoint when it carries them.
     """
-    b, hs, ws, ht, wt = corr.shape
+    _, hs, ws, ht, wt = corr.shape
     _check(x_grid.shape == (wt,), f"x_grid has shape {tuple(x_grid.shape)}: expected ({wt},) for wt = {wt}")
     _check(y_grid.shape == (ht,), f"y_grid has shape {tuple(y_grid.shape)}: expected ({ht},) for ht = {ht}")
     p = torch.softmax(rearrange(corr, "b hs ws ht wt -> b hs ws (ht wt)") / beta, dim=-1)
@@ -406,10 +406,10 @@ def nearest_upsample_flow(flow: Float[Tensor, "b 2 hs ws"], factor: int) -> Floa
 
 
 class ReleasedGuidance(nn.Module):
-    """Guidance for the flow refiner from the last block's source patch tokens (released
-    ``refine_proj_query_feat`` + upsampling + ``Dropout2d``).
+    """Guidance for the flow refiner from the last block's source patch tokens as a feature map
+    ``(b, c, hs, ws)`` (released ``refine_proj_query_feat`` + upsampling + ``Dropout2d``).
 
-    ``ReLU(conv1×1(tokens as a map))`` → ``(b, k, hs, ws)``, bilinear to ``factor`` × the grid with
+    ``ReLU(conv1×1(features))`` → ``(b, k, hs, ws)``, bilinear to ``factor`` × the grid with
     ``align_corners=True`` (the released choice; corner cells are aligned, not pixel centres),
     then ``Dropout2d(dropout)`` (active in training only).
     """
@@ -420,10 +420,9 @@ class ReleasedGuidance(nn.Module):
         self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=1)
         self.dropout = nn.Dropout2d(p=dropout)
 
-    def forward(self, tokens: Float[Tensor, "b hw c"], grid: tuple[int, int]) -> Float[Tensor, "b k h w"]:
-        hs, ws = grid
-        x = rearrange(tokens, "b (h w) c -> b c h w", h=hs, w=ws)
-        x = F.relu(self.proj(x))
+    def forward(self, features: Float[Tensor, "b c hs ws"]) -> Float[Tensor, "b k h w"]:
+        hs, ws = features.shape[-2:]
+        x = F.relu(self.proj(features))
         x = F.interpolate(x, size=(hs * self.factor, ws * self.factor), mode="bilinear", align_corners=True)
         return self.dropout(x)
 
@@ -512,10 +511,12 @@ class ReleasedFlowRefiner(nn.Module):
     """The released flow super-resolution after upsampling: rounds of summed Swin branches on
     ``[flow_up, guidance]``, then conv3×3 → ReLU → conv3×3 to a residual flow.
 
-    ``forward(flow_up, guidance) = flow_up + head(rounds(cat(flow_up, guidance)))``, sample by sample.
-    ``guidance`` may have fewer samples than ``flow_up``: with ``bf`` guidance maps and ``b = bf·m``
-    flows, flow ``i`` is refined with guidance ``i // m`` (the ``(b m)`` batch-major order of the
-    paths; the released code computes the guidance once and reuses it for every path).
+    ``forward(flow_up, guidance) = flow_up + head(rounds(cat(flow_up, guidance)))``, sample by sample
+    (:func:`~actr_core.blocks.flow_sr.refine_paths`, shared with the dual-window SR). ``guidance``
+    may have fewer samples than ``flow_up``: with ``bf`` guidance maps and ``b = m·bf`` flows, flow
+    ``i`` is refined with guidance ``i mod bf`` (the paths concatenated path-major, ``(m b)``, the
+    order of every multi-path output of the library; the released code computes the guidance once
+    and reuses it for every path).
 
     Execution (no effect on values): the maps are kept channels-last, the layout the Swin branches
     read, so that no branch copies between layouts; ``chunk`` flows are refined per call (0: all at
@@ -550,37 +551,36 @@ class ReleasedFlowRefiner(nn.Module):
             nn.Conv2d(hidden, 2, kernel_size, padding=pad),
         )
 
-    def _refine(self, flow_up: Tensor, guidance: Tensor) -> Tensor:
-        x = torch.cat((flow_up, guidance), dim=1).contiguous(memory_format=torch.channels_last)
-        return flow_up + self.head(self.rounds(x))
+    def _refine(self, x: Tensor) -> Tensor:
+        return self.head(self.rounds(x))
 
     def forward(
         self, flow_up: Float[Tensor, "b 2 h w"], guidance: Float[Tensor, "bf k h w"]
     ) -> Float[Tensor, "b 2 h w"]:
-        b, bf = flow_up.shape[0], guidance.shape[0]
-        _check(
-            bf > 0 and b % bf == 0 and guidance.shape[2:] == flow_up.shape[2:],
-            f"flow_up has shape {tuple(flow_up.shape)} and guidance {tuple(guidance.shape)}: expected the same "
-            "grid and a flow batch that is a multiple of the guidance batch",
-        )
-        per_guidance = b // bf
-        step = b if self.chunk == 0 else self.chunk
-        outs = []
-        for start in range(0, b, step):
-            stop = min(start + step, b)
-            first, last = start // per_guidance, (stop - 1) // per_guidance
-            if per_guidance == 1:
-                chunk_guidance = guidance[start:stop]
-            elif first == last:
-                chunk_guidance = guidance[first : first + 1].expand(stop - start, -1, -1, -1)
-            else:
-                index = torch.arange(start, stop, device=guidance.device) // per_guidance
-                chunk_guidance = guidance.index_select(0, index)
-            outs.append(self._refine(flow_up[start:stop], chunk_guidance))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return refine_paths(flow_up, guidance, self._refine, chunk=self.chunk)
 
     def extra_repr(self) -> str:
         return f"chunk={self.chunk}"
+
+
+class ReleasedFlowUpsampler(nn.Module):
+    """The flow upsampling stage of ACTR as released: coarse flows of all paths ``(m·b, 2, hs, ws)``
+    (path-major) and the last block's source feature map ``(b, c, hs, ws)`` → ``(m·b, 2, h, w)``.
+
+    :func:`nearest_upsample_flow` ×``guidance.factor``, :class:`ReleasedGuidance` from the features
+    (computed once, shared by the paths), then :class:`ReleasedFlowRefiner`. Same interface as
+    :class:`~actr_core.blocks.DualWindowFlowSR` (the paper's).
+    """
+
+    def __init__(self, guidance: ReleasedGuidance, refiner: ReleasedFlowRefiner) -> None:
+        super().__init__()
+        self.guidance = guidance
+        self.refiner = refiner
+
+    def forward(
+        self, flow: Float[Tensor, "b 2 hs ws"], features: Float[Tensor, "bf c hs ws"]
+    ) -> Float[Tensor, "b 2 h w"]:
+        return self.refiner(nearest_upsample_flow(flow, self.guidance.factor), self.guidance(features))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,8 +597,17 @@ def released_epe_loss(
     here the boolean ``valid`` mask decides. Invalid cells (NaN included) are masked before any
     arithmetic; a batch without valid cells gives 0.
     """
-    _check(valid.dtype == torch.bool, f"valid has dtype {valid.dtype}: expected torch.bool")
+    check_flow_pair(pred, target, valid)
     mask = valid.unsqueeze(1)
     diff = torch.where(mask, target, torch.zeros_like(target)) - torch.where(mask, pred, torch.zeros_like(pred))
     epe = torch.linalg.vector_norm(diff, dim=1)  # 0 with zero gradient in invalid cells
     return epe.sum() / valid.sum().clamp(min=1)
+
+
+class ReleasedEPELoss(nn.Module):
+    """Module form of :func:`released_epe_loss` (the flow loss of ACTR as released); no parameters."""
+
+    def forward(
+        self, pred: Float[Tensor, "b 2 h w"], target: Float[Tensor, "b 2 h w"], valid: Bool[Tensor, "b h w"]
+    ) -> Float[Tensor, ""]:
+        return released_epe_loss(pred, target, valid)

@@ -1,21 +1,25 @@
-"""Models: the matcher interface, ViT backbones, ACTR (as released; as described and the Baseline
-are built on the same pieces), and a registry of builders.
+"""Models: the model interface, ViT backbones, ACTR (one composition: as described, the Baseline and
+ablations, and as released), the released-checkpoint converters, and a registry of builders.
 
-- :mod:`~actr_core.models.base`: :class:`Matcher` (``forward`` → :class:`MatchOutput`, ``loss``,
-  ``transfer``) and the input checks every model runs.
+- :mod:`~actr_core.models.base`: :class:`CorrespondenceModel` (``forward`` → :class:`MatchOutput`,
+  ``loss``, ``transfer``) and the input checks every model runs.
 - :mod:`~actr_core.models.backbones`: timm ViTs by name returning ``[cls]`` + patch tokens for any
   input whose sides are multiples of the patch size; weights from local files only.
 - :mod:`~actr_core.models.conv_backbone`: one stage of a timm CNN as ``[cls]`` + grid tokens behind
   the same interface (stride 8: a finer grid that learns to match from random weights).
-- :mod:`~actr_core.models.released`: ACTR as released and :func:`load_official_actr`.
+- :mod:`~actr_core.models.stages`: the contracts (``typing.Protocol``) of the stages ACTR takes.
 - :mod:`~actr_core.models.actr`, :mod:`~actr_core.models.builders`, :mod:`~actr_core.models.config`:
-  ACTR as described (the default), the Baseline and the Table 4 ablations (``actr_base()``,
-  ``actr_base(ablation="no_flow_sr")``, ``baseline()``, ...).
+  the ACTR composition; ACTR as described (the default), the Baseline and the Table 4 ablations
+  (``actr_base()``, ``actr_base(ablation="no_flow_sr")``, ``baseline()``, ...).
+- :mod:`~actr_core.models.released`: ACTR as released, the same composition with the released
+  blocks (:func:`actr_released`).
+- :mod:`~actr_core.models.convert`: released checkpoints ↔ ours (:func:`load_official_actr`).
 - :mod:`~actr_core.models.registry`: ``register_model`` / ``model_entries`` / ``build_model``.
 
 See docs/models.md.
 """
 
+from actr_core.models.actr import ACTR
 from actr_core.models.backbones import (
     ViTBackbone,
     WeightsReport,
@@ -27,9 +31,7 @@ from actr_core.models.backbones import (
     vit_base16,
     vit_small16,
 )
-from actr_core.models.actr import ACTR
-from actr_core.models.conv_backbone import ConvBackbone, ConvBackboneConfig, create_conv_backbone, load_conv_weights
-from actr_core.models.base import Matcher, MatchOutput, check_image, check_image_pair, parameter_count
+from actr_core.models.base import CorrespondenceModel, MatchOutput, check_image, check_image_pair, parameter_count
 from actr_core.models.builders import (
     actr_base,
     actr_base_512,
@@ -41,22 +43,33 @@ from actr_core.models.builders import (
     baseline_512,
     build_actr,
 )
-from actr_core.models.config import ABLATIONS, ACTRConfig
+from actr_core.models.config import ABLATIONS, ACTRConfig, ACTRReleasedConfig
+from actr_core.models.conv_backbone import ConvBackbone, ConvBackboneConfig, create_conv_backbone, load_conv_weights
+from actr_core.models.convert import (
+    OfficialCheckpointError,
+    load_official_actr,
+    official_key_to_ours,
+    official_parameter_count,
+    official_state_dict_shapes,
+    our_key_to_official,
+    to_official_state_dict,
+)
 from actr_core.models.mmnet import MMNet, MMNetConfig, MMNetOutput, mmnet_resnet50, mmnet_resnet101, mmnet_tiny
 from actr_core.models.registry import ModelEntry, build_model, get_model_entry, model_entries, register_model
-from actr_core.models.released import (
-    ACTRReleased,
-    ACTRReleasedConfig,
-    OfficialCheckpointError,
-    actr_released,
-    load_official_actr,
-    official_parameter_count,
-    to_official_state_dict,
+from actr_core.models.released import actr_released
+from actr_core.models.stages import (
+    Backbone,
+    CorrelationReadout,
+    CorrespondenceStage,
+    FlowLoss,
+    FlowUpsampler,
+    SoftArgmaxReadout,
+    SourcePositionalEncoding,
 )
 
 __all__ = [
     # interface
-    "Matcher",
+    "CorrespondenceModel",
     "MatchOutput",
     "check_image",
     "check_image_pair",
@@ -75,11 +88,21 @@ __all__ = [
     "ConvBackboneConfig",
     "create_conv_backbone",
     "load_conv_weights",
-    # ACTR as released
-    "ACTRReleased",
+    # stage contracts
+    "Backbone",
+    "SourcePositionalEncoding",
+    "CorrespondenceStage",
+    "CorrelationReadout",
+    "SoftArgmaxReadout",
+    "FlowUpsampler",
+    "FlowLoss",
+    # ACTR as released and the released-checkpoint converters
     "ACTRReleasedConfig",
     "actr_released",
     "load_official_actr",
+    "official_key_to_ours",
+    "our_key_to_official",
+    "official_state_dict_shapes",
     "official_parameter_count",
     "to_official_state_dict",
     "OfficialCheckpointError",

@@ -1,25 +1,37 @@
-"""ACTR as described (paper Sec. 3): a composition of injected blocks, shared by the Baseline and the ablations.
+"""ACTR (paper Sec. 3): one composition of injected stages, for ACTR as described, its Baseline and
+ablations, and ACTR as released.
 
 # b batch · H W input frame · hs ws source token grid · ht wt target token grid (equal: both images
 # enter at one size) · h w flow grid (upscale · token grid) · ns nt tokens ([cls] + grid cells)
 # c channels · g heads · m paths · 2 (x, y), channel 0 = x
 
-Composition (:class:`ACTR`)::
+Composition (:class:`ACTR`; the stage contracts are :mod:`actr_core.models.stages`)::
 
     tokens  = backbone([src; trg])                                   Sec. 3.1, [cls] + patches
-    for each block ℓ = 1..M (CorrespondenceBlock):                   Sec. 3.2
+    for each block ℓ = 1..M:                                         Sec. 3.2, CorrespondenceStage
+        S, T, A_ℓ = block(S, T, grid)                                A_ℓ: per-head attention S → T
+        C_ℓ    = correlation(A_ℓ, grid)    (ℓ in path_blocks)        Eq. 2 ([cls] dropped)
+    Δc     = soft_argmax([C_ℓ]_ℓ)                                    Eq. 3, all paths in one call
+    Δf     = upsampler(Δc, source feature map of S_M)                Sec. 3.4, all paths in one call
+    flow   = mean_ℓ Δf_ℓ                                             multi-path mean
+
+Path order: wherever the paths of one batch travel together (the soft-argmax, the upsampler), they
+are concatenated along the batch **path-major**, ``(m b)`` (``torch.cat([path_1, ..., path_m])``);
+outputs carry them as ``(b, m, ...)``.
+
+As described (:mod:`actr_core.models.builders`), a block is a :class:`CorrespondenceBlock`::
+
         S      = source_pe(S)                                        learnable PE (source only)
         T      = target_branch(S, T)                                 Eq. 1 (self-attn, reweight, FFN)
         S      = source_block(S)                                     standard transformer block [43]
         S, T, A_ℓ = cross(S, T)                                      biased cross-attention
-    for each path ℓ in path_blocks:
-        C_ℓ    = correlation_from_attention(A_ℓ)                     Eq. 2 ([cls] dropped, head mean)
-        Δc_ℓ   = soft_argmax(C_ℓ, τ)                                 Eq. 3
-    Δf     = upsampler([Δc_ℓ]_ℓ, source feature map)                 Sec. 3.4, all paths in one call
-    flow   = mean_ℓ Δf_ℓ                                             multi-path mean
 
-Every variant (ACTR, Baseline, the Table 4 ablations) is this same class with other blocks
-injected (:mod:`actr_core.models.builders`); ``forward`` has no branches on the variant.
+the correlation is Eq. 2 (:class:`~actr_core.blocks.CorrelationFromAttention`), the soft-argmax
+Eq. 3 and the upsampler :class:`~actr_core.blocks.DualWindowFlowSR`. As released
+(:func:`actr_core.models.released.actr_released`), the same class is composed with the blocks of
+:mod:`actr_core.blocks.released` (the released asymmetric block, the head-summed correlation, the
+released soft-argmax and flow upsampler, the released loss). Every variant is this same class with
+other stages injected; ``forward`` has no branches on the variant.
 """
 
 from collections.abc import Mapping, Sequence
@@ -31,20 +43,22 @@ from einops import rearrange
 from jaxtyping import Float
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from actr_core.blocks import (
-    BiasedCrossAttention,
-    MaskedFlowLoss,
-    ReweightedTargetBlock,
-    SoftArgmax,
-    correlation_from_attention,
-)
+from actr_core.blocks import BiasedCrossAttention, ReweightedTargetBlock, attention_probs
 from actr_core.blocks._checks import check_divisible
 from actr_core.flow import resize_flow
-from actr_core.models.backbones import PosEmbedResampler, ViTBackbone, resample_pos_embed_bicubic
-from actr_core.models.conv_backbone import ConvBackbone
-from actr_core.models.base import Matcher, MatchOutput, check_image_pair
-from actr_core.models.config import ACTRConfig
+from actr_core.models.backbones import PosEmbedResampler, resample_pos_embed_bicubic
+from actr_core.models.base import CorrespondenceModel, MatchOutput, check_image_pair
+from actr_core.models.config import ACTRConfig, ACTRReleasedConfig
+from actr_core.models.stages import (
+    Backbone,
+    CorrelationReadout,
+    CorrespondenceStage,
+    FlowLoss,
+    FlowUpsampler,
+    SoftArgmaxReadout,
+)
 
 __all__ = [
     "ACTR",
@@ -260,8 +274,7 @@ class CrossAttentionMap(nn.Module):
         k = F.linear(self.norm_trg(trg), self.qk.weight[c:], None if bias is None else bias[c:])
         q = rearrange(q, "b ns (g d) -> b g ns d", g=self.num_heads)
         k = rearrange(k, "b nt (g d) -> b g nt d", g=self.num_heads)
-        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        return torch.softmax(torch.einsum("bgsd,bgtd->bgst", q, k) * scale, dim=-1)
+        return attention_probs(q, k, scale=self.scale)
 
     def forward(
         self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"]
@@ -339,42 +352,55 @@ class BilinearFlowUpsampling(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-class ACTR(Matcher):
-    """ACTR as described (paper Sec. 3), and by injection the Baseline and the Table 4 ablations.
+class ACTR(CorrespondenceModel):
+    """ACTR as one composition of injected stages (module docstring): as described (paper Sec. 3),
+    the Baseline and the Table 4 ablations (:mod:`~actr_core.models.builders`), and ACTR as
+    released (:func:`~actr_core.models.released.actr_released`).
 
-    Args:
+    Args (each stage's contract is a protocol of :mod:`actr_core.models.stages`):
         backbone: returns ``[cls]`` + patch tokens for any input whose sides are multiples of its
             patch size (:class:`~actr_core.models.backbones.ViTBackbone`, the paper's; or
             :class:`~actr_core.models.conv_backbone.ConvBackbone`, a CNN stage whose stride is
             the patch size).
-        blocks: the M feature-learning blocks (:class:`CorrespondenceBlock`).
+        blocks: the M correspondence blocks, ``(S, T, grid) -> (S, T, per-head attention)``
+            (:class:`CorrespondenceBlock`; as released, ``ReleasedAsymmetricBlock``).
+        correlation: a block's attention → its correlation ``(b, hs, ws, ht, wt)`` (Eq. 2:
+            :class:`~actr_core.blocks.CorrelationFromAttention`; as released, the head sum).
+        soft_argmax: correlation → coarse flow in token-grid cells (Eq. 3 with its temperature).
         upsampler: coarse flows ``(m·b, 2, hs, ws)`` (paths concatenated along the batch,
             path-major) and the final source feature map ``(b, c, hs, ws)`` → fine flows
             ``(m·b, 2, upscale·hs, upscale·ws)`` in fine-grid pixels:
-            :class:`~actr_core.blocks.DualWindowFlowSR` or :class:`BilinearFlowUpsampling`.
+            :class:`~actr_core.blocks.DualWindowFlowSR`, :class:`BilinearFlowUpsampling` or
+            ``ReleasedFlowUpsampler``.
         path_blocks: indices of the blocks whose cross-attention gives a path (Sec. 3.4
             multi-path: all blocks; ``no_multi_path`` and the Baseline: the last only).
-        soft_argmax: Eq. 3 with its temperature.
-        flow_loss: Eq. 4 (:class:`~actr_core.blocks.MaskedFlowLoss`).
+        flow_loss: the loss of ``output.flow`` (Eq. 4, :class:`~actr_core.blocks.MaskedFlowLoss`;
+            as released, the end-point error pooled over the batch).
+        upscale: fine grid / token grid (4, Sec. 3.4); the flow grid is the input / (patch / upscale).
         correlation_loss: an added loss term on the per-path correlations against the
             ground-truth flow (:class:`~actr_core.blocks.CorrelationCrossEntropy`; not in the paper,
             ``None`` there), or None.
-        upscale: fine grid / token grid (4, Sec. 3.4); the flow grid is the input / (patch / upscale).
+        grad_checkpointing: in training (with gradients on), recompute each block's activations in
+            the backward pass instead of keeping them (``torch.utils.checkpoint``, non-reentrant),
+            and ask the backbone to do the same (timm's ``set_grad_checkpointing``, when it has it).
+            Execution only: values and gradients are unchanged (tested). See :meth:`set_grad_checkpointing`.
         config: the configuration the builder used (kept for the record: ``model.config``).
     """
 
     def __init__(
         self,
         *,
-        backbone: ViTBackbone | ConvBackbone,
-        blocks: Sequence[nn.Module],
-        upsampler: nn.Module,
+        backbone: Backbone,
+        blocks: Sequence[CorrespondenceStage],
+        correlation: CorrelationReadout,
+        soft_argmax: SoftArgmaxReadout,
+        upsampler: FlowUpsampler,
         path_blocks: Sequence[int],
-        soft_argmax: SoftArgmax,
-        flow_loss: MaskedFlowLoss,
+        flow_loss: FlowLoss,
         upscale: int,
         correlation_loss: nn.Module | None = None,
-        config: ACTRConfig | None = None,
+        grad_checkpointing: bool = False,
+        config: ACTRConfig | ACTRReleasedConfig | None = None,
     ) -> None:
         super().__init__()
         paths = tuple(int(i) for i in path_blocks)
@@ -383,8 +409,9 @@ class ACTR(Matcher):
         check_divisible("patch size", backbone.patch_size, "upscale", upscale)
         self.backbone = backbone
         self.blocks = nn.ModuleList(blocks)
-        self.upsampler = upsampler
+        self.correlation = correlation
         self.soft_argmax = soft_argmax
+        self.upsampler = upsampler
         self.flow_loss = flow_loss
         self.correlation_loss = correlation_loss
         self.path_blocks = paths
@@ -392,19 +419,38 @@ class ACTR(Matcher):
         self.patch_size = backbone.patch_size
         self.flow_stride = backbone.patch_size // upscale
         self.config = config
+        self.grad_checkpointing = False
+        self.set_grad_checkpointing(grad_checkpointing)
 
     @property
     def num_paths(self) -> int:
         """Number of paths ``m`` (flows averaged into the output)."""
         return len(self.path_blocks)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint each correspondence block in training (timm's method name), and the backbone's
+        blocks when the backbone has ``set_grad_checkpointing`` (a backbone without it runs as is)."""
+        self.grad_checkpointing = bool(enable)
+        if hasattr(self.backbone, "set_grad_checkpointing"):
+            self.backbone.set_grad_checkpointing(self.grad_checkpointing)
+
+    def _block(
+        self, block: nn.Module, s: Tensor, t: Tensor, grid: tuple[int, int]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One block, its activations recomputed in the backward pass when checkpointing in training."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, s, t, grid, use_reentrant=False)
+        return block(s, t, grid)
+
     def forward(self, src: Float[Tensor, "b 3 H W"], trg: Float[Tensor, "b 3 H W"]) -> MatchOutput:
         """Match ``src`` to ``trg``: ImageNet-normalised ``(b, 3, H, W)``, H and W multiples of the
-        token stride ``P`` (``patch_size``: 16 for the ViT/16 builders, 8 for ``actr_conv_tiny``).
+        token stride ``P`` (``patch_size``: 16 for the ViT/16 builders, 8 for ``actr_conv_tiny``;
+        ACTR as released takes its training frame only, 256 × 256).
 
         Returns :class:`MatchOutput` with ``flow`` ``(b, 2, H/4, W/4)`` (the multi-path mean),
         ``flows_per_path`` ``(b, m, 2, H/4, W/4)``, ``coarse_flows`` ``(b, m, 2, H/P, W/P)`` (token
-        grid cells) and ``correlations`` ``(b, m, hs, ws, ht, wt)`` (Eq. 2, ``hs = H/P``).
+        grid cells) and ``correlations`` ``(b, m, hs, ws, ht, wt)`` (``hs = H/P``; Eq. 2 as
+        described, the head sum as released).
         """
         height, width = check_image_pair(src, trg, multiple=self.patch_size)
         grid = (height // self.patch_size, width // self.patch_size)
@@ -412,11 +458,9 @@ class ACTR(Matcher):
         s, t = tokens.chunk(2)
         per_path = {}
         for index, block in enumerate(self.blocks):
-            s, t, attn = block(s, t, grid)
-            if index in self.path_blocks:  # Eq. 2 at once: the per-head map (g times larger) is not kept
-                per_path[index] = correlation_from_attention(
-                    attn, src_size=grid, trg_size=grid, num_prefix_tokens=NUM_PREFIX_TOKENS
-                )
+            s, t, attn = self._block(block, s, t, grid)
+            if index in self.path_blocks:  # the correlation at once: the per-head map (g times larger) is not kept
+                per_path[index] = self.correlation(attn, grid)
         corr = torch.stack([per_path[i] for i in self.path_blocks], dim=1)  # b m hs ws ht wt
         coarse = self.soft_argmax(rearrange(corr, "b m hs ws ht wt -> (m b) hs ws ht wt"))
         features = rearrange(s[:, NUM_PREFIX_TOKENS:], "b (hs ws) c -> b c hs ws", hs=grid[0], ws=grid[1])
@@ -431,9 +475,10 @@ class ACTR(Matcher):
         )
 
     def loss(self, output: MatchOutput, batch: Mapping[str, Any]) -> Float[Tensor, ""]:
-        """Paper Eq. 4: masked end-point error of ``output.flow`` against ``batch["flow"]`` over
-        ``batch["valid_flow"]`` (per-sample mean over valid cells, then mean over samples), plus the
-        correlation term when the model has one (not in the paper)."""
+        """The injected flow loss of ``output.flow`` against ``batch["flow"]`` over
+        ``batch["valid_flow"]`` (as described, paper Eq. 4: per-sample mean over valid cells, then
+        mean over samples; as released, all valid cells of the batch pooled), plus the correlation
+        term when the model has one (not in the paper)."""
         missing = [key for key in _LOSS_KEYS if key not in batch]
         if missing:
             raise ValueError(f"batch has no {missing} (keys: {sorted(batch)}): the flow loss needs {_LOSS_KEYS}")
@@ -446,4 +491,7 @@ class ACTR(Matcher):
 
     def extra_repr(self) -> str:
         variant = None if self.config is None else self.config.variant
-        return f"variant={variant!r}, path_blocks={self.path_blocks}, upscale={self.upscale}"
+        return (
+            f"variant={variant!r}, path_blocks={self.path_blocks}, upscale={self.upscale}, "
+            f"grad_checkpointing={self.grad_checkpointing}"
+        )

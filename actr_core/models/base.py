@@ -1,9 +1,10 @@
-"""The one interface every matcher implements, its output, and the input checks.
+"""The one interface every correspondence model implements, its output, and the input checks.
 
 Axis legend: b batch · H W input frame · h w flow grid (H/4, W/4) · m paths · hs ws source grid ·
 ht wt target grid · n keypoints · 2 (x, y), channel 0 = x.
 
-Every model (ACTR as described, ACTR as released, the Baseline, MMNet) is a :class:`Matcher`:
+Every model (ACTR as described, ACTR as released, the Baseline, MMNet) is a
+:class:`CorrespondenceModel`:
 
 * ``forward(src, trg) -> MatchOutput`` with at least ``flow`` ``(b, 2, H/4, W/4)``: defined on the
   source grid, pointing into the target, in pixels of that H/4 × W/4 grid;
@@ -25,14 +26,14 @@ from torch import Tensor, nn
 
 from actr_core.flow import FLOW_STRIDE, rescale_keypoints, transfer_keypoints
 
-__all__ = ["MatchOutput", "Matcher", "check_image", "check_image_pair", "parameter_count"]
+__all__ = ["MatchOutput", "CorrespondenceModel", "check_image", "check_image_pair", "parameter_count"]
 
 IMAGE_CHANNELS = 3  # RGB, ImageNet-normalised (docs/conventions.md)
 
 
 @dataclasses.dataclass(frozen=True)
 class MatchOutput:
-    """What a :class:`Matcher` returns. Only ``flow`` is mandatory.
+    """What a :class:`CorrespondenceModel` returns. Only ``flow`` is mandatory.
 
     Attributes:
         flow: final flow ``(b, 2, h, w)`` on the source grid at a quarter of the input size, in
@@ -91,7 +92,7 @@ def check_image_pair(src: Any, trg: Any, multiple: int = 16) -> tuple[int, int]:
     if src_size != trg_size:
         raise ValueError(
             f"src is {src_size[0]}x{src_size[1]} but trg is {trg_size[0]}x{trg_size[1]}: "
-            "source and target enter a matcher at the same size (resize them first)"
+            "source and target enter a model at the same size (resize them first)"
         )
     if src.dtype != trg.dtype or src.device != trg.device:
         raise ValueError(
@@ -100,8 +101,10 @@ def check_image_pair(src: Any, trg: Any, multiple: int = 16) -> tuple[int, int]:
     return src_size
 
 
-class Matcher(nn.Module, abc.ABC):
-    """Base class of every matcher: ``forward``, ``loss`` and ``transfer`` (see the module docstring).
+class CorrespondenceModel(nn.Module, abc.ABC):
+    """Base class of every model: ``forward``, ``loss`` and ``transfer`` (see the module docstring).
+
+    (``actr_core.Matcher``, the one-call matcher of image files, wraps any of these models.)
 
     Subclasses implement ``forward`` and ``loss``; ``transfer`` works for any model whose flow grid
     is the input frame divided by :attr:`flow_stride`.

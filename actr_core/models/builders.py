@@ -18,6 +18,7 @@ from torch import nn
 from actr_core.blocks import (
     BiasedCrossAttention,
     CorrelationCrossEntropy,
+    CorrelationFromAttention,
     DualWindowFlowSR,
     FlowSRConfig,
     MaskedFlowLoss,
@@ -26,6 +27,7 @@ from actr_core.blocks import (
 )
 from actr_core.models.actr import (
     ACTR,
+    NUM_PREFIX_TOKENS,
     AsymmetricCrossAttention,
     BilinearFlowUpsampling,
     CorrespondenceBlock,
@@ -38,9 +40,10 @@ from actr_core.models.actr import (
     TransformerBlock,
 )
 from actr_core.models.backbones import VIT_BASE_16, VIT_SMALL_16, ViTBackbone, create_vit
-from actr_core.models.conv_backbone import ConvBackbone, ConvBackboneConfig, create_conv_backbone
 from actr_core.models.config import ABLATIONS, ACTRConfig
+from actr_core.models.conv_backbone import ConvBackbone, ConvBackboneConfig, create_conv_backbone
 from actr_core.models.registry import register_model
+from actr_core.models.stages import Backbone, FlowUpsampler
 
 __all__ = [
     "ACTR_BASE_CONFIG",
@@ -252,6 +255,8 @@ def _init_linear(module: nn.Module, *, std: float) -> None:
 def build_actr(
     config: ACTRConfig,
     *,
+    backbone: Backbone | None = None,
+    upsampler: FlowUpsampler | None = None,
     backbone_weights: str | os.PathLike | Mapping[str, Any] | None = None,
     checkpoint_key: str | None = None,
     warn_random_init: bool = True,
@@ -260,14 +265,21 @@ def build_actr(
 
     Args:
         config: the numbers (see :class:`ACTRConfig`).
+        backbone: a backbone instance to inject (any :class:`~actr_core.models.stages.Backbone`
+            whose patch size is ``config.patch_size``); ``None``: the one ``config`` names.
+        upsampler: a flow upsampler instance to inject (:class:`~actr_core.models.stages.FlowUpsampler`);
+            ``None``: the variant's (the dual-window SR or bilinear upsampling).
         backbone_weights: a local timm/iBOT/DINO checkpoint for the backbone (never downloaded);
             ``None``: random initialisation (with a one-line warning unless ``warn_random_init``
-            is false).
+            is false). Only without an injected ``backbone``.
         checkpoint_key: the checkpoint entry holding the backbone (default: see
             :func:`actr_core.models.backbones.convert_vit_state_dict`).
     """
     parts = COMPOSITIONS[config.variant]
-    backbone = _backbone(config, backbone_weights, checkpoint_key, warn_random_init)
+    if backbone is None:
+        backbone = _backbone(config, backbone_weights, checkpoint_key, warn_random_init)
+    elif backbone_weights is not None or checkpoint_key is not None:
+        raise ValueError("pass either a backbone instance or backbone_weights/checkpoint_key, not both")
     if backbone.patch_size != config.patch_size:
         raise ValueError(
             f"backbone {config.backbone!r} has patch size {backbone.patch_size} but "
@@ -287,17 +299,19 @@ def build_actr(
         )
         block.apply(functools.partial(_init_linear, std=config.init_std))
         blocks.append(block)
-    if config.freeze_backbone:
-        backbone.pretrained_part.requires_grad_(False)
+    if config.freeze_backbone:  # a backbone's pretrained part (a CNN's new token layers stay trainable)
+        getattr(backbone, "pretrained_part", backbone).requires_grad_(False)
     return ACTR(
         backbone=backbone,
         blocks=blocks,
-        upsampler=parts.upsampler(config, dim),
-        path_blocks=parts.paths(config.num_blocks),
+        correlation=CorrelationFromAttention(num_prefix_tokens=NUM_PREFIX_TOKENS),
         soft_argmax=SoftArgmax(config.soft_argmax_tau),
+        upsampler=parts.upsampler(config, dim) if upsampler is None else upsampler,
+        path_blocks=parts.paths(config.num_blocks),
         flow_loss=MaskedFlowLoss(squared=config.loss_squared),
         upscale=config.upscale,
         correlation_loss=CorrelationCrossEntropy(config.correlation_loss_weight) if config.correlation_loss_weight else None,
+        grad_checkpointing=config.grad_checkpointing,
         config=config,
     )
 

@@ -1,18 +1,21 @@
-"""Configuration of ACTR as described in the paper (CVPR 2023, Sec. 3-4), its Baseline and ablations.
+"""Configurations of ACTR: as described in the paper (CVPR 2023, Sec. 3-4), its Baseline and
+ablations (:class:`ACTRConfig`), and as released (:class:`ACTRReleasedConfig`).
 
 Every number the composition in :mod:`actr_core.models.actr` uses is a field here, commented with
 its source: the paper (section, equation or table), the released code (github YXSUNMADMAX/ACTR,
 facts only), or "our choice" where the paper is silent or inconsistent (docs/models.md, section
-"ACTR as described", gives the reasons). The builders in :mod:`actr_core.models.builders` fill it.
+"ACTR as described", gives the reasons). The builders in :mod:`actr_core.models.builders` and
+:mod:`actr_core.models.released` fill them.
 """
 
 import dataclasses
+from typing import Any
 
 from actr_core.blocks import FlowSRConfig
 from actr_core.flow import FLOW_STRIDE
 from actr_core.models.conv_backbone import ConvBackboneConfig
 
-__all__ = ["ACTRConfig", "ABLATIONS", "VARIANTS"]
+__all__ = ["ACTRConfig", "ACTRReleasedConfig", "ACTR_RELEASED_CONFIG", "ABLATIONS", "VARIANTS"]
 
 #: Table 4 ablations, selectable by name in the builders (``actr_base(ablation="no_flow_sr")``).
 ABLATIONS: tuple[str, ...] = (
@@ -84,6 +87,11 @@ class ACTRConfig:
     #   weight × the cross-entropy of every path's correlation (Eq. 2) against the ground-truth match
     #   (actr_core.blocks.CorrelationCrossEntropy), for training from random weights (docs/training.md)
 
+    # --- execution (no effect on values) ---------------------------------------------------------
+    grad_checkpointing: bool = False  # our choice, not in the paper: True recomputes each
+    #   correspondence block's activations (and the backbone's, when it supports it) in the backward
+    #   pass instead of storing them: less memory in training, the same values and gradients
+
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant = {self.variant!r}: expected one of {VARIANTS}")
@@ -138,3 +146,45 @@ class ACTRConfig:
         head sum equals ``β / H`` on the head mean (0.02 / 8 = 0.0025 for ACTR).
         """
         return self.soft_argmax_beta / self.decoder_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ACTRReleasedConfig:
+    """Numbers of ACTR as released. Sources: ``models/ACTR.py`` (class and line names given),
+    ``models/base/swin.py``, ``train_DP.py`` defaults."""
+
+    backbone: str = "vit_base_patch16_224"  # FeatureExtractionHyperPixel_VIT: vit_base(patch_size=16), iBOT weights
+    backbone_kwargs: tuple[tuple[str, Any], ...] = ()  # extra timm kwargs (tests use tiny ViTs); none as released
+    image_size: int = 256  # ACTR.forward: 16×16 tokens (feature_size_model) × patch 16; pos_embed of 256 + 1
+    depth: int = 6  # train_DP.py --depth 6: 5 MultiscaleBlock + 1 last_block
+    num_heads: int = 8  # train_DP.py --num_heads 8 (head_dim 96 for ViT-B)
+    mlp_ratio: float = 4.0  # train_DP.py --mlp_ratio 4
+    norm_eps: float = 1e-6  # TransformerAggregator: partial(nn.LayerNorm, eps=1e-6)
+    flow_upsample: int = 4  # ACTR.forward: Size = 64 from the 16×16 grid, flow × Size/16
+    guidance_dim: int = 94  # refine_proj_query_feat: Conv2d(768, 94, 1); 94 + 2 flow channels = 96
+    guidance_dropout: float = 0.5  # ACTR.dropout2d = nn.Dropout2d(p=0.5)
+    sr_heads: int = 8  # SwinTransformer2d(num_heads=[8])
+    sr_windows: tuple[int, ...] = (8, 4)  # refine_swin_decoder_2_* (window 8) and _1_* (window 4)
+    sr_rounds: int = 2  # refine_swin_decoder_*_1 then *_2
+    sr_mlp_ratio: float = 4.0  # SwinTransformer2d default mlp_ratio=4.
+    sr_hidden: int = 32  # refine2: Conv2d(96, 32, 3) → ReLU → Conv2d(32, 2, 3)
+    channel_reduction: int = 16  # ChannelAttention: in_planes // 16 (hard-coded)
+    beta: float = 0.02  # ACTR.soft_argmax(beta=0.02), temperature of the softmax over target cells
+    freeze_backbone: bool = True  # train_DP.py --freeze True: backbone requires_grad=False
+    refine_chunk: int = 1  # execution only (no effect on values): paths refined per call, 0 = all in
+    #   one call. The released ACTR.forward refines one path at a time; 1 keeps that working set
+    #   (peak memory) and is no slower on CPU (docs/benchmarks.md)
+
+    @property
+    def sr_dim(self) -> int:
+        """Channels of the refiner: 2 flow channels + the guidance (96 as released)."""
+        return self.guidance_dim + 2
+
+    @property
+    def variant(self) -> str:
+        """``"released"``: the composition this config describes (``ACTRConfig.variant`` names the others)."""
+        return "released"
+
+
+#: ACTR as released, the released sizes (ViT-B/16, 256 × 256): the default of its builder and converters
+ACTR_RELEASED_CONFIG = ACTRReleasedConfig()

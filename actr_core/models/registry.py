@@ -4,7 +4,7 @@ and build every model by name without knowing its module.
 A builder registers itself where it is defined::
 
     @register_model("actr_base", paper_row="ACTR", paper_params_m=172.8)
-    def actr_base(...) -> Matcher: ...
+    def actr_base(...) -> CorrespondenceModel: ...
 
 and its module is imported by :mod:`actr_core.models`, so ``model_entries()`` sees it.
 """
@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from actr_core.models.base import Matcher
+from actr_core.models.base import CorrespondenceModel
 
 __all__ = ["ModelEntry", "register_model", "model_entries", "get_model_entry", "build_model"]
 
@@ -23,7 +23,7 @@ class ModelEntry:
     """One registered builder and what the paper reports for it."""
 
     name: str
-    builder: Callable[..., Matcher]
+    builder: Callable[..., CorrespondenceModel]
     description: str = ""
     paper_row: str | None = None  # the row of the paper's Table 3 it corresponds to, if any
     paper_params_m: float | None = None  # parameters in millions as printed in that row
@@ -34,10 +34,10 @@ _ENTRIES: dict[str, ModelEntry] = {}
 
 def register_model(
     name: str, *, description: str = "", paper_row: str | None = None, paper_params_m: float | None = None
-) -> Callable[[Callable[..., Matcher]], Callable[..., Matcher]]:
+) -> Callable[[Callable[..., CorrespondenceModel]], Callable[..., CorrespondenceModel]]:
     """Decorator registering a builder under ``name`` (names are unique)."""
 
-    def decorate(builder: Callable[..., Matcher]) -> Callable[..., Matcher]:
+    def decorate(builder: Callable[..., CorrespondenceModel]) -> Callable[..., CorrespondenceModel]:
         if name in _ENTRIES and _ENTRIES[name].builder is not builder:
             raise ValueError(f"a model named {name!r} is already registered ({_ENTRIES[name].builder.__module__})")
         doc = (builder.__doc__ or "").strip().splitlines()
@@ -65,6 +65,6 @@ def get_model_entry(name: str) -> ModelEntry:
     return _ENTRIES[name]
 
 
-def build_model(name: str, **kwargs: Any) -> Matcher:
+def build_model(name: str, **kwargs: Any) -> CorrespondenceModel:
     """Build the model registered under ``name``."""
     return get_model_entry(name).builder(**kwargs)

@@ -267,6 +267,19 @@ def _model_config(model: nn.Module) -> dict[str, Any] | None:
     return dataclasses.asdict(config)
 
 
+def _with_added_defaults(saved: dict[str, Any] | None, model: nn.Module) -> dict[str, Any] | None:
+    """``saved`` (a model config as an older version wrote it) plus the fields its config class has
+    gained since, at their defaults (e.g. ``ACTRConfig.grad_checkpointing``, added in 0.2.0), so that
+    a checkpoint compares equal to a model built as it was then."""
+    config = getattr(model, "config", None)
+    if saved is None or config is None or not dataclasses.is_dataclass(config):
+        return saved
+    added = {
+        f.name: f.default for f in dataclasses.fields(config) if f.name not in saved and f.default is not dataclasses.MISSING
+    }
+    return {**saved, **added}
+
+
 def export_model(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write a copy of checkpoint ``path`` without optimiser, scheduler, scaler and RNG states (atomically).
 
@@ -295,11 +308,12 @@ def load_model_from_checkpoint(
     ckpt = load_checkpoint(path, map_location=map_location)
     model = build_model(ckpt.builder, **ckpt.builder_kwargs)
     rebuilt = _model_config(model)
-    if ckpt.model_config is not None and rebuilt is not None and rebuilt != ckpt.model_config:
-        changed = sorted(k for k in set(rebuilt) | set(ckpt.model_config) if rebuilt.get(k) != ckpt.model_config.get(k))
+    saved = _with_added_defaults(ckpt.model_config, model)
+    if saved is not None and rebuilt is not None and rebuilt != saved:
+        changed = sorted(k for k in set(rebuilt) | set(saved) if rebuilt.get(k) != saved.get(k))
         raise CheckpointError(
             f"{path}: builder {ckpt.builder!r} now gives another model than the one saved "
-            f"(fields {changed}: saved {[ckpt.model_config.get(k) for k in changed]}, "
+            f"(fields {changed}: saved {[saved.get(k) for k in changed]}, "
             f"now {[rebuilt.get(k) for k in changed]}); rebuild it with those values as builder arguments"
         )
     model.load_state_dict(ckpt.model)

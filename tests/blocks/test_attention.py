@@ -1,10 +1,11 @@
-"""Biased cross-attention (Sec. 3.2): shapes, fused vs reference, known values, gradients, errors."""
+"""Attention probabilities and biased cross-attention (Sec. 3.2): shapes, fused vs reference, known
+values, gradients, errors."""
 
 import pytest
 import torch
 from tolerances import float32_tolerance
 
-from actr_core.blocks import BiasedCrossAttention, biased_cross_attention, cross_attention_probs
+from actr_core.blocks import BiasedCrossAttention, attention_probs, biased_cross_attention, cross_attention_probs
 
 
 def _weights(c: int, dtype=torch.float32, seed: int = 0):
@@ -15,6 +16,35 @@ def _weights(c: int, dtype=torch.float32, seed: int = 0):
         torch.randn(c, c, generator=g, dtype=dtype) / c**0.5,
         torch.randn(c, generator=g, dtype=dtype) * 0.1,
     )
+
+
+def test_attention_probs_known_values_and_default_scale():
+    """Per head, softmax(q kᵀ · scale) over the keys; the default scale is d^-1/2 (not c^-1/2, not 1)."""
+    q = torch.zeros(1, 2, 1, 4, dtype=torch.float64)
+    q[0, :, 0, 0] = 1.0
+    k = torch.zeros(1, 2, 3, 4, dtype=torch.float64)
+    k[0, 0, 1, 0] = 2.0  # head 0: key 1 scores 2, the others 0
+    k[0, 1, 2, 0] = -2.0  # head 1: key 2 scores -2
+    probs = attention_probs(q, k)
+    e = torch.exp(torch.tensor(2.0 * 4**-0.5, dtype=torch.float64))
+    expected0 = torch.stack((1 / (e + 2), e / (e + 2), 1 / (e + 2)))
+    expected1 = torch.stack((e / (2 * e + 1), e / (2 * e + 1), 1 / (2 * e + 1)))
+    torch.testing.assert_close(probs[0, 0, 0], expected0)  # float64 defaults: 1e-7
+    torch.testing.assert_close(probs[0, 1, 0], expected1)
+    unscaled = torch.softmax(torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64), -1)
+    assert not torch.allclose(probs[0, 0, 0], unscaled)  # the misreading without the scale
+    torch.testing.assert_close(attention_probs(q, k, scale=1.0)[0, 0, 0], unscaled)
+
+
+def test_attention_probs_gradcheck():
+    q = torch.randn(1, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: attention_probs(a, b, scale=0.7), (q, k))
+
+
+def test_attention_probs_error_names_the_shape(no_typecheck):
+    with pytest.raises(ValueError, match=r"q has shape \(2, 3, 2\): expected 4 dimensions"):
+        attention_probs(torch.randn(2, 3, 2), torch.randn(1, 2, 4, 2))
 
 
 def test_shapes_batch_and_unequal_token_counts():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tolerances import float32_tolerance
 
-from actr_core.blocks import DualWindowFlowSR, FlowSRConfig, flow_sr_input
+from actr_core.blocks import DualWindowFlowSR, FlowSRConfig, flow_sr_input, refine_paths
 from actr_core.flow import resize_flow
 
 TINY = FlowSRConfig(dim=16, num_heads=2, mlp_ratio=2.0, head_hidden=8)
@@ -127,3 +127,15 @@ def test_errors():
 def test_config_errors(changes, match):
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(TINY, **changes)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 2, 4])
+def test_convention_refine_paths_is_path_major(chunk):
+    """Flow i of an (m b) batch reads feature i mod b (path-major), not i // m (the (b m) misreading)."""
+    m, b = 3, 2
+    up_flow = torch.zeros(m * b, 2, 4, 5)
+    features = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, 4, 5)
+    out = refine_paths(up_flow, features, lambda x: x[:, 2:4], chunk=chunk)  # "refine" = copy two feature channels
+    read = out[:, 0, 0, 0]
+    assert torch.equal(read, torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]))  # exact: copies
+    assert not torch.equal(read, torch.arange(m * b) // m * 1.0)

@@ -5,10 +5,10 @@ import torch
 from torch import Tensor
 
 from actr_core.flow import rescale_keypoints
-from actr_core.models.base import MatchOutput, Matcher
+from actr_core.models.base import CorrespondenceModel, MatchOutput
 
 
-class ConstantFlowMatcher(Matcher):
+class ConstantFlowMatcher(CorrespondenceModel):
     """Predicts the same displacement everywhere: ``displacement`` pixels of the H/4 grid."""
 
     def __init__(self, displacement: tuple[float, float]) -> None:

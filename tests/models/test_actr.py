@@ -23,7 +23,7 @@ from actr_core.models import (
     baseline,
     parameter_count,
 )
-from actr_core.models.actr import AsymmetricCrossAttention, CrossAttentionMap, LearnedSourcePE
+from actr_core.models.actr import AsymmetricCrossAttention, BilinearFlowUpsampling, CrossAttentionMap, LearnedSourcePE
 from actr_core.models.builders import (
     ACTR_BASE_512_CONFIG,
     ACTR_BASE_CONFIG,
@@ -409,3 +409,87 @@ def test_backbone_misconfigurations_name_the_problem(no_typecheck: None) -> None
         actr_conv_tiny(warn_random_init=False, conv_backbone={"stage": 3}, patch_size=16)
     with pytest.raises(ValueError, match="patch size 16 but config.patch_size = 8"):
         actr_conv_tiny(warn_random_init=False, conv_backbone={"stage": 3})
+
+
+# ---------------------------------------------------------------- stages, injection, checkpointing
+
+
+def test_stages_honour_their_protocols() -> None:
+    from actr_core.models import (
+        Backbone,
+        CorrelationReadout,
+        CorrespondenceStage,
+        FlowLoss,
+        FlowUpsampler,
+        SoftArgmaxReadout,
+        SourcePositionalEncoding,
+    )
+
+    model = _tiny()
+    assert isinstance(model.backbone, Backbone)
+    assert all(isinstance(block, CorrespondenceStage) for block in model.blocks)
+    assert all(isinstance(block.source_pe, SourcePositionalEncoding) for block in model.blocks)
+    assert isinstance(model.correlation, CorrelationReadout)
+    assert isinstance(model.soft_argmax, SoftArgmaxReadout)
+    assert isinstance(model.upsampler, FlowUpsampler)
+    assert isinstance(model.flow_loss, FlowLoss)
+
+
+def test_builder_takes_stage_instances() -> None:
+    """An injected backbone and upsampler are used as given (the builder holds only the numbers)."""
+    from actr_core.models.backbones import create_vit
+
+    backbone = create_vit("vit_tiny_patch16_224", depth=1, warn_random_init=False)
+    upsampler = BilinearFlowUpsampling(ACTR_TINY_CONFIG.upscale)
+    model = build_actr(ACTR_TINY_CONFIG, backbone=backbone, upsampler=upsampler)
+    assert model.backbone is backbone and model.upsampler is upsampler
+    with torch.no_grad():
+        out = model(*_images(1, SMALL))
+    assert out.flow.shape == (1, 2, 16, 24)
+    with pytest.raises(ValueError, match="either a backbone instance or backbone_weights"):
+        build_actr(ACTR_TINY_CONFIG, backbone=backbone, checkpoint_key="teacher")
+
+
+@pytest.mark.parametrize("builder", ["actr_tiny", "actr_conv_tiny"])
+def test_grad_checkpointing_gives_the_same_gradients(builder: str) -> None:
+    """Checkpointing recomputes each block (and the backbone's blocks where it can): in float64, the
+    loss and every parameter's gradient equal those without it (float64 defaults: 1e-7)."""
+    build = actr_tiny if builder == "actr_tiny" else actr_conv_tiny
+    torch.manual_seed(0)
+    plain = build(warn_random_init=False).double().train()
+    torch.manual_seed(0)
+    checkpointed = build(warn_random_init=False, grad_checkpointing=True).double().train()
+    assert checkpointed.grad_checkpointing and checkpointed.config.grad_checkpointing
+    checkpointed.load_state_dict(plain.state_dict())
+    src, trg = (x.double() for x in _images(2, SMALL))
+    grads = []
+    for model in (plain, checkpointed):
+        for module in model.modules():  # dropout-free models: every recomputation gives the same values
+            assert not isinstance(module, torch.nn.Dropout) or module.p == 0
+        out = model(src, trg)
+        batch = {"flow": torch.randn(out.flow.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
+                 "valid_flow": torch.ones(out.flow.shape[0], *out.flow.shape[2:], dtype=torch.bool)}
+        loss = model.loss(out, batch)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    assert grads[0][1].keys() == grads[1][1].keys()
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], grad, msg=name)
+
+
+def test_grad_checkpointing_is_switchable_and_runs_only_in_training() -> None:
+    model = _tiny()
+    calls = []
+    model.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    model.set_grad_checkpointing(True)
+    assert model.grad_checkpointing
+    out = model.train()(*_images(1, SMALL))
+    out.flow.sum().backward()
+    assert len(calls) == 2  # the forward pass, then its recomputation in the backward pass
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(*_images(1, SMALL))
+    assert len(calls) == 1  # no recomputation without gradients
+    model.set_grad_checkpointing(False)
+    assert not model.grad_checkpointing and "grad_checkpointing=False" in repr(model).splitlines()[1]

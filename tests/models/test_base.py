@@ -1,4 +1,4 @@
-"""The matcher interface: output dataclass, input checks, keypoint transfer."""
+"""The model interface (CorrespondenceModel): output dataclass, input checks, keypoint transfer."""
 
 import dataclasses
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from tolerances import float32_tolerance
 
-from actr_core.models.base import Matcher, MatchOutput, check_image_pair, parameter_count
+from actr_core.models.base import CorrespondenceModel, MatchOutput, check_image_pair, parameter_count
 
 
-class ConstantFlow(Matcher):
-    """A matcher whose flow is a fixed displacement (in flow-grid pixels) everywhere."""
+class ConstantFlow(CorrespondenceModel):
+    """A model whose flow is a fixed displacement (in flow-grid pixels) everywhere."""
 
     def __init__(self, dx: float, dy: float) -> None:
         super().__init__()
@@ -33,9 +33,9 @@ def test_match_output_is_frozen_and_optional_fields_default_to_none():
         out.flow = torch.ones(1)
 
 
-def test_matcher_is_abstract():
+def test_correspondence_model_is_abstract():
     with pytest.raises(TypeError):
-        Matcher()
+        CorrespondenceModel()
 
 
 def test_transfer_zero_flow_is_identity_in_the_input_frame():

@@ -1,4 +1,5 @@
-"""ACTR as released: blocks, composition, checkpoint key mapping and strict loading.
+"""ACTR as released: blocks, composition (the ACTR class with the released stages), checkpoint key
+mapping and strict loading, and the state dicts of version 0.1.0.
 
 Equality with the released code itself needs a checkout of it and is shown by
 ``pipelines/compare_released.py --actr-repo PATH`` (see docs/models.md); here the released key
@@ -17,33 +18,45 @@ import torch.nn.functional as F
 from tiny_released import TINY_RELEASED, tiny_released_model
 from tolerances import float32_tolerance
 
+from actr_core.blocks import biased_cross_attention
 from actr_core.blocks.released import (
+    HeadSummedCorrelation,
+    ReleasedAsymmetricBlock,
+    ReleasedEPELoss,
+    ReleasedFlowUpsampler,
+    ReleasedSoftArgmax,
     arf,
     channel_attention,
     dino_pos_embed_interpolation,
-    head_summed_cross_attention,
+    head_summed_correlation,
     nearest_upsample_flow,
     released_epe_loss,
     released_soft_argmax,
     released_target_reweighting,
 )
 from actr_core.models import (
-    ACTRReleased,
+    ACTR,
+    ACTRReleasedConfig,
     MatchOutput,
     OfficialCheckpointError,
+    actr_released,
+    actr_tiny,
     build_model,
     load_official_actr,
     official_parameter_count,
     parameter_count,
     to_official_state_dict,
 )
-from actr_core.models.released import (
+from actr_core.models.convert import (
     official_key_to_ours,
     official_state_dict_shapes,
     our_key_to_official,
 )
+from actr_core.models.released import upgrade_released_state_dict
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "actr_released_keys.json"
+#: names and shapes of the state dict of tiny_released_model() in actr_core 0.1.0 (class ACTRReleased)
+FIXTURE_0_1_0 = Path(__file__).parents[1] / "fixtures" / "actr_released_0_1_0_tiny_keys.json"
 
 
 def released_table() -> dict[str, tuple[tuple[int, ...], str, bool]]:
@@ -110,38 +123,47 @@ def reference_cross_attention(x, y, w, b, pw, pb, heads):
     return F.linear(out, pw, pb), attn.sum(1)
 
 
-def test_head_summed_cross_attention_equals_reference_and_rows_sum_to_heads():
+def test_released_cross_attention_is_biased_cross_attention_with_heads_summed():
+    """The released ``cattn`` is the biased cross-attention; its map, summed over the heads, is the
+    released attention (each row sums to the number of heads)."""
     torch.manual_seed(0)
     x, y = torch.randn(2, 5, 12), torch.randn(2, 7, 12)
     w, b, pw, pb = torch.randn(36, 12), torch.randn(36), torch.randn(12, 12), torch.randn(12)
-    out, attn = head_summed_cross_attention(x, y, w, b, pw, pb, num_heads=3)
+    out, attn = biased_cross_attention(x, y, w, b, pw, pb, num_heads=3)
+    summed = attn.sum(dim=1)
     args64 = [t.double() for t in (x, y, w, b, pw, pb)]
     ref_out, ref_attn = reference_cross_attention(*args64, 3)
-    assert attn.shape == (2, 5, 7)
+    assert summed.shape == (2, 5, 7)
     # projections over 12 channels, dots over 4, softmax over 7, a weighted sum of 7, proj over 12
     torch.testing.assert_close(out.double(), ref_out, atol=float32_tolerance(ref_out, terms=44), rtol=0)
     # probabilities err by the scores' error, at the scale of the scores; 3 heads summed
     q = F.linear(args64[0], args64[2][:12], args64[3][:12]).view(2, 5, 3, 4)
     k = F.linear(args64[1], args64[2][12:24], args64[3][12:24]).view(2, 7, 3, 4)
     scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * 4**-0.5
-    torch.testing.assert_close(attn.double(), ref_attn, atol=float32_tolerance(scores, terms=12 + 4 + 9 + 3), rtol=0)
+    torch.testing.assert_close(summed.double(), ref_attn, atol=float32_tolerance(scores, terms=12 + 4 + 9 + 3), rtol=0)
     # each head's softmax over 7 sums to 1 (9 steps), 3 heads and 7 targets summed
     three = torch.full((2, 5), 3.0)
-    torch.testing.assert_close(attn.sum(-1), three, atol=float32_tolerance(three, terms=9 + 3 + 7), rtol=0)
+    torch.testing.assert_close(summed.sum(-1), three, atol=float32_tolerance(three, terms=9 + 3 + 7), rtol=0)
 
 
-def test_head_summed_cross_attention_gradcheck():
-    torch.manual_seed(0)
-    args = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(1, 3, 4), (1, 2, 4), (12, 4), (12,), (4, 4), (4,)]]
-    assert torch.autograd.gradcheck(lambda *a: head_summed_cross_attention(*a, num_heads=2), args)
+def test_head_summed_correlation_sums_heads_then_drops_cls_without_renormalising(no_typecheck):
+    attn = torch.softmax(torch.randn(2, 3, 1 + 6, 1 + 6), dim=-1)  # 2 × 3 grids, [cls] first
+    corr = head_summed_correlation(attn, src_size=(2, 3), trg_size=(2, 3))
+    assert corr.shape == (2, 2, 3, 2, 3)
+    expected = attn.sum(1)[:, 1:, 1:].reshape(2, 2, 3, 2, 3)
+    torch.testing.assert_close(corr, expected, atol=0, rtol=0)  # exact: the same sum, then a view
+    assert (corr.sum((-2, -1)) < 3).all()  # the mass on [cls] is not given back (Eq. 2 would renormalise)
+    torch.testing.assert_close(HeadSummedCorrelation()(attn, (2, 3)), corr, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"attn has shape \(2, 3, 7, 7\): expected 1 prefix tokens and grids \(3, 3\)"):
+        head_summed_correlation(attn, src_size=(3, 3), trg_size=(2, 3))
 
 
 def test_target_reweighting_adds_weighted_target_and_stops_gradient():
     t = torch.randn(2, 3, 4, requires_grad=True)
-    attention = torch.rand(2, 5, 3, requires_grad=True)
+    attention = torch.rand(2, 2, 5, 3, requires_grad=True)  # per head: the heads are summed inside
     w = torch.randn(1, 1, 4)
     out = released_target_reweighting(t, attention, w)
-    h = attention.detach().mean(1).unsqueeze(-1)
+    h = attention.detach().sum(1).mean(1).unsqueeze(-1)
     torch.testing.assert_close(out, t + t * w * torch.sigmoid(h), atol=0, rtol=0)  # exact: the same steps
     out.sum().backward()
     assert attention.grad is None  # h is a stop-gradient input
@@ -287,7 +309,7 @@ def test_soft_argmax_grids_are_buffers_not_parameters():
     assert {"soft_argmax.x_grid", "soft_argmax.y_grid"} <= set(model.state_dict())
 
 
-def test_transfer_and_loss_use_the_matcher_interface():
+def test_transfer_and_loss_use_the_model_interface(no_typecheck):
     model = tiny_released_model().eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64))
@@ -305,7 +327,7 @@ def test_transfer_and_loss_use_the_matcher_interface():
         ((2, 3, 64, 64), (1, 3, 64, 64), torch.float32, "batch size 2 but trg has batch size 1"),
         ((1, 1, 64, 64), (1, 1, 64, 64), torch.float32, "expected 3 channels"),
         ((1, 3, 64, 64), (1, 3, 64, 64), torch.int32, "dtype torch.int32"),
-        ((1, 3, 128, 128), (1, 3, 128, 128), torch.float32, "takes 64x64 input only"),
+        ((1, 3, 128, 128), (1, 3, 128, 128), torch.float32, "a 8x8 token grid.*takes the input size it was built for"),
     ],
 )
 def test_bad_input_raises_value_error(no_typecheck, src_shape, trg_shape, dtype, match):
@@ -339,21 +361,20 @@ def test_load_from_file(tmp_path):
     path = tmp_path / "model_best.pth"
     torch.save({"epoch": 3, "state_dict": to_official_state_dict(model), "best_loss": 1.0}, path)
     loaded = load_official_actr(path, config=TINY_RELEASED)
-    assert torch.equal(loaded.refiner.head[0].weight, model.refiner.head[0].weight)
+    assert torch.equal(loaded.upsampler.refiner.head[0].weight, model.upsampler.refiner.head[0].weight)
 
 
 def test_released_key_table_matches_our_mapping():
     """The released names/shapes (fixture written from the released code) are exactly what our
     ViT-B model maps to, and a state dict with those names loads strictly."""
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        model = ACTRReleased()
+    with torch.device("meta"):
+        model = actr_released(warn_random_init=False)
     table = released_table()
     assert official_state_dict_shapes(model) == {k: v[0] for k, v in table.items()}
     assert official_parameter_count(model) == 172_810_369 == sum(math.prod(s) for s, _, p in table.values() if p)
     assert parameter_count(model) == 144_245_856
     loaded = load_official_actr(meta_state_dict())
-    assert isinstance(loaded, ACTRReleased)
+    assert isinstance(loaded, ACTR) and isinstance(loaded.config, ACTRReleasedConfig)
 
 
 def test_dropped_released_keys_are_exactly_the_unused_ones():
@@ -412,7 +433,7 @@ def test_registry_builds_the_released_model():
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model = build_model("actr_released")
-    assert isinstance(model, ACTRReleased)
+    assert isinstance(model, ACTR) and model.config == ACTRReleasedConfig()
 
 
 @pytest.mark.slow
@@ -420,8 +441,46 @@ def test_vit_b_smoke_256():
     """The one full-size test: released sizes, 256 × 256 → (1, 2, 64, 64)."""
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="randomly initialised"):
-        model = ACTRReleased().eval()
+        model = actr_released().eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 256, 256), torch.randn(1, 3, 256, 256))
     assert out.flow.shape == (1, 2, 64, 64) and torch.isfinite(out.flow).all()
     assert out.flows_per_path.shape == (1, 6, 2, 64, 64) and out.coarse_flows.shape == (1, 6, 2, 16, 16)
+
+
+# ------------------------------------------------------------------ one composition, old state dicts
+
+
+def test_released_is_the_actr_composition_with_released_stages():
+    """No class of its own: the ACTR class, its stages swapped at composition."""
+    model = tiny_released_model()
+    assert type(model) is ACTR and type(actr_tiny(warn_random_init=False)) is ACTR
+    assert all(isinstance(block, ReleasedAsymmetricBlock) for block in model.blocks)
+    assert isinstance(model.correlation, HeadSummedCorrelation)
+    assert isinstance(model.soft_argmax, ReleasedSoftArgmax)
+    assert isinstance(model.upsampler, ReleasedFlowUpsampler)
+    assert isinstance(model.flow_loss, ReleasedEPELoss)
+    assert model.path_blocks == (0, 1) and model.config.variant == "released"
+
+
+def test_state_dicts_of_version_0_1_0_load_strictly_into_the_composition():
+    """Keys as version 0.1.0 saved them (decoder.*, guidance.*, refiner.*) land where they belong."""
+    old_shapes = json.loads(FIXTURE_0_1_0.read_text())
+    gen = torch.Generator().manual_seed(0)
+    old = {k: torch.randn(shape, generator=gen) for k, shape in old_shapes.items()}
+    old["soft_argmax.x_grid"], old["soft_argmax.y_grid"] = torch.linspace(-1, 1, 4), torch.linspace(-1, 1, 4)
+    assert any(k.startswith("decoder.") for k in old) and any(k.startswith("refiner.") for k in old)
+    model = tiny_released_model()
+    model.load_state_dict(old, strict=True)
+    upgraded = upgrade_released_state_dict(old)
+    assert set(upgraded) == set(model.state_dict())
+    for key, value in upgraded.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert torch.equal(model.blocks[1].cross_attn.qkv.weight, old["decoder.1.cross_attn.qkv.weight"])
+    assert torch.equal(model.upsampler.guidance.proj.weight, old["guidance.proj.weight"])
+    assert upgrade_released_state_dict(model.state_dict()).keys() == model.state_dict().keys()  # today's: unchanged
+
+
+def test_converters_refuse_a_model_that_is_not_as_released():
+    with pytest.raises(ValueError, match="config is ACTRConfig, not ACTRReleasedConfig"):
+        to_official_state_dict(actr_tiny(warn_random_init=False))
