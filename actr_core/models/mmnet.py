@@ -1,5 +1,5 @@
 """MMNet: multi-scale matching network (Zhao et al., "Multi-scale Matching Networks for Semantic
-Correspondence", ICCV 2021), composed from ``actr_core.blocks`` behind the :class:`Matcher` interface.
+Correspondence", ICCV 2021), composed from ``actr_core.blocks`` behind the :class:`CorrespondenceModel` interface.
 
 # b batch · H W input frame · c channels · l pyramid level (0 = coarsest) · hs ws source grid ·
 # ht wt target grid · n keypoints · 2 (x, y), channel 0 = x
@@ -270,8 +270,8 @@ def convert_released_state_dict(state: Mapping[str, Tensor], num_levels: int = 4
     return out
 
 
-class MMNet(Matcher):
-    """MMNet behind the :class:`Matcher` interface. Build it with :func:`mmnet_resnet101` & co.
+class MMNet(CorrespondenceModel):
+    """MMNet behind the :class:`CorrespondenceModel` interface. Build it with :func:`mmnet_resnet101` & co.
 
     ``forward(src, trg)`` takes ImageNet-normalised ``(b, 3, H, W)`` images, H and W multiples of
     32, and returns an :class:`MMNetOutput`.

@@ -23,7 +23,7 @@ from tolerances import float32_tolerance
 from actr_core.blocks import DualWindowFlowSR, FlowSRConfig, flow_sr_input, window_self_attention
 from actr_core.blocks.released import ReleasedAsymmetricBlock, ReleasedFlowRefiner, ReleasedTargetReweighting
 from actr_core.blocks.windows import FUSED_MIN_WINDOW_TOKENS, relative_position_index
-from actr_core.models import ACTRReleased, actr_tiny
+from actr_core.models import ACTR, actr_tiny
 
 TINY_SR = FlowSRConfig(dim=16, num_heads=2, head_hidden=8)
 
@@ -132,9 +132,9 @@ def test_dual_window_sr_equals_the_unoptimised_composition():
 def test_released_refiner_chunks_and_shared_guidance_equal_the_repeated_batch():
     torch.manual_seed(0)
     refiner = ReleasedFlowRefiner(16, 2, (8, 4), hidden=8, reduction=4).double().eval()
-    flow_up = torch.randn(6, 2, 16, 16, dtype=torch.float64)  # batch 2 × 3 paths, (b m) order
+    flow_up = torch.randn(6, 2, 16, 16, dtype=torch.float64)  # 3 paths × batch 2, (m b) order
     guidance = torch.randn(2, 14, 16, 16, dtype=torch.float64)
-    repeated = guidance.repeat_interleave(3, dim=0)
+    repeated = guidance.repeat(3, 1, 1, 1)
     refiner.chunk = 0
     reference = refiner(flow_up, repeated)
     for chunk in (0, 1, 2, 4):
@@ -152,7 +152,7 @@ def test_released_block_batched_self_attention_equals_two_calls():
     with torch.no_grad():
         block.source_pos.normal_()
     s0, t0 = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
-    s, t, attn = block(s0, t0)
+    s, t, attn = block(s0, t0, (2, 2))  # 5 tokens: [cls] and a 2 × 2 grid
     # the released order of operations, one stream at a time
     rs = s0 + block.source_pos
     s_att, t_att = block.self_attn(block.norm1(rs)), block.self_attn(block.norm1(t0))
@@ -166,7 +166,7 @@ def test_released_block_batched_self_attention_equals_two_calls():
     torch.testing.assert_close(attn, ref_attn)
 
 
-def _released_tiny(**changes) -> ACTRReleased:
+def _released_tiny(**changes) -> ACTR:
     torch.manual_seed(0)
     return tiny_released_model(**changes).eval()
 
@@ -236,11 +236,11 @@ def test_bf16_autocast_stays_close_to_fp32(builder):
 COMPILE_CHECK = """
 import sys, warnings, torch
 warnings.simplefilter("ignore")
-from actr_core.models import ACTRReleased, ACTRReleasedConfig, actr_tiny
+from actr_core.models import ACTRReleasedConfig, actr_released, actr_tiny
 backend = sys.argv[1]
 pair = lambda h, w: [torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (0, 1)]
 torch.manual_seed(0)
-released = ACTRReleased(ACTRReleasedConfig(**%(released)r)).eval().double()
+released = actr_released(ACTRReleasedConfig(**%(released)r)).eval().double()
 for model, (src, trg) in ((actr_tiny().eval().double(), pair(32, 48)), (released, pair(64, 64))):
     compiled = torch.compile(model, fullgraph=True, backend=backend)  # fullgraph: no graph break allowed
     with torch.no_grad():
