@@ -52,7 +52,7 @@ from actr_core.blocks.multiscale import LocalSelfAttention, MultiScaleStage, Top
 from actr_core.blocks.soft_argmax import soft_argmax
 from actr_core.flow import rescale_keypoints, resize_flow
 from actr_core.models.backbones import WeightsReport, read_checkpoint
-from actr_core.models.base import Matcher, MatchOutput, check_image_pair
+from actr_core.models.base import CorrespondenceModel, MatchOutput, check_image_pair
 from actr_core.models.registry import register_model
 
 __all__ = [
