@@ -305,7 +305,9 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images
     if all(all(flag in s.flags for flag in SPAIR_FLAGS) for s in samples):
         for flag in SPAIR_FLAGS:
             batch[flag] = torch.tensor([s.flags[flag] for s in samples], dtype=torch.int64)
-    batch.update(category=[s.category for s in samples], pair_id=[s.pair_id for s in samples], dataset=[s.dataset for s in samples])
+    batch.update(
+        category=[s.category for s in samples], pair_id=[s.pair_id for s in samples], dataset=[s.dataset for s in samples]
+    )
     return batch
 
 

@@ -166,8 +166,7 @@ class SPairReader(_FileReader):
             if declared is not None and [int(declared[1]), int(declared[0])] != list(image.shape[:2]):
                 raise DataError(
                     image_path,
-                    f"{side}_imsize says W×H = {declared[0]}×{declared[1]} but the image is "
-                    f"{image.shape[1]}×{image.shape[0]}",
+                    f"{side}_imsize says W×H = {declared[0]}×{declared[1]} but the image is {image.shape[1]}×{image.shape[0]}",
                 )
             images.append(image)
         return PairRecord(

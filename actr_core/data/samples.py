@@ -332,9 +332,7 @@ def _decode(members: Mapping[str, bytes], where: str) -> PairSample:
     pseudo = PseudoFlow(**meta["pseudo"])
     grid = (size[0] // pseudo.stride, size[1] // pseudo.stride)
     if flow.shape != (2, *grid) or valid_flow.shape != grid or valid_flow.dtype != np.bool_:
-        raise DataError(
-            where, f"flow {flow.shape} / bool mask {valid_flow.shape} {valid_flow.dtype} do not fit the frame {size}"
-        )
+        raise DataError(where, f"flow {flow.shape} / bool mask {valid_flow.shape} {valid_flow.dtype} do not fit the frame {size}")
     flow = flow.astype(np.float32)  # float16 on disk
     if not math.isfinite(float(flow.sum())):  # a NaN or inf anywhere makes the sum non-finite (|flow| <= 65504)
         raise DataError(where, "NaN or inf in the stored flow")

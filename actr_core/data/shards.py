@@ -470,9 +470,7 @@ def _make_shards(
     existing = read_manifest(out, storage_options)
     if existing is not None and existing.get("settings") != settings_json:
         if not overwrite:
-            raise ValueError(
-                f"{out} holds a shard set made with other settings; pass overwrite=True (--overwrite) to replace it"
-            )
+            raise ValueError(f"{out} holds a shard set made with other settings; pass overwrite=True (--overwrite) to replace it")
         for split in existing.get("splits", {}).values():
             for entry in split.get("shards", []):
                 if fs.exists(join(root, entry["name"])):
@@ -618,5 +616,7 @@ def _content_problems(
         if any(tuple(size) != (h, w) for size in sizes):
             problems.setdefault("size", f"{name}: sample {key} has images of {sizes}, settings say size {[h, w]}")
         if flow_shape != (2, h // stride, w // stride):
-            problems.setdefault("flow", f"{name}: sample {key} has flow {flow_shape}, settings say {(2, h // stride, w // stride)}")
+            problems.setdefault(
+                "flow", f"{name}: sample {key} has flow {flow_shape}, settings say {(2, h // stride, w // stride)}"
+            )
     return list(problems.values())

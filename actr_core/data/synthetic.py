@@ -466,9 +466,7 @@ def _frame_border(size: tuple[int, int], per_edge: int) -> np.ndarray:
     """Points along the outer edge of a frame, normalised coordinates, counter-clockwise."""
     t = np.linspace(-1.0, 1.0, per_edge, endpoint=False)
     ones = np.ones_like(t)
-    return np.concatenate(
-        [np.stack([t, -ones], 1), np.stack([ones, t], 1), np.stack([-t, ones], 1), np.stack([-ones, -t], 1)]
-    )
+    return np.concatenate([np.stack([t, -ones], 1), np.stack([ones, t], 1), np.stack([-t, ones], 1), np.stack([-ones, -t], 1)])
 
 
 def _seed(seed: int, split: str, index: int) -> np.random.Generator:
@@ -577,4 +575,3 @@ class SyntheticPairs(PairReader):
 
     def load(self, index: int) -> PairRecord:
         return generate_pair(self.config, self.split, self._check_index(index), self.seed)
-

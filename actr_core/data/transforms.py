@@ -83,7 +83,10 @@ class PhotometricConfig:
 
     p: float = 0.2  # probability of each operation, per image (released train transform)
     posterize_bits: int = 4  # albumentations Posterize default num_bits
-    sharpen: tuple[float, float] = (0.5, 1.5)  # unsharp-mask amount a of x + a(x - box3x3(x)), standing in for Sharpen(alpha 0.2-0.5) (chosen)
+    sharpen: tuple[float, float] = (
+        0.5,
+        1.5,
+    )  # unsharp-mask amount a of x + a(x - box3x3(x)), standing in for Sharpen(alpha 0.2-0.5) (chosen)
     brightness: float = 0.2  # RandomBrightnessContrast brightness_limit / ColorJitter brightness
     contrast: float = 0.2  # RandomBrightnessContrast contrast_limit / ColorJitter contrast
     saturation: float = 0.2  # ColorJitter saturation
@@ -329,4 +332,3 @@ class Resize:
 def train_transforms(photometric: PhotometricConfig = PhotometricConfig(), crop_p: float = 0.7) -> list[Transform]:
     """The released code's training augmentation: photometric set, then the box-preserving crop."""
     return [Photometric(photometric), BoxPreservingCrop(crop_p)]
-

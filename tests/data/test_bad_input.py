@@ -262,7 +262,18 @@ def test_corrupt_jpeg_in_a_shard(memory_root, tiny_settings_factory, caplog):
     [
         (lambda m: m.pop("valid.npy") and m, r"lacks members \['valid.npy'\]"),
         (lambda m: {**m, "kps.json": m["kps.json"].replace(b'"trg":[[', b'"trg":[[NaN,0],[')}, "count mismatch"),
-        (lambda m: {**m, "kps.json": m["kps.json"].replace(b'"src":[[', b'"src":[[NaN,0],[').replace(b'"trg":[[', b'"trg":[[0,0],[').replace(b'"src_orig":[[', b'"src_orig":[[0,0],[').replace(b'"trg_orig":[[', b'"trg_orig":[[0,0],[').replace(b'"valid":[', b'"valid":[true,')}, "NaN or inf in keypoints"),
+        (
+            lambda m: {
+                **m,
+                "kps.json": m["kps.json"]
+                .replace(b'"src":[[', b'"src":[[NaN,0],[')
+                .replace(b'"trg":[[', b'"trg":[[0,0],[')
+                .replace(b'"src_orig":[[', b'"src_orig":[[0,0],[')
+                .replace(b'"trg_orig":[[', b'"trg_orig":[[0,0],[')
+                .replace(b'"valid":[', b'"valid":[true,'),
+            },
+            "NaN or inf in keypoints",
+        ),
         (lambda m: {**m, "flow.npy": _nan_flow(m["flow.npy"])}, "NaN or inf in the stored flow"),
         (lambda m: {**m, "meta.json": b"{"}, "invalid JSON"),
         (lambda m: {**m, "valid.npy": _pickled_npy()}, "cannot read .npy: .*allow_pickle=False"),

@@ -119,7 +119,7 @@ def test_uint8_batches_through_workers_equal_normalised_batches(tiny_shards, aug
             torch.testing.assert_close(prepared[key], normalise_image(a[key]), atol=NORMALISATION_TOL, rtol=0)
         for key, value in b.items():
             if key not in ("src_image", "trg_image"):
-                assert (torch.equal(prepared[key], value) if isinstance(value, torch.Tensor) else prepared[key] == value), key
+                assert torch.equal(prepared[key], value) if isinstance(value, torch.Tensor) else prepared[key] == value, key
 
 
 def test_persistent_workers_follow_set_epoch(tiny_shards):
@@ -184,9 +184,7 @@ def test_collate_pads_keypoints_and_keeps_flags(builders, memory_root):
 
 
 def test_training_augmentation_in_the_loader(tiny_shards):
-    dataset = ShardDataset(
-        tiny_shards, "train", batch_size=4, training=True, transforms=train_transforms(), rank=0, world_size=1
-    )
+    dataset = ShardDataset(tiny_shards, "train", batch_size=4, training=True, transforms=train_transforms(), rank=0, world_size=1)
     batches = list(dataset.loader(0))
     assert len(batches) == dataset.plan(1).batches_per_rank[0] == 5
     assert all(b["flow"].shape == (4, 2, 8, 12) for b in batches)

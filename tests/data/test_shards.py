@@ -31,7 +31,12 @@ def test_manifest_lists_every_shard(memory_root, tiny_settings_factory):
     for split in manifest["splits"].values():
         for entry in split["shards"]:
             assert entry["bytes"] == len(files[entry["name"]]) and entry["sha256"] == sha256_hex(files[entry["name"]])
-    assert manifest["totals"] == {"shards": 6 + 2 + 4, "samples": 41, "bytes": sum(len(v) for k, v in files.items() if k.endswith(".tar")), "skipped": 0}
+    assert manifest["totals"] == {
+        "shards": 6 + 2 + 4,
+        "samples": 41,
+        "bytes": sum(len(v) for k, v in files.items() if k.endswith(".tar")),
+        "skipped": 0,
+    }
     assert json.loads(files["manifest.json"]) == manifest
     assert verify_shards(memory_root).ok
 
@@ -40,7 +45,8 @@ def test_sample_members_and_order(memory_root, tiny_settings_factory):
     """webdataset's TarWriter writes a sample's members in name order, with the fixed metadata."""
     make_shards(memory_root, tiny_settings_factory(pairs=(("train", 1), ("val", 1), ("test", 1))), progress=False)
     data = _files(memory_root)["val-000000.tar"]
-    import tarfile, io  # noqa: E401
+    import io
+    import tarfile  # noqa: E401
 
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         infos = tar.getmembers()
@@ -58,10 +64,14 @@ def test_same_settings_give_identical_bytes_anywhere_with_any_process_count(tmp_
 
 
 def test_png_images(memory_root, tiny_settings_factory):
-    make_shards(memory_root, tiny_settings_factory(image_format="png", pairs=(("train", 1), ("val", 1), ("test", 2))), progress=False)
+    make_shards(
+        memory_root, tiny_settings_factory(image_format="png", pairs=(("train", 1), ("val", 1), ("test", 2))), progress=False
+    )
     batch = next(iter(ShardDataset(memory_root, "test", batch_size=2, rank=0, world_size=1)))
     assert batch["src_image"].shape == (2, 3, 32, 48)
-    assert any(name.endswith(".png") for _, members in tar_samples(_files(memory_root)["test-000000.tar"], "t") for name in members)
+    assert any(
+        name.endswith(".png") for _, members in tar_samples(_files(memory_root)["test-000000.tar"], "t") for name in members
+    )
 
 
 def test_rerun_skips_complete_shards_and_rebuilds_damaged_ones(memory_root, tiny_settings_factory):
@@ -129,7 +139,9 @@ class TestVerify:
         assert verify_shards(memory_root, deep=False).ok
 
 
-@pytest.mark.parametrize("source, splits", [("spair", ("train", "val", "test")), ("pfpascal", ("train", "test")), ("pfwillow", ("test",))])
+@pytest.mark.parametrize(
+    "source, splits", [("spair", ("train", "val", "test")), ("pfpascal", ("train", "test")), ("pfwillow", ("test",))]
+)
 def test_benchmark_sources(memory_root, builders, source, splits):
     root = memory_root + "/data"
     getattr(builders, source)(root)
@@ -251,7 +263,9 @@ def test_readers_refuse_a_bad_manifest_naming_the_problem(memory_root, tiny_sett
     _edit_manifest(memory_root, edit)
     with pytest.raises(DataError, match=match):
         ShardDataset(memory_root, "train", batch_size=2, rank=0, world_size=1)
-    assert not verify_shards(memory_root).ok and any(__import__("re").search(match, p) for p in verify_shards(memory_root).problems)
+    assert not verify_shards(memory_root).ok and any(
+        __import__("re").search(match, p) for p in verify_shards(memory_root).problems
+    )
     if incomplete:  # an interrupted run's shards can still be read on request
         dataset = ShardDataset(memory_root, "train", batch_size=2, rank=0, world_size=1, allow_incomplete=True)
         assert sum(len(b["pair_id"]) for b in dataset) == sum(count for _, count, _ in dataset.shards) > 0
@@ -281,7 +295,9 @@ def test_an_interrupted_run_lists_itself_as_incomplete(memory_root, tiny_setting
     with pytest.raises(KeyboardInterrupt):
         make_shards(memory_root, settings, progress=False, on_shard=stop_after_two)
     incomplete, broken = manifest_problems(read_manifest(memory_root))
-    assert not broken and any("complete: false" in p for p in incomplete) and any("missing shard entries" in p for p in incomplete)
+    assert (
+        not broken and any("complete: false" in p for p in incomplete) and any("missing shard entries" in p for p in incomplete)
+    )
     with pytest.raises(DataError, match="allow_incomplete=True reads the shards written so far"):
         check_manifest(read_manifest(memory_root), "m")
     make_shards(memory_root, settings, progress=False)
@@ -316,7 +332,9 @@ make_shards({out!r}, tiny_settings(), progress=False, on_shard=hold)
 def test_a_second_concurrent_writer_fails_at_once(tmp_path, tiny_settings_factory):
     """Two real processes on one local folder: the second make_shards fails with a clear message while the first runs."""
     out, ready, release = tmp_path / "set", tmp_path / "ready", tmp_path / "release"
-    code = _WRITER.format(tests=str(__import__("pathlib").Path(__file__).parent), ready=str(ready), release=str(release), out=str(out))
+    code = _WRITER.format(
+        tests=str(__import__("pathlib").Path(__file__).parent), ready=str(ready), release=str(release), out=str(out)
+    )
     first = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 300
@@ -345,7 +363,7 @@ def test_shards_of_the_0_1_0_member_layout_read_the_same(memory_root, tiny_setti
     import tarfile
 
     make_shards(memory_root, tiny_settings_factory(pairs=(("train", 1), ("val", 1), ("test", 5))), progress=False)
-    new = [b for b in ShardDataset(memory_root, "test", batch_size=2, rank=0, world_size=1)]
+    new = list(ShardDataset(memory_root, "test", batch_size=2, rank=0, world_size=1))
     fs, root = fsspec.core.url_to_fs(memory_root)
     order = ("src.jpg", "trg.jpg", "flow.npy", "valid.npy", "kps.json", "meta.json")
 
@@ -369,7 +387,7 @@ def test_shards_of_the_0_1_0_member_layout_read_the_same(memory_root, tiny_setti
     with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"{root}/test-000000.tar"))) as tar:
         assert [n.split(".", 1)[1] for n in tar.getnames()[:6]] == list(order)
     assert verify_shards(memory_root).ok
-    old = [b for b in ShardDataset(memory_root, "test", batch_size=2, rank=0, world_size=1)]
+    old = list(ShardDataset(memory_root, "test", batch_size=2, rank=0, world_size=1))
     assert len(old) == len(new) == 3
     for a, b in zip(old, new, strict=True):
         assert all(torch_equal(a[k], b[k]) for k in b)
