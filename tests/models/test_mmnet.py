@@ -1,4 +1,4 @@
-"""MMNet behind the Matcher interface: shapes, loss, transfer, weights, error paths."""
+"""MMNet behind the CorrespondenceModel interface: shapes, loss, transfer, weights, error paths."""
 
 import copy
 import dataclasses
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tolerances import float32_tolerance
 
 from actr_core.blocks.coarse_to_fine import reverse_correlation
-from actr_core.models.base import Matcher, parameter_count
+from actr_core.models.base import CorrespondenceModel, parameter_count
 from actr_core.models.mmnet import (
     MMNet,
     MMNetConfig,
@@ -44,7 +44,7 @@ def _batch(b: int, n: int = 5) -> dict:
 
 
 def test_is_a_matcher(tiny):
-    assert isinstance(tiny, Matcher)
+    assert isinstance(tiny, CorrespondenceModel)
 
 
 def test_shapes_h_ne_w_batch_2(tiny):
