@@ -258,6 +258,17 @@ def _fault_settings(run_dir: Path) -> dict[str, Any]:
     return {"step": step, "rank": rank, "marker": str(run_dir / FAULT_MARKER)}
 
 
+def _user_error_of_workers(error: BaseException) -> ValueError | None:
+    """A ``ValueError`` that every failed worker raised (e.g. too few shards for one batch), as one
+    ``ValueError`` with its last line, so that it is reported as a user error; else None."""
+    failures = list((getattr(error, "worker_failures", None) or {}).values())
+    if not failures or not all(isinstance(failure, ValueError) for failure in failures):
+        return None
+    lines = [line.strip() for line in str(failures[0]).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(failures[0]).__name__
+    return ValueError(last.removeprefix("ValueError: "))
+
+
 def main(cfg: TrainConfig, ray_cfg: RaySettings | None = None) -> dict[str, Any]:
     """Train ``cfg`` with Ray Train; returns a summary (run folder, epochs, steps, final and best scores)."""
     import yaml
@@ -297,7 +308,10 @@ def main(cfg: TrainConfig, ray_cfg: RaySettings | None = None) -> dict[str, Any]
                 ),
             ),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as error:
+            raise _user_error_of_workers(error) or error
     finally:
         if started_ray:
             import ray

@@ -3,6 +3,8 @@ the learning curve, per-photo rows; written whole or not at all."""
 
 import csv
 
+import pytest
+
 from actr_core.data import collate
 from actr_core.data.samples import build_sample
 from actr_core.data.synthetic import SyntheticConfig, SyntheticPairs
@@ -49,3 +51,18 @@ def test_report_puts_every_score_beside_identity_and_says_what_it_means(tmp_path
     assert "identity on the same validation pairs: 22.2 %; classical peer: not run" in text
     assert (run / "learning_curve.png").stat().st_size > 0 and (run / "eval" / "pck_curve_trained.png").stat().st_size > 0
     assert not list(run.glob(".*.tmp"))  # written to a temporary name, then renamed
+
+
+@pytest.mark.slow
+def test_the_main_job_runs_end_to_end_and_exits_0(tmp_path, monkeypatch):
+    """``actr quickstart`` on a small shard set, one short epoch: shards, Ray training, evaluation, report."""
+    from pipelines.cli import main
+
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "0")  # only Ray's own killer could fail this run
+    monkeypatch.chdir(tmp_path)
+    argv = ["quickstart", "--name", "qs", "--runs-dir", "runs", "--shards", "shards", "--pairs", "400", "--eval-batches", "1",
+            "--epochs", "1", "--steps-per-epoch", "2", "--no-val-peer", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    report = (tmp_path / "runs" / "qs" / "REPORT.md").read_text()
+    assert "| model `actr_conv_tiny` |" in report and "| identity |" in report
+    assert (tmp_path / "runs" / "qs" / "model_best.pt").exists()

@@ -97,6 +97,16 @@ def test_thread_budget():
     assert train._threads(TrainConfig(loader_workers=4), train.RaySettings(cpus_per_worker=2)) == 1
 
 
+def test_a_value_error_on_every_worker_is_a_user_error():
+    from ray.train import WorkerGroupError
+
+    too_small = ValueError("the 'train' split of s gives no full batch of 64 per worker with 2 workers; make more shards")
+    error = WorkerGroupError("snippet", {0: too_small, 1: ValueError("the same")})
+    assert str(train._user_error_of_workers(error)) == str(too_small)
+    assert train._user_error_of_workers(WorkerGroupError("snippet", {0: too_small, 1: RuntimeError("a bug")})) is None
+    assert train._user_error_of_workers(RuntimeError("not from the workers")) is None
+
+
 def test_fault_hook_fires_once_on_the_chosen_rank_and_step(tmp_path, monkeypatch):
     kills = []
     monkeypatch.setattr(train.os, "kill", lambda pid, sig: kills.append((pid, sig)))
