@@ -1,4 +1,4 @@
-"""Conversion between the released ACTR checkpoints and ACTR as released in actr_core.
+"""Conversion between released checkpoints (ACTR, MMNet) and the models of actr_core.
 
 Axis legend: c channels · w window size.
 
@@ -9,7 +9,8 @@ pass never uses. Here: the key mapping both ways (:func:`official_key_to_ours`,
 (:func:`official_state_dict_shapes`), its parameter count (:func:`official_parameter_count`), our
 weights under the released names (:func:`to_official_state_dict`), and the strict, audited loading
 of a released checkpoint (:func:`load_official_actr`). The model itself is
-:func:`actr_core.models.released.actr_released`; docs/models.md lists every key.
+:func:`actr_core.models.released.actr_released`; docs/models.md lists every key. MMNet's released
+state dicts are renamed by :func:`convert_released_mmnet_state_dict` (docs/mmnet.md).
 """
 
 import os
@@ -30,6 +31,7 @@ __all__ = [
     "DERIVED_OFFICIAL_KEYS",
     "OfficialCheckpointError",
     "UNUSED_OFFICIAL_KEYS",
+    "convert_released_mmnet_state_dict",
     "load_official_actr",
     "official_key_to_ours",
     "official_parameter_count",
@@ -301,3 +303,75 @@ def load_official_actr(
     if leftover and not all(v.is_meta for v in mapped.values()):
         raise OfficialCheckpointError(f"tensors left without values after loading: {leftover[:5]}")
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# MMNet (ICCV 2021): released state dicts
+
+
+_MMNET_RELEASED_UNUSED = ("upsample_", "feature_upsample_", "msblock0.", "conv0_", "backbone.fc.")
+
+
+def convert_released_mmnet_state_dict(state: Mapping[str, Tensor], num_levels: int = 4) -> dict[str, Tensor]:
+    """Rename a released MMNet state dict (``models/Model.py``, ResNet backbones) to the names of
+    :class:`~actr_core.models.mmnet.MMNet` (also importable from there as ``convert_released_state_dict``).
+
+    ``backbone.layerK.*`` → ``backbone.stages.{K-1}.*``; ``msblockS_J.conv`` →
+    ``multiscale.{S-1}.inputs.{J-1}``; ``msblockS_J.conv1..3`` stacked over ``J`` →
+    ``multiscale.{S-1}.branches.0..2`` (grouped convolutions); ``convS_J_down`` weights
+    concatenated over ``J`` and biases summed → ``multiscale.{S-1}.proj``;
+    ``wa_S.conv_theta|phi|g`` → ``attention.{S-1}.qkv`` (stacked in that order), ``wa_S.conv_back``
+    → ``attention.{S-1}.proj``; ``feat_upsample_S`` and ``conv{S-1}_scale`` → ``fusion.{L-S}.up`` and
+    ``.fuse``. Modules the released forward never calls (``upsample_*``, ``feature_upsample_*``,
+    ``conv*_kernel``, ``msblock0``, ``conv0_*``, ``fc``) are dropped. The released ``fcn-resnet101``
+    backbone (gluoncv's dilated FCN) has another structure and is not supported.
+    """
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
+    branches: dict[tuple[int, int, str], dict[int, Tensor]] = {}  # (stage, branch, param) -> {block: tensor}
+    projections: dict[tuple[int, str], dict[int, Tensor]] = {}  # (stage, param) -> {block: tensor}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.startswith(_MMNET_RELEASED_UNUSED) or "_kernel." in key:
+            continue
+        head, _, rest = key.partition(".")
+        if head == "backbone":
+            if rest.startswith("layer"):
+                stage, tail = rest[len("layer") :].split(".", 1)
+                rest = f"stages.{int(stage) - 1}.{tail}"
+            out[f"backbone.{rest}"] = value
+        elif head.startswith("msblock"):
+            s, j = (int(v) for v in head[len("msblock") :].split("_"))
+            name, _, param = rest.partition(".")
+            if name == "conv":
+                out[f"multiscale.{s - 1}.inputs.{j - 1}.{param}"] = value
+            else:
+                branches.setdefault((s, int(name[len("conv") :]), param), {})[j] = value
+        elif head.startswith("conv") and head.endswith("_down"):
+            s, j = (int(v) for v in head[len("conv") : -len("_down")].split("_"))
+            projections.setdefault((s, rest), {})[j] = value
+        elif head.startswith("wa_"):
+            s = int(head[len("wa_") :])
+            name, _, param = rest.partition(".")
+            if name == "conv_back":
+                out[f"attention.{s - 1}.proj.{param}"] = value
+            else:
+                qkv.setdefault((s, param), {})[name] = value
+        elif head.startswith("feat_upsample_"):
+            s = int(head[len("feat_upsample_") :])
+            out[f"fusion.{num_levels - s}.up.{rest}"] = value
+        elif head.startswith("conv") and head.endswith("_scale"):
+            s = int(head[len("conv") : -len("_scale")])
+            out[f"fusion.{num_levels - 1 - s}.fuse.{rest}"] = value
+        else:
+            raise ValueError(f"unknown key {key!r} in the released MMNet state dict")
+    for (s, param), parts in qkv.items():
+        out[f"attention.{s - 1}.qkv.{param}"] = torch.cat([parts[n] for n in ("conv_theta", "conv_phi", "conv_g")])
+    for (s, r, param), blocks in branches.items():  # grouped convolution: blocks stacked on the output axis
+        out[f"multiscale.{s - 1}.branches.{r - 1}.{param}"] = torch.cat([blocks[j] for j in sorted(blocks)])
+    for (s, param), blocks in projections.items():  # one 1x1 convolution over all blocks; biases add up
+        ordered = [blocks[j] for j in sorted(blocks)]
+        out[f"multiscale.{s - 1}.proj.{param}"] = (
+            torch.cat(ordered, dim=1) if param == "weight" else torch.stack(ordered).sum(dim=0)
+        )
+    return out

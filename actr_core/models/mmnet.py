@@ -53,6 +53,7 @@ from actr_core.blocks.soft_argmax import soft_argmax
 from actr_core.flow import rescale_keypoints, resize_flow
 from actr_core.models.backbones import WeightsReport, read_checkpoint
 from actr_core.models.base import CorrespondenceModel, MatchOutput, check_image_pair
+from actr_core.models.convert import convert_released_mmnet_state_dict as convert_released_state_dict
 from actr_core.models.registry import register_model
 
 __all__ = [
@@ -201,73 +202,6 @@ def load_resnet_weights(backbone: ResNetBottlenecks, path: str | os.PathLike) ->
     report = WeightsReport(source=str(path), matched=tuple(own), missing=(), unexpected=unexpected)
     _log.info("ResNet weights: %s", report)
     return report
-
-
-_RELEASED_UNUSED = ("upsample_", "feature_upsample_", "msblock0.", "conv0_", "backbone.fc.")
-
-
-def convert_released_state_dict(state: Mapping[str, Tensor], num_levels: int = 4) -> dict[str, Tensor]:
-    """Rename a released MMNet state dict (``models/Model.py``, ResNet backbones) to this model's names.
-
-    ``backbone.layerK.*`` → ``backbone.stages.{K-1}.*``; ``msblockS_J.conv`` →
-    ``multiscale.{S-1}.inputs.{J-1}``; ``msblockS_J.conv1..3`` stacked over ``J`` →
-    ``multiscale.{S-1}.branches.0..2`` (grouped convolutions); ``convS_J_down`` weights
-    concatenated over ``J`` and biases summed → ``multiscale.{S-1}.proj``;
-    ``wa_S.conv_theta|phi|g`` → ``attention.{S-1}.qkv`` (stacked in that order), ``wa_S.conv_back``
-    → ``attention.{S-1}.proj``; ``feat_upsample_S`` and ``conv{S-1}_scale`` → ``fusion.{L-S}.up`` and
-    ``.fuse``. Modules the released forward never calls (``upsample_*``, ``feature_upsample_*``,
-    ``conv*_kernel``, ``msblock0``, ``conv0_*``, ``fc``) are dropped. The released ``fcn-resnet101``
-    backbone (gluoncv's dilated FCN) has another structure and is not supported.
-    """
-    out: dict[str, Tensor] = {}
-    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
-    branches: dict[tuple[int, int, str], dict[int, Tensor]] = {}  # (stage, branch, param) -> {block: tensor}
-    projections: dict[tuple[int, str], dict[int, Tensor]] = {}  # (stage, param) -> {block: tensor}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if key.startswith(_RELEASED_UNUSED) or "_kernel." in key:
-            continue
-        head, _, rest = key.partition(".")
-        if head == "backbone":
-            if rest.startswith("layer"):
-                stage, tail = rest[len("layer") :].split(".", 1)
-                rest = f"stages.{int(stage) - 1}.{tail}"
-            out[f"backbone.{rest}"] = value
-        elif head.startswith("msblock"):
-            s, j = (int(v) for v in head[len("msblock") :].split("_"))
-            name, _, param = rest.partition(".")
-            if name == "conv":
-                out[f"multiscale.{s - 1}.inputs.{j - 1}.{param}"] = value
-            else:
-                branches.setdefault((s, int(name[len("conv") :]), param), {})[j] = value
-        elif head.startswith("conv") and head.endswith("_down"):
-            s, j = (int(v) for v in head[len("conv") : -len("_down")].split("_"))
-            projections.setdefault((s, rest), {})[j] = value
-        elif head.startswith("wa_"):
-            s = int(head[len("wa_") :])
-            name, _, param = rest.partition(".")
-            if name == "conv_back":
-                out[f"attention.{s - 1}.proj.{param}"] = value
-            else:
-                qkv.setdefault((s, param), {})[name] = value
-        elif head.startswith("feat_upsample_"):
-            s = int(head[len("feat_upsample_") :])
-            out[f"fusion.{num_levels - s}.up.{rest}"] = value
-        elif head.startswith("conv") and head.endswith("_scale"):
-            s = int(head[len("conv") : -len("_scale")])
-            out[f"fusion.{num_levels - 1 - s}.fuse.{rest}"] = value
-        else:
-            raise ValueError(f"unknown key {key!r} in the released MMNet state dict")
-    for (s, param), parts in qkv.items():
-        out[f"attention.{s - 1}.qkv.{param}"] = torch.cat([parts[n] for n in ("conv_theta", "conv_phi", "conv_g")])
-    for (s, r, param), blocks in branches.items():  # grouped convolution: blocks stacked on the output axis
-        out[f"multiscale.{s - 1}.branches.{r - 1}.{param}"] = torch.cat([blocks[j] for j in sorted(blocks)])
-    for (s, param), blocks in projections.items():  # one 1x1 convolution over all blocks; biases add up
-        ordered = [blocks[j] for j in sorted(blocks)]
-        out[f"multiscale.{s - 1}.proj.{param}"] = (
-            torch.cat(ordered, dim=1) if param == "weight" else torch.stack(ordered).sum(dim=0)
-        )
-    return out
 
 
 class MMNet(CorrespondenceModel):
