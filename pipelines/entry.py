@@ -179,6 +179,11 @@ def run(command: Callable[[list[str], str], int | None], argv: Sequence[str] | N
             status = command(words, prog)
     except SystemExit as done:  # --help, or a library that exits by itself
         return done.code if isinstance(done.code, int) else EXIT_USER_ERROR if done.code else EXIT_OK
+    except ModuleNotFoundError as error:  # an optional dependency (the core install has only the model stack)
+        if verbose or not error.name or error.name.split(".")[0] in ("actr_core", "pipelines"):
+            raise
+        print(f"{prog}: error: needs the optional package {error.name!r}: pip install 'actr_core[all]'", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
     except _user_errors() as error:
         if verbose:
             traceback.print_exc()

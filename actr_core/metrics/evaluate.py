@@ -24,6 +24,7 @@ average over all pairs (``*_overall``) and a macro average over categories (``*_
 
 import dataclasses
 import importlib.metadata
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -44,7 +45,7 @@ from actr_core.metrics.protocols import (
     pair_thresholds,
     predict_keypoints,
 )
-from actr_core.metrics.references import CLASSICAL_PEER, IDENTITY, REFERENCE_LABELS, REFERENCE_NAMES, reference_predictor
+from actr_core.metrics.references import IDENTITY, REFERENCE_LABELS, REFERENCE_NAMES, reference_predictor
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -218,8 +219,8 @@ def _reference_modules(references: References) -> dict[str, nn.Module]:
 def _describe_reference(name: str, module: nn.Module) -> str:
     if name == IDENTITY:
         return "zero flow: each source keypoint predicted at its own input-frame position, rescaled by the protocol"
-    settings = getattr(module, "settings", None)
-    return settings.describe() if hasattr(settings, "describe") else type(module).__name__
+    describe = getattr(getattr(module, "settings", None), "describe", None)
+    return describe() if callable(describe) else type(module).__name__
 
 
 def evaluate(
@@ -422,9 +423,9 @@ def summarise(
     valid = _pad([s.valid for s in first], n_max, False)
     gt = _pad([s.gt for s in first], n_max, np.nan)
     threshold = np.concatenate([s.threshold for s in first]).astype(np.float64)
-    kinds = np.array(sum((s.threshold_kind for s in first), []), dtype=object)
+    kinds = np.array(list(itertools.chain.from_iterable(s.threshold_kind for s in first)), dtype=object)
     n_valid = valid.sum(axis=1).astype(np.int64)
-    meta = {key: sum((s.meta[key] for s in first), []) for key in first[0].meta}
+    meta = {key: list(itertools.chain.from_iterable(s.meta[key] for s in first)) for key in first[0].meta}
     category = np.array(meta["category"], dtype=object)
     categories = sorted(set(meta["category"]))
     n_pair = len(threshold)
@@ -435,7 +436,7 @@ def summarise(
         fallback = np.concatenate(
             [s.fallback if s.fallback is not None else np.zeros(len(s.threshold), dtype=bool) for s in batch_scores]
         )
-        reasons = sum((s.fallback_reason or [""] * len(s.threshold) for s in batch_scores), [])
+        reasons = list(itertools.chain.from_iterable(s.fallback_reason or [""] * len(s.threshold) for s in batch_scores))
         per_category = [_group(pair_pck, n_correct, n_valid, category == c) for c in categories]
         everyone = _group(pair_pck, n_correct, n_valid, np.ones(n_pair, dtype=bool))
         pck_image = np.stack([g[0] for g in per_category], axis=1)  # alpha category
@@ -535,7 +536,7 @@ def summarise(
 
     used = sorted(set(kinds.tolist()))
     per_dataset = sorted({f"{d}: {k}" for d, k in zip(meta["dataset"], kinds.tolist(), strict=True)})
-    attrs = {
+    attrs: dict[str, Any] = {
         **protocol.describe(input_size),
         "threshold_type": ", ".join(used),
         "threshold_type_per_dataset": "; ".join(per_dataset),
@@ -563,7 +564,7 @@ def _with_predictor(results: xr.Dataset) -> xr.Dataset:
     """Results written before the predictor dimension existed, read as the model's alone."""
     if "predictor" in results.dims:
         return results
-    names = [n for n in results.data_vars if n in PER_PREDICTOR_VARIABLES or n.startswith(("pck_image_by_", "pck_keypoint_by_"))]
+    names = [n for n in map(str, results.data_vars) if n in PER_PREDICTOR_VARIABLES or n.startswith(("pck_image_by_", "pck_keypoint_by_"))]
     out = results.copy()
     for name in names:
         out[name] = results[name].expand_dims(predictor=[MODEL])
@@ -686,8 +687,8 @@ def pck_difference(
     results = _with_predictor(results)
     _predictors(results, a), _predictors(results, b)
     n_valid = np.asarray(results["n_valid"].values, dtype=np.int64)
-    counts = [_correct_counts(results, name, float(alpha))[None] for name in (a, b)]
-    mean, low, high = _difference(*counts, n_valid, average, n_resamples, seed, level)
+    count_a, count_b = (_correct_counts(results, name, float(alpha))[None] for name in (a, b))
+    mean, low, high = _difference(count_a, count_b, n_valid, average, n_resamples, seed, level)
     return PCKDifference(float(mean[0]), float(low[0]), float(high[0]))
 
 

@@ -24,7 +24,7 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from jaxtyping import Bool, Float
@@ -278,8 +278,8 @@ def _frame_sizes(protocol: ScoringProtocol, batch: Mapping[str, Any], side: str)
     prefix = "trg" if side == "target" else "src"
     if protocol.frame == "original":
         return _sizes(batch, f"{prefix}_size")
-    size = protocol.frame_size if protocol.frame == "fixed" else _input_size(batch)
-    return [tuple(size)] * batch[f"{prefix}_kps"].shape[0]  # type: ignore[list-item]
+    size = protocol.frame_size if protocol.frame == "fixed" and protocol.frame_size is not None else _input_size(batch)
+    return [(int(size[0]), int(size[1]))] * batch[f"{prefix}_kps"].shape[0]
 
 
 def _original_to_frame(protocol: ScoringProtocol) -> Any:
@@ -303,6 +303,12 @@ def ground_truth_keypoints(protocol: ScoringProtocol, batch: Mapping[str, Any]) 
     return keypoints_in_frame(protocol, batch, "target")
 
 
+class _TransfersKeypoints(Protocol):
+    """A matcher's (or reference predictor's) ``transfer``: source keypoints → target keypoints, input-frame pixels."""
+
+    def transfer(self, output: Any, src_kps: Tensor, valid: Tensor | None = None) -> Tensor: ...
+
+
 def predict_keypoints(
     protocol: ScoringProtocol, model: nn.Module, output: Any, batch: Mapping[str, Any]
 ) -> Float[Tensor, "b n 2"]:
@@ -317,7 +323,7 @@ def predict_keypoints(
         size = protocol.frame_size if protocol.frame == "fixed" else input_size
         query = keypoints_in_frame(protocol, batch, "source")
         return nearest_transfer(output.flow, query, valid, size, protocol.query_rounding)  # type: ignore[arg-type]
-    pred = model.transfer(output, batch["src_kps"], valid)  # pixels of the input frame
+    pred = cast(_TransfersKeypoints, model).transfer(output, batch["src_kps"], valid)  # pixels of the input frame
     if protocol.frame == "input":
         return pred
     to_sizes = _frame_sizes(protocol, batch, "target")

@@ -42,7 +42,7 @@ def plot_matches(
     trg = to_display_image(trg_image)
     has_gt = gt_kps is not None
     src_kps, pred_kps, gt_kps = (
-        to_numpy(k).astype(np.float64) for k in (src_kps, pred_kps, gt_kps if has_gt else pred_kps)
+        to_numpy(k).astype(np.float64) for k in (src_kps, pred_kps, pred_kps if gt_kps is None else gt_kps)
     )
     n = src_kps.shape[0]
     if pred_kps.shape != (n, 2) or gt_kps.shape != (n, 2) or src_kps.shape != (n, 2):

@@ -48,7 +48,9 @@ def test_no_peer_scores_identity_only_and_says_so(tmp_path, monkeypatch, capsys,
 
 
 def test_cli_reports_user_errors_in_one_line(capsys, tmp_path):
-    assert pipeline.cli(["--out", str(tmp_path), "--no-progress"]) == 2
+    from pipelines.entry import run
+
+    assert run(pipeline.cli, ["--out", str(tmp_path), "--no-progress"], prog="actr evaluate") == 2
     assert "give --checkpoint PATH or --model NAME" in capsys.readouterr().err
 
 

@@ -165,3 +165,14 @@ def test_scripts_and_actr_return_the_commands_status(argv, status, damaged):
     assert done.returncode == status, done.stderr[-2000:]
     if status == 2:
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_missing_optional_package_is_a_user_error(capsys):
+    from pipelines.entry import EXIT_USER_ERROR, run
+
+    def command(words, prog):
+        raise ModuleNotFoundError("No module named 'xarray'", name="xarray")
+
+    assert run(command, [], prog="actr evaluate") == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["actr evaluate: error: needs the optional package 'xarray': pip install 'actr_core[all]'"]
