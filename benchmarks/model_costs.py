@@ -98,7 +98,7 @@ VARIANTS = {  # name → CaseSpec options
 
 class ReleasedCode(torch.nn.Module):
     """The released ``ACTR`` network behind the worker's model interface: ``forward`` returns a
-    :class:`MatchOutput`, ``loss`` is the released end-point error (what ``ACTRReleased.loss``
+    :class:`MatchOutput`, ``loss`` is the released end-point error (what the as-released model's ``loss``
     computes). Its state dict is the released one under ``net.``."""
 
     def __init__(self, net: torch.nn.Module) -> None:
@@ -190,7 +190,7 @@ class Case:
     """What one worker holds: a model, its inputs, and the calls the driver makes.
 
     A model is anything whose ``forward(src, trg)`` returns an object with a ``flow`` attribute and
-    whose ``loss(output, batch)`` gives a scalar (every ``actr_core.models.Matcher``).
+    whose ``loss(output, batch)`` gives a scalar (every ``actr_core.models.CorrespondenceModel``).
     """
 
     def __init__(self) -> None:
