@@ -1,7 +1,6 @@
 """A custom matcher from actr_core's blocks in under 40 lines (CPU, seconds): ViT → Eq. 2 → Eq. 3."""
 
 import torch
-from torch import nn
 
 from actr_core.blocks import MultiHeadCorrelation, masked_flow_loss, soft_argmax
 from actr_core.flow import resize_flow

@@ -10,12 +10,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from actr_core.blocks import soft_argmax  # noqa: E402
-from actr_core.flow import resize_flow, transfer_keypoints, warp  # noqa: E402
-from actr_core.viz import flow_to_colour  # noqa: E402
+from actr_core.blocks import soft_argmax
+from actr_core.flow import resize_flow, transfer_keypoints, warp
+from actr_core.viz import flow_to_colour
 
 out_dir = Path("examples_out")
 out_dir.mkdir(exist_ok=True)

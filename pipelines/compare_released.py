@@ -34,7 +34,7 @@ def build_released(repo: Path, empty_ibot: Path) -> torch.nn.Module:
     if not (repo / "models" / "ACTR.py").is_file():
         raise SystemExit(f"{repo} is not a checkout of the released ACTR code (no models/ACTR.py)")
     sys.path.insert(0, str(repo))
-    from models.ACTR import ACTR  # noqa: PLC0415  (the released code, from the checkout)
+    from models.ACTR import ACTR  # the released code, from the checkout
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints every backbone key it fails to load
         return ACTR(ibot_ckp_file=str(empty_ibot), feature_size=64, depth=6, num_heads=8, mlp_ratio=4, freeze=True)

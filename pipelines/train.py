@@ -311,7 +311,10 @@ def main(cfg: TrainConfig, ray_cfg: RaySettings | None = None) -> dict[str, Any]
         try:
             result = trainer.fit()
         except Exception as error:
-            raise _user_error_of_workers(error) or error
+            user_error = _user_error_of_workers(error)
+            if user_error is None:
+                raise
+            raise user_error from error
     finally:
         if started_ray:
             import ray

@@ -37,7 +37,7 @@ def _released_gaussian(side: int) -> torch.Tensor:
 
 def _released_inverse_distance_splat(x: float, y: float, h: int, w: int) -> torch.Tensor:
     """The released getBlurredGT before its blur, on grid coordinates (x, y) inside the grid."""
-    x0, y0 = int(math.floor(x)), int(math.floor(y))
+    x0, y0 = math.floor(x), math.floor(y)
     fx, fy = x - x0, y - y0
     nodes = [(x0, y0, math.hypot(fx, fy))]
     if y0 + 1 <= h - 1:

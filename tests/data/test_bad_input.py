@@ -131,7 +131,7 @@ def test_pfwillow_short_row_and_nan(memory_root, builders):
 def test_image_modes_are_converted_to_rgb(mode):
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8))
     if mode == "I;16":
-        image = Image.fromarray((np.arange(12 * 16, dtype=np.uint16).reshape(12, 16) * 300))
+        image = Image.fromarray(np.arange(12 * 16, dtype=np.uint16).reshape(12, 16) * 300)
     else:
         image = rgb.convert(mode)
     out = image_to_rgb(image, "x.png")

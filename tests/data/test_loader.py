@@ -45,7 +45,7 @@ def _pair_ids(url: str, split: str, *, training: bool, batch_size: int, epoch: i
 
 def test_evaluation_yields_every_sample_exactly_once(tiny_shards):
     manifest = read_manifest(tiny_shards)
-    per_rank, batches, dataset = _pair_ids(tiny_shards, "test", training=False, batch_size=3)
+    per_rank, _batches, dataset = _pair_ids(tiny_shards, "test", training=False, batch_size=3)
     everything = [p for ids in per_rank for p in ids]
     counts = collections.Counter(everything)
     assert len(everything) == manifest["splits"]["test"]["samples"] == 13

@@ -59,7 +59,7 @@ def test_pseudo_flow_is_keypoints_to_flow_on_the_quarter_grid():
 
 def test_pseudo_flow_neighbourhood_is_configurable():
     sample = build_sample(_record(n=1), 64)
-    wide, valid_wide = pseudo_flow(sample.src_kps, sample.trg_kps, sample.valid_kps, (64, 64), PseudoFlow(neighbourhood=70.0))
+    _wide, valid_wide = pseudo_flow(sample.src_kps, sample.trg_kps, sample.valid_kps, (64, 64), PseudoFlow(neighbourhood=70.0))
     assert valid_wide.sum() > sample.valid_flow.sum()
 
 

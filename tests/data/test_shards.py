@@ -46,7 +46,7 @@ def test_sample_members_and_order(memory_root, tiny_settings_factory):
     make_shards(memory_root, tiny_settings_factory(pairs=(("train", 1), ("val", 1), ("test", 1))), progress=False)
     data = _files(memory_root)["val-000000.tar"]
     import io
-    import tarfile  # noqa: E401
+    import tarfile
 
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         infos = tar.getmembers()

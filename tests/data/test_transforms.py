@@ -173,7 +173,7 @@ class TestReframe:
     def test_exact_flow_is_carried_through_both_crops(self, index):
         """After cropping, the new flow still takes each source keypoint to its target keypoint."""
         sample = _synthetic_sample(index)
-        x1, y1, x2, y2 = (int(v) for v in sample.src_frame_bbox.tolist())
+        x1, y1, _x2, _y2 = (int(v) for v in sample.src_frame_bbox.tolist())
         out = reframe(sample, (max(x1 - 3, 0), max(y1 - 2, 0), 96, 64), (0, 0, 90, 60))
         grid = tuple(out.flow.shape[-2:])
         src = rescale_keypoints(out.src_kps, SIZE, grid)[None]
@@ -205,7 +205,7 @@ class TestBoxPreservingCrop:
                 out = BoxPreservingCrop(p=1.0)(sample, _gen(seed))
                 for box in (out.src_frame_bbox, out.trg_frame_bbox):
                     x1, y1, x2, y2 = box.tolist()
-                    assert -0.5 - 1.0 <= x1 and x2 <= 95.5 + 1.0 and -0.5 - 1.0 <= y1 and y2 <= 63.5 + 1.0
+                    assert x1 >= -0.5 - 1.0 and x2 <= 95.5 + 1.0 and y1 >= -0.5 - 1.0 and y2 <= 63.5 + 1.0
                 assert out.frame_size == SIZE and out.flow.shape == sample.flow.shape
 
     def test_p_zero_returns_the_sample(self):
@@ -225,7 +225,7 @@ def test_resize_moves_everything_consistently():
     expected = rescale_keypoints(sample.src_kps, SIZE, (32, 48))
     # (x + 0.5)·s − 0.5 here (4 roundings), x·s + offset in float64 there (1)
     torch.testing.assert_close(out.src_kps, expected, atol=float32_tolerance(expected, terms=5), rtol=0)
-    flow, valid = pseudo_flow(out.src_kps, out.trg_kps, out.valid_kps, (32, 48), out.pseudo)
+    flow, _valid = pseudo_flow(out.src_kps, out.trg_kps, out.valid_kps, (32, 48), out.pseudo)
     torch.testing.assert_close(out.flow, flow, atol=0, rtol=0)  # exact: the same call on the same keypoints
     assert Resize(SIZE)(sample, _gen()) is sample
 

@@ -14,8 +14,8 @@ from actr_core.flow import (
     mapping_to_flow,
     normalise_coords,
     pool_flow,
-    resize_flow,
     rescale_keypoints,
+    resize_flow,
     sample_flow,
     transfer_keypoints,
     unnormalise_coords,
@@ -201,7 +201,7 @@ def test_keypoints_to_flow_nearest_keypoint_wins_and_ignores_invalid():
     src = torch.tensor([[[4.0, 4.0], [7.0, 4.0], [5.0, 4.0]]])
     trg = torch.tensor([[[5.0, 4.0], [9.0, 4.0], [float("nan"), float("nan")]]])
     valid = torch.tensor([[True, True, False]])
-    flow, filled = keypoints_to_flow(src, trg, valid, (9, 12), neighbourhood=6.0, reference_size=12.0)
+    flow, _filled = keypoints_to_flow(src, trg, valid, (9, 12), neighbourhood=6.0, reference_size=12.0)
     # half side 3 cells; cell x=5 is 1 from kp0 and 2 from kp1 → kp0; x=6 is 2 vs 1 → kp1
     assert flow[0, 0, 4, 5] == 1.0
     assert flow[0, 0, 4, 6] == 2.0

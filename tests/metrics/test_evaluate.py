@@ -185,7 +185,7 @@ def test_model_minus_identity_with_its_bootstrap_interval(crafted, shift_matcher
     assert stored.dims == ("alpha", "bound") and stored["bound"].values.tolist() == ["mean", "low", "high"]
     # per pair at alpha 0.1: model (1, 0, 0.5), identity (0, 0, 0): mean 0.5
     mean, low, high = pck_difference(ds, MODEL, IDENTITY, 0.1)
-    assert mean == pytest.approx(0.5) and low <= mean <= high and 0.0 <= low and high <= 1.0
+    assert mean == pytest.approx(0.5) and low <= mean <= high and low >= 0.0 and high <= 1.0
     assert [mean, low, high] == pytest.approx(stored.sel(alpha=0.1).values.tolist())
     assert pck_difference(ds, MODEL, IDENTITY, 0.1) == pck_difference(ds, MODEL, IDENTITY, 0.1)  # seeded
     # at alpha 0.5 (100 px) the model gets every keypoint: (1, 1, 1) against (1, 0, 0.5)

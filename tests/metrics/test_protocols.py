@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from actr_core.metrics import RELEASED, STANDARD, STANDARD_INPUT, ScoringProtocol, get_protocol
+from actr_core.metrics.pck import pck
 from actr_core.metrics.protocols import (
     corner_rescale,
     ground_truth_keypoints,
@@ -20,7 +21,6 @@ from actr_core.metrics.protocols import (
     predict_keypoints,
     threshold_kind,
 )
-from actr_core.metrics.pck import pck
 
 
 def _score(protocol, matcher, batch, alpha):

@@ -97,15 +97,15 @@ def test_flow_is_mean_of_paths_and_paths_read_correlations(tiny: ACTR) -> None:
     # Eq. 3 on every path's correlation with the configured temperature (all paths in one call there):
     # softmax over the l target cells, positions (at most the grid's size) weighted and summed
     ht, wt = out.correlations.shape[-2:]
-    l = ht * wt
+    n_cells = ht * wt  # l
     for path in range(tiny.num_paths):
         expected = soft_argmax(out.correlations[:, path], tiny.config.soft_argmax_tau)
-        tol = float32_tolerance(max(ht, wt), terms=2 * l + 4)
+        tol = float32_tolerance(max(ht, wt), terms=2 * n_cells + 4)
         torch.testing.assert_close(out.coarse_flows[:, path], expected, atol=tol, rtol=0)
     # Eq. 2: every source cell's correlation is a distribution over the target cells: per head a softmax
     # over [cls] and the l cells, renormalised over the l cells, a mean over the heads, the sum here
     sums = out.correlations.sum(dim=(-2, -1))
-    terms = (l + 3) + (l + 1) + tiny.config.decoder_heads + l
+    terms = (n_cells + 3) + (n_cells + 1) + tiny.config.decoder_heads + n_cells
     torch.testing.assert_close(sums, torch.ones_like(sums), atol=float32_tolerance(1.0, terms=terms), rtol=0)
 
 

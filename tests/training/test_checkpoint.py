@@ -19,9 +19,9 @@ from actr_core.training import (
     SCHEMA_VERSION,
     CheckpointError,
     atomic_save,
-    export_model,
     build_optimizer,
     build_scheduler,
+    export_model,
     load_checkpoint,
     load_model_from_checkpoint,
     rng_state,
@@ -58,7 +58,7 @@ def _trained(tmp_path: Path):
 
 
 def test_round_trip_is_self_describing(tmp_path):
-    model, opt, sched, path = _trained(tmp_path)
+    model, _opt, sched, path = _trained(tmp_path)
     ckpt = load_checkpoint(path)
     assert ckpt.builder == BUILDER and ckpt.builder_kwargs == {"channels": 4}
     assert ckpt.config["name"] == "t" and (ckpt.epoch, ckpt.step) == (1, 3)

@@ -1,7 +1,6 @@
 """TrainConfig: YAML, type coercion, checks, configurations written by 0.1.0."""
 
 import pytest
-
 import yaml
 
 from actr_core.training import RAY_SETTINGS_OF_0_1_0, TrainConfig, load_config

@@ -1,5 +1,6 @@
 """Parameter groups (backbone vs heads), backbone freeze, warm-up + cosine / constant schedules."""
 
+import itertools
 import math
 
 import pytest
@@ -59,7 +60,7 @@ def test_cosine_known_values():
     assert lr_multiplier(12, **kw) == pytest.approx(0.1)
     assert lr_multiplier(50, **kw) == pytest.approx(0.1)  # past the end it stays at the floor
     decay = [lr_multiplier(s, **kw) for s in range(2, 13)]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(decay))
 
 
 def test_scheduler_scales_each_group_and_restores():

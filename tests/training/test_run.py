@@ -133,7 +133,7 @@ def test_fit_in_one_process_writes_checkpoints_and_resumes_after_a_stop(tiny_sha
     write_run_outputs(cfg.run_dir, history, checkpoint_folder(cfg.run_dir, 2), checkpoint_folder(cfg.run_dir, 1))
     assert [int(r["epoch"]) for r in _rows(cfg.run_dir / "metrics.csv")] == [0, 1, 2]
     assert [int(r["step"]) for r in _rows(cfg.run_dir / "steps.csv")] == [1, 2, 3, 4]
-    model, info = load_model_from_checkpoint(cfg.run_dir / "model_best.pt")
+    _model, info = load_model_from_checkpoint(cfg.run_dir / "model_best.pt")
     assert info["epoch"] == 1 and info["input_size"] == (64, 64)
     assert load_checkpoint(cfg.run_dir / "model_final.pt").rng == {}
 
