@@ -99,7 +99,7 @@ def sample_correlation(
         :func:`actr_core.blocks.coarse_to_fine.reverse_correlation`) without a copy.
     """
     check_rank("corr", corr, 5, "b hs ws ht wt")
-    b, hs, ws, ht, wt = corr.shape
+    b, hs, ws, _ht, _wt = corr.shape
     _check_keypoints("kps", kps, b)
     x0, x1, y0, y1, fx, fy = _four_neighbours(kps, (hs, ws))
     rows_y = torch.stack((y0, y0, y1, y1), dim=-1)  # b n 4

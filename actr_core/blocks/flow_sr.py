@@ -55,7 +55,7 @@ class FlowSRConfig:
 def _check_sr_input(flow: Tensor, features: Tensor) -> None:
     check_rank("flow", flow, 4, "b 2 h w")
     check_rank("features", features, 4, "bf k h w")
-    b, two, h, w = flow.shape
+    b, two, _h, _w = flow.shape
     if two != 2 or features.shape[2:] != flow.shape[2:] or features.shape[0] == 0 or b % features.shape[0]:
         raise ValueError(
             f"flow has shape {tuple(flow.shape)} and features has shape {tuple(features.shape)}: expected "

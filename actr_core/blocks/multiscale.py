@@ -19,6 +19,7 @@ Three blocks, each a pure function plus a thin ``nn.Module`` holding its weights
 """
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,18 @@ def multiscale_dilated_conv(
     return out
 
 
+def _convs(modules: nn.ModuleList) -> list[nn.Conv2d]:
+    """The convolutions held in ``modules`` (a ``ModuleList`` is typed as holding plain modules)."""
+    return [cast(nn.Conv2d, m) for m in modules]
+
+
+def _bias(conv: nn.Conv2d) -> Tensor:
+    """The bias of ``conv``; every convolution of these blocks is built with one."""
+    if conv.bias is None:
+        raise ValueError(f"{conv} has no bias")
+    return conv.bias
+
+
 class MultiScaleDilatedBlock(nn.Module):
     """Multi-scale descriptor of one feature map: :func:`multiscale_dilated_conv`, then a 1×1 projection.
 
@@ -118,8 +131,8 @@ class MultiScaleDilatedBlock(nn.Module):
             x,
             self.conv.weight,
             self.conv.bias,
-            [conv.weight for conv in self.branches],
-            [conv.bias for conv in self.branches],
+            [conv.weight for conv in _convs(self.branches)],
+            [conv.bias for conv in _convs(self.branches)],
             self.dilations,
         )
         return self.proj(hidden)
@@ -222,7 +235,7 @@ class MultiScaleStage(nn.Module):
         bound = 1.0 / hidden_channels**0.5
         with torch.no_grad():
             self.proj.weight.uniform_(-bound, bound)
-            self.proj.bias.copy_(torch.empty(num_maps, out_channels).uniform_(-bound, bound).sum(dim=0))
+            _bias(self.proj).copy_(torch.empty(num_maps, out_channels).uniform_(-bound, bound).sum(dim=0))
 
     @classmethod
     def from_blocks(cls, blocks: Sequence[MultiScaleDilatedBlock]) -> "MultiScaleStage":
@@ -237,23 +250,23 @@ class MultiScaleStage(nn.Module):
             kernel_size=first.conv.kernel_size[0],
         )
         with torch.no_grad():
-            for conv, block in zip(stage.inputs, blocks, strict=True):
+            for conv, block in zip(_convs(stage.inputs), blocks, strict=True):
                 conv.weight.copy_(block.conv.weight)
-                conv.bias.copy_(block.conv.bias)
-            for r, branch in enumerate(stage.branches):
-                branch.weight.copy_(torch.cat([b.branches[r].weight for b in blocks]))
-                branch.bias.copy_(torch.cat([b.branches[r].bias for b in blocks]))
+                _bias(conv).copy_(_bias(block.conv))
+            for r, branch in enumerate(_convs(stage.branches)):
+                branch.weight.copy_(torch.cat([_convs(b.branches)[r].weight for b in blocks]))
+                _bias(branch).copy_(torch.cat([_bias(_convs(b.branches)[r]) for b in blocks]))
             stage.proj.weight.copy_(torch.cat([b.proj.weight for b in blocks], dim=1))
-            stage.proj.bias.copy_(torch.stack([b.proj.bias for b in blocks]).sum(dim=0))
+            _bias(stage.proj).copy_(torch.stack([_bias(b.proj) for b in blocks]).sum(dim=0))
         return stage
 
     def forward(self, features: Sequence[Float[Tensor, "b c h w"]]) -> Float[Tensor, "b o h w"]:
         return multiscale_stage(
             features,
-            [conv.weight for conv in self.inputs],
-            [conv.bias for conv in self.inputs],
-            [conv.weight for conv in self.branches],
-            [conv.bias for conv in self.branches],
+            [conv.weight for conv in _convs(self.inputs)],
+            [conv.bias for conv in _convs(self.inputs)],
+            [conv.weight for conv in _convs(self.branches)],
+            [conv.bias for conv in _convs(self.branches)],
             self.dilations,
             self.proj.weight,
             self.proj.bias,

@@ -371,6 +371,9 @@ class ReleasedSoftArgmax(nn.Module):
     """Module form of :func:`released_soft_argmax`; the grids are persistent buffers ``x_grid``,
     ``y_grid`` (``linspace(−1, 1)``; never parameters)."""
 
+    x_grid: Tensor
+    y_grid: Tensor
+
     def __init__(self, grid_size: tuple[int, int], *, beta: float) -> None:
         super().__init__()
         ht, wt = grid_size

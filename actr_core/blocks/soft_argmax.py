@@ -34,7 +34,7 @@ def soft_argmax(corr: Float[Tensor, "b hs ws ht wt"], tau: float) -> Float[Tenso
     """
     check_rank("corr", corr, 5, "b hs ws ht wt")
     check_positive("tau", tau)
-    b, hs, ws, ht, wt = corr.shape
+    _b, hs, ws, ht, wt = corr.shape
     probs = torch.softmax(rearrange(corr, "b hs ws ht wt -> b (hs ws) (ht wt)") / tau, dim=-1)
     trg_pos = rearrange(coords_grid(ht, wt, device=corr.device, dtype=corr.dtype), "two ht wt -> (ht wt) two")
     expected = torch.einsum("bst,tk->bsk", probs, trg_pos)

@@ -372,7 +372,7 @@ class ShardDataset(IterableDataset):
         if (rank is None) != (world_size is None):
             raise ValueError(f"give both rank and world_size or neither (got rank={rank}, world_size={world_size})")
         _check_image_mode(images)
-        if rank is None:
+        if rank is None or world_size is None:  # both or neither (checked above)
             rank, world_size = distributed_rank()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")

@@ -276,7 +276,7 @@ def _decode_image(data: bytes, where: str) -> Tensor:
         except ValueError:
             pass  # Pillow decides: convert or report
     try:
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
         image.load()
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's signals for truncated / corrupt data
         raise DataError(where, f"cannot decode image: {error}") from error

@@ -137,6 +137,8 @@ class ShardSettings:
         """The pair reader of ``split``; bad pairs always raise here (the writer applies ``on_error``)."""
         if self.source == "synthetic":
             return SyntheticPairs(split, dict(self.pairs)[split], config=self.synthetic, seed=self.seed)
+        if self.root is None:
+            raise ValueError(f"source {self.source!r} needs root (the data set's directory or URL)")
         return open_reader(self.source, self.root, split, storage_options=storage_options)
 
 
@@ -217,7 +219,7 @@ def _build_shard(
 
 def plan_shards(settings: ShardSettings, storage_options: Mapping[str, Any] | None = None) -> list[ShardTask]:
     """The shards of a shard set, in manifest order."""
-    tasks = []
+    tasks: list[ShardTask] = []
     for split in settings.splits:
         n = len(settings.reader(split, storage_options))
         if settings.limit is not None:
@@ -484,9 +486,13 @@ def _make_shards(
         for split in existing.get("splits", {}).values():
             for entry in split.get("shards", []):
                 path = join(root, entry["name"])
-                if entry["name"] in planned and fs.exists(path) and fs.size(path) == entry["bytes"]:
-                    if sha256_hex(fs.cat_file(path)) == entry["sha256"]:
-                        done[entry["name"]] = entry
+                if (
+                    entry["name"] in planned
+                    and fs.exists(path)
+                    and fs.size(path) == entry["bytes"]
+                    and sha256_hex(fs.cat_file(path)) == entry["sha256"]
+                ):
+                    done[entry["name"]] = entry
     todo = [t for t in tasks if t.name not in done]
     if done:
         logger.info("%s: %d of %d shards already complete; building %d", out, len(done), len(tasks), len(todo))

@@ -54,6 +54,7 @@ import dataclasses
 import functools
 import zlib
 from collections.abc import Mapping
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -314,7 +315,22 @@ class _Warp:
 
     def astype(self, dtype: type) -> "_Warp":
         """The same warp with parameters in ``dtype`` (float32 for rendering: 1e-5 px precision)."""
-        return _Warp(*(np.asarray(v, dtype=dtype) for v in (self.ctrl, self.w, self.a, self.hom)), area=self.area)
+        return _Warp(
+            ctrl=np.asarray(self.ctrl, dtype=dtype),
+            w=np.asarray(self.w, dtype=dtype),
+            a=np.asarray(self.a, dtype=dtype),
+            hom=np.asarray(self.hom, dtype=dtype),
+            area=self.area,
+        )
+
+    @overload
+    def __call__(self, u: np.ndarray, jacobian: Literal[False] = ...) -> tuple[np.ndarray, np.ndarray, None]: ...
+
+    @overload
+    def __call__(self, u: np.ndarray, jacobian: Literal[True]) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    @overload
+    def __call__(self, u: np.ndarray, jacobian: bool = ...) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
 
     def __call__(self, u: np.ndarray, jacobian: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """W(u) for points ``u`` (N, 2); returns (W(u), homography denominator, Jacobian (N, 2, 2) or None)."""

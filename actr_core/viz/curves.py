@@ -5,8 +5,8 @@ Axis legend: alpha PCK tolerances · predictor (the model and the reference pred
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -156,7 +156,7 @@ def plot_learning_curve(
         values = np.array([float(row.get(key, np.nan)) for row in history])
         values = values[np.isfinite(values)]
         if len(values):  # the references do not change between epochs: one line at their value
-            style = {k: v for k, v in REFERENCE_STYLES[reference].items()}
+            style = dict(REFERENCE_STYLES[reference])
             style["label"] = f"{style['label']}: {100.0 * values[-1]:.1f} %"
             pck_ax.axhline(100.0 * values[-1], linewidth=1.4, **style)
     pck_ax.set_xlabel("epoch")
