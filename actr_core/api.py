@@ -15,6 +15,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -160,8 +161,8 @@ class Matcher:
         outside the image raise :class:`ValueError`.
         """
         batched = isinstance(src_image, (list, tuple))
-        srcs = list(src_image) if batched else [src_image]
-        trgs = list(trg_image) if batched else [trg_image]
+        srcs = list(cast(Sequence[ImageLike], src_image)) if batched else [cast(ImageLike, src_image)]
+        trgs = list(cast(Sequence[ImageLike], trg_image)) if batched else [cast(ImageLike, trg_image)]
         if len(srcs) != len(trgs):
             raise ValueError(f"got {len(srcs)} source images but {len(trgs)} target images")
         kps_list = list(src_keypoints) if (batched and src_keypoints is not None) else [src_keypoints] * len(srcs)

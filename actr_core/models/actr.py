@@ -35,7 +35,7 @@ other stages injected; ``forward`` has no branches on the variant.
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +152,12 @@ class TransformerBlock(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+class _CrossAttention(Protocol):
+    """A cross-attention stage's attention map alone (``attention(src, trg)``), as a target branch reads it."""
+
+    def attention(self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"]) -> Float[Tensor, "b g ns nt"]: ...
+
+
 class SalientTargetBranch(nn.Module):
     """Target branch of paper Eq. 1: self-attention, reweighting by the source's attention, FFN.
 
@@ -168,7 +174,7 @@ class SalientTargetBranch(nn.Module):
     def forward(
         self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"], cross: nn.Module
     ) -> Float[Tensor, "b nt c"]:
-        return self.block(trg, cross.attention(src, trg))
+        return self.block(trg, cast(_CrossAttention, cross).attention(src, trg))
 
 
 class PlainTargetBranch(nn.Module):
@@ -408,7 +414,7 @@ class ACTR(CorrespondenceModel):
             raise ValueError(f"path_blocks = {path_blocks}: expected distinct indices into {len(blocks)} blocks")
         check_divisible("patch size", backbone.patch_size, "upscale", upscale)
         self.backbone = backbone
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(cast(Sequence[nn.Module], blocks))  # the stages are modules
         self.correlation = correlation
         self.soft_argmax = soft_argmax
         self.upsampler = upsampler

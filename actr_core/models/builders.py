@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from timm.layers import Attention, Mlp, trunc_normal_
 from torch import nn
@@ -300,7 +300,7 @@ def build_actr(
         block.apply(functools.partial(_init_linear, std=config.init_std))
         blocks.append(block)
     if config.freeze_backbone:  # a backbone's pretrained part (a CNN's new token layers stay trainable)
-        getattr(backbone, "pretrained_part", backbone).requires_grad_(False)
+        cast(nn.Module, getattr(backbone, "pretrained_part", backbone)).requires_grad_(False)
     return ACTR(
         backbone=backbone,
         blocks=blocks,
@@ -356,7 +356,7 @@ def config_overrides(overrides: Mapping[str, Any], base: ACTRConfig | None = Non
     for key, cls in (("flow_sr", FlowSRConfig), ("conv_backbone", ConvBackboneConfig)):
         value = out.get(key)
         if isinstance(value, Mapping):
-            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+            fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
             inner = getattr(base, key, None) if base is not None else None
             out[key] = dataclasses.replace(inner, **fields) if inner is not None else cls(**fields)
     return out
@@ -430,7 +430,7 @@ def actr_conv_tiny(*, ablation: str | None = None, **kwargs: Any) -> ACTR:
 
 
 for _builder in (actr_base, actr_small, actr_base_512, actr_small_512, actr_tiny, actr_conv_tiny):
-    _builder.__doc__ += _BUILDER_ARGS
+    _builder.__doc__ = (_builder.__doc__ or "") + _BUILDER_ARGS
 del _builder
 
 

@@ -16,11 +16,12 @@ state dicts are renamed by :func:`convert_released_mmnet_state_dict` (docs/mmnet
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
+from actr_core.blocks.released import ReleasedSoftArgmax
 from actr_core.blocks.windows import relative_position_index
 from actr_core.models.actr import ACTR
 from actr_core.models.backbones import read_checkpoint
@@ -200,7 +201,8 @@ def official_parameter_count(model: ACTR) -> int:
     """Parameters of the released model of ``model``'s sizes, unused ones included (the released
     soft-argmax grids are parameters there, buffers here); 172,810,369 for the released ACTR."""
     ours = sum(p.numel() for p in model.parameters())
-    grids = model.soft_argmax.x_grid.numel() + model.soft_argmax.y_grid.numel()
+    soft_argmax = cast(ReleasedSoftArgmax, model.soft_argmax)  # the released model's soft-argmax
+    grids = soft_argmax.x_grid.numel() + soft_argmax.y_grid.numel()
     dropped = sum(
         int(torch.Size(shape).numel()) for shape, is_param in _dropped_official_shapes(model).values() if is_param
     )

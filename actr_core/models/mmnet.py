@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Bool, Float
@@ -165,7 +165,8 @@ class ResNetBottlenecks(nn.Module):
         super().__init__()
         # zero_init_last=False: every residual branch starts alive, as in torchvision's ResNet (released)
         net = ResNet(
-            block=Bottleneck, layers=layers, channels=widths, num_classes=0, global_pool="", zero_init_last=False
+            block=Bottleneck,  # type: ignore[arg-type]  # timm annotates block as an instance; it takes the class
+            layers=layers, channels=widths, num_classes=0, global_pool="", zero_init_last=False
         )
         self.conv1, self.bn1, self.act1, self.maxpool = net.conv1, net.bn1, net.act1, net.maxpool
         self.stages = nn.ModuleList(getattr(net, f"layer{i + 1}") for i in range(len(layers)))
@@ -263,7 +264,7 @@ class MMNet(CorrespondenceModel):
         x = self.backbone.stem(x)
         for stage, head, attend in zip(self.backbone.stages, self.multiscale, self.attention, strict=True):
             maps = []
-            for bottleneck in stage:
+            for bottleneck in cast(nn.Sequential, stage):
                 x = bottleneck(x)
                 maps.append(x)
             per_stage.append(attend(head(maps)))

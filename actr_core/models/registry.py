@@ -11,7 +11,7 @@ and its module is imported by :mod:`actr_core.models`, so ``model_entries()`` se
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from actr_core.models.base import CorrespondenceModel
 
@@ -32,12 +32,15 @@ class ModelEntry:
 _ENTRIES: dict[str, ModelEntry] = {}
 
 
+_Builder = TypeVar("_Builder", bound=Callable[..., CorrespondenceModel])  # a builder keeps its own return type
+
+
 def register_model(
     name: str, *, description: str = "", paper_row: str | None = None, paper_params_m: float | None = None
-) -> Callable[[Callable[..., CorrespondenceModel]], Callable[..., CorrespondenceModel]]:
+) -> Callable[[_Builder], _Builder]:
     """Decorator registering a builder under ``name`` (names are unique)."""
 
-    def decorate(builder: Callable[..., CorrespondenceModel]) -> Callable[..., CorrespondenceModel]:
+    def decorate(builder: _Builder) -> _Builder:
         if name in _ENTRIES and _ENTRIES[name].builder is not builder:
             raise ValueError(f"a model named {name!r} is already registered ({_ENTRIES[name].builder.__module__})")
         doc = (builder.__doc__ or "").strip().splitlines()

@@ -36,7 +36,7 @@ Convention:
 
 import os
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -76,7 +76,7 @@ def compose_released(config: ACTRReleasedConfig, backbone: Backbone) -> ACTR:
     if config.image_size % patch:
         raise ValueError(f"image_size = {config.image_size} is not a multiple of the patch size {patch}")
     if config.freeze_backbone:
-        backbone.requires_grad_(False)
+        cast(nn.Module, backbone).requires_grad_(False)  # every backbone here is a module
     side = config.image_size // patch
     dim = backbone.embed_dim
     blocks = [

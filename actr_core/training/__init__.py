@@ -21,6 +21,7 @@ from actr_core.training.checkpoint import (
 )
 from actr_core.training.config import RAY_SETTINGS_OF_0_1_0, TrainConfig, load_config
 from actr_core.training.loop import ValidationReferences, ValidationResult, all_reduce_sum, train_epoch, validate
+from actr_core.training.optim import build_optimizer, build_scheduler, lr_multiplier, parameter_groups, unwrap_model
 from actr_core.training.run import (
     BEST_METRIC,
     CHECKPOINTS_DIR,
@@ -36,7 +37,6 @@ from actr_core.training.run import (
     write_csv,
     write_run_outputs,
 )
-from actr_core.training.optim import build_optimizer, build_scheduler, lr_multiplier, parameter_groups, unwrap_model
 from actr_core.training.step import StepResult, StepSettings, move_batch, precision_settings, train_step
 
 __all__ = [

@@ -29,9 +29,9 @@ import dataclasses
 import os
 import random
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -87,7 +87,8 @@ class TrainingCheckpoint:
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states (torch CPU, CUDA when present, NumPy global, Python ``random``), checkpoint-safe."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # the legacy (default) form: a tuple; NumPy's stubs also allow the dict form of legacy=False
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     version, mt_state, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
@@ -174,7 +175,7 @@ def save_checkpoint(
     epoch: int = 0,
     step: int = 0,
     rng: Mapping[int, Mapping[str, Any]] | None = None,
-    history: list[Mapping[str, Any]] | None = None,
+    history: Sequence[Mapping[str, Any]] | None = None,
     data_schema_version: int | None = None,
 ) -> Path:
     """Write a self-describing checkpoint atomically (see the module docstring); returns the path.

@@ -14,7 +14,7 @@ and reuses them, and the all-reduce gives every rank the same totals.
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from actr_core.blocks import masked_flow_loss
 from actr_core.metrics import IDENTITY, REFERENCE_NAMES, ScoringProtocol, get_protocol, reference_predictor, score_batch
 from actr_core.training.optim import unwrap_model
 from actr_core.training.step import StepResult, StepSettings, autocast_context, move_batch, train_step
+
+if TYPE_CHECKING:
+    from actr_core.models import CorrespondenceModel
 
 __all__ = ["train_epoch", "ValidationReferences", "ValidationResult", "validate", "all_reduce_sum"]
 
@@ -141,19 +144,22 @@ class ValidationReferences:
         keys = [(protocol, float(alpha), size, pair) for pair in ids] if ids else None
         if keys is None or not all(key in self._known for key in keys):
             self.batches_run += 1
-            fresh = {}
+            fresh: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
             for name, predictor in self._predictors.items():
                 scores = score_batch(predictor, batch, protocol, (alpha,))
-                fresh[name] = (scores.n_correct[0], scores.valid.sum(axis=1), scores.fallback)
+                n_valid = scores.valid.sum(axis=1)
+                fallback = scores.fallback if scores.fallback is not None else np.zeros(len(n_valid), dtype=bool)  # None: never
+                fresh[name] = (scores.n_correct[0], n_valid, fallback)
             if keys is None:
                 return fresh
             for i, key in enumerate(keys):
                 self._known[key] = {name: (int(c[i]), int(v[i]), bool(f[i])) for name, (c, v, f) in fresh.items()}
         rows = [self._known[key] for key in keys]
-        return {
-            name: tuple(np.array([row[name][j] for row in rows]) for j in range(3))  # type: ignore[misc]
-            for name in self.names
-        }
+
+        def column(name: str, j: int) -> np.ndarray:
+            return np.array([row[name][j] for row in rows])
+
+        return {name: (column(name, 0), column(name, 1), column(name, 2)) for name in self.names}
 
 
 @torch.no_grad()
@@ -180,7 +186,7 @@ def validate(
     None. Under ``torch.distributed`` the totals of all ranks are combined (every rank must call
     this, with the same reference names).
     """
-    matcher = unwrap_model(model)
+    matcher = cast("CorrespondenceModel", unwrap_model(model))
     protocol = get_protocol(protocol)
     if references is not None and not isinstance(references, ValidationReferences):
         references = ValidationReferences(references) if references else None

@@ -254,7 +254,7 @@ def fit(
     seed_everything(cfg.seed * 1000 + rank)
     resume_from, own = resume_source(cfg, restored)
 
-    model = build_model(cfg.model, **cfg.model_kwargs)
+    model: nn.Module = build_model(cfg.model, **cfg.model_kwargs)
     if resume_from is not None:
         model.load_state_dict(resume_from.model)
     model.to(device)
@@ -296,6 +296,8 @@ def fit(
 
     start_epoch, step, history, restarts = 0, 0, [], 0
     if resume_from is not None:
+        if resume_from.optimizer is None or resume_from.scheduler is None:
+            raise CheckpointError("the checkpoint holds no optimiser or scheduler state (an exported model): it cannot be resumed")
         optimizer.load_state_dict(resume_from.optimizer)
         scheduler.load_state_dict(resume_from.scheduler)
         if scaler is not None and resume_from.scaler is not None:
@@ -344,7 +346,7 @@ def fit(
             ascii=True,
         )
 
-        def after_step(i: int, result: Any, first: int = step) -> None:
+        def after_step(i: int, result: Any, first: int = step, bar: Any = bar) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
             on_step(first + i + 1)

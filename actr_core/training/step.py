@@ -12,13 +12,16 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from actr_core.data.pipeline import prepare_batch
 from actr_core.training.optim import unwrap_model
+
+if TYPE_CHECKING:
+    from actr_core.models import CorrespondenceModel
 
 __all__ = ["StepSettings", "StepResult", "train_step", "move_batch", "autocast_context", "precision_settings"]
 
@@ -109,7 +112,7 @@ def train_step(
     src = batch["src_image"]
     with autocast_context(src.device, settings.autocast_dtype):
         output = model(src, batch["trg_image"])
-        loss = unwrap_model(model).loss(output, batch)
+        loss = cast("CorrespondenceModel", unwrap_model(model)).loss(output, batch)
     loss_value = float(loss.detach())
     if scaler is None and not math.isfinite(loss_value):
         raise FloatingPointError(f"training loss is {loss_value}; the step was not taken")
