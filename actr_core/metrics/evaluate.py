@@ -25,7 +25,7 @@ average over all pairs (``*_overall``) and a macro average over categories (``*_
 import dataclasses
 import importlib.metadata
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -266,8 +266,8 @@ def evaluate(
         raise ValueError(f"alphas must be a non-empty list of positive numbers, got {alphas}")
     refs = _reference_modules(references)
     device = torch.device(device) if device is not None else _model_device(model)
-    if total is None and hasattr(batches, "__len__"):
-        total = len(batches)  # type: ignore[arg-type]
+    if total is None and isinstance(batches, Sized):
+        total = len(batches)
     was_training = model.training
     model.eval()
     scores: dict[str, list[BatchScores]] = {MODEL: [], **{name: [] for name in refs}}
@@ -278,7 +278,8 @@ def evaluate(
             bar = tqdm(batches, total=total, disable=not progress, desc=f"PCK ({protocol.name})", unit="batch")
             for batch in bar:
                 batch = prepare_batch(batch, device)
-                input_size = tuple(batch["src_image"].shape[-2:])  # type: ignore[assignment]
+                height, width = batch["src_image"].shape[-2:]
+                input_size = (int(height), int(width))
                 scores[MODEL].append(score_batch(model, batch, protocol, alphas))
                 for name, reference in refs.items():
                     scores[name].append(score_batch(reference, batch, protocol, alphas))

@@ -168,8 +168,8 @@ def frame_description(protocol: ScoringProtocol, input_size: Sequence[int] | Non
     """Words for the frame where errors (and thresholds) are measured."""
     if protocol.frame == "original":
         return "original image pixels"
-    if protocol.frame == "fixed":
-        h, w = protocol.frame_size  # type: ignore[misc]
+    if protocol.frame == "fixed" and protocol.frame_size is not None:  # fixed frames always have one
+        h, w = protocol.frame_size
         return f"fixed {h}x{w} frame ({protocol.keypoint_scaling} scaling from original pixels)"
     if input_size is None:
         return "model input frame"
@@ -320,9 +320,9 @@ def predict_keypoints(
     valid = batch["valid_kps"]
     input_size = _input_size(batch)
     if protocol.lookup == "nearest":
-        size = protocol.frame_size if protocol.frame == "fixed" else input_size
+        size = protocol.frame_size if protocol.frame == "fixed" and protocol.frame_size is not None else input_size
         query = keypoints_in_frame(protocol, batch, "source")
-        return nearest_transfer(output.flow, query, valid, size, protocol.query_rounding)  # type: ignore[arg-type]
+        return nearest_transfer(output.flow, query, valid, size, protocol.query_rounding)
     pred = cast(_TransfersKeypoints, model).transfer(output, batch["src_kps"], valid)  # pixels of the input frame
     if protocol.frame == "input":
         return pred
@@ -352,11 +352,11 @@ def pair_thresholds(protocol: ScoringProtocol, batch: Mapping[str, Any]) -> tupl
         candidates["img"] = img_threshold(torch.tensor(to_sizes, device=batch[f"{prefix}_kps"].device), dtype)
     if "bkp" in kinds:
         kps = keypoints_in_frame(protocol, batch, protocol.threshold_side)
-        if protocol.bkp_padding_value is None:
+        if protocol.bkp_padding_value is None or protocol.bkp_padded_length is None:  # both set or both None
             candidates["bkp"] = bkp_threshold(kps, batch["valid_kps"])
         else:
             candidates["bkp"] = padded_bkp_threshold(
-                kps, batch["valid_kps"], protocol.bkp_padding_value, protocol.bkp_padded_length  # type: ignore[arg-type]
+                kps, batch["valid_kps"], protocol.bkp_padding_value, protocol.bkp_padded_length
             )
     rows = [candidates[kind][i] for i, kind in enumerate(kinds)]
     return torch.stack(rows).to(dtype), kinds
