@@ -175,8 +175,7 @@ class Matcher:
         forward = self.model(torch.cat([src, trg]), torch.cat([trg, src])).flow.float().cpu()
         flow_st, flow_ts = forward[: len(srcs)], forward[len(srcs) :]
         results = [
-            self._result(flow_st[i], flow_ts[i], prepared_src[i][1], prepared_trg[i][1], kps_list[i])
-            for i in range(len(srcs))
+            self._result(flow_st[i], flow_ts[i], prepared_src[i][1], prepared_trg[i][1], kps_list[i]) for i in range(len(srcs))
         ]
         return results if batched else results[0]
 

@@ -80,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     print("| strength | model | identity | classical peer | peer fall-backs |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['strength']:g} | {r['model']:.1f} | {r['identity']:.1f} | {r['classical peer']:.1f} | {r['peer fall-backs']} |")
+        print(
+            f"| {r['strength']:g} | {r['model']:.1f} | {r['identity']:.1f} | {r['classical peer']:.1f} | {r['peer fall-backs']} |"
+        )
     out = args.checkpoint.parent / "known_warps.csv"
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

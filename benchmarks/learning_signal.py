@@ -43,7 +43,9 @@ RECIPES: Mapping[str, tuple[str, dict[str, Any]]] = {
 
 def _batches(shards: str, split: str, size: int, batch_size: int, limit: int | None = None) -> list[dict[str, Any]]:
     data = ShardDataset(shards, split, batch_size=batch_size, transforms=[Resize(size)], rank=0, world_size=1, max_batches=limit)
-    return [prepare_batch({k: v.clone() if isinstance(v, Tensor) else v for k, v in b.items()}) for b in data.loader(num_workers=0)]
+    return [
+        prepare_batch({k: v.clone() if isinstance(v, Tensor) else v for k, v in b.items()}) for b in data.loader(num_workers=0)
+    ]
 
 
 def _norm(grads: Sequence[Tensor | None]) -> float:

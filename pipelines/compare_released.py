@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> float:
             floor = (theirs(src + 1e-6 * torch.randn_like(src), trg) - ref).abs().max().item()
     diff = (ref - out.flow).abs().max().item()
     print(f"released code flow {tuple(ref.shape)}, ours {tuple(out.flow.shape)}")
-    print(f"flow range [{ref.min().item():.3f}, {ref.max().item():.3f}] (64-grid cells), "
-          f"per-path spread {out.flows_per_path.std(dim=1).mean().item():.4f}")
+    print(
+        f"flow range [{ref.min().item():.3f}, {ref.max().item():.3f}] (64-grid cells), "
+        f"per-path spread {out.flows_per_path.std(dim=1).mean().item():.4f}"
+    )
     print(f"forward: released {t1 - t0:.2f} s, ours {t2 - t1:.2f} s ({args.device}, {args.dtype}, batch {args.batch})")
     if floor is not None:
         print(f"noise floor: max |released(src + 1e-6 noise) - released(src)| = {floor:.3e}")

@@ -182,7 +182,9 @@ def run(command: Callable[[list[str], str], int | None], argv: Sequence[str] | N
     except ModuleNotFoundError as error:  # an optional dependency (the core install has only the model stack)
         if verbose or not error.name or error.name.split(".")[0] in ("actr_core", "pipelines"):
             raise
-        print(f"{prog}: error: needs the optional package {error.name!r}: pip install 'actr_core[all]'", file=sys.stderr, flush=True)
+        print(
+            f"{prog}: error: needs the optional package {error.name!r}: pip install 'actr_core[all]'", file=sys.stderr, flush=True
+        )
         return EXIT_USER_ERROR
     except _user_errors() as error:
         if verbose:

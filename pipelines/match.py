@@ -123,8 +123,6 @@ def main(args: MatchConfig) -> dict:
     return report
 
 
-
-
 def cli(argv: Sequence[str], prog: str = "python pipelines/match.py") -> int:
     """Entry point: parse, match; exit status 0 (user errors: see :mod:`pipelines.entry`)."""
     main(parse_args(argv, prog))

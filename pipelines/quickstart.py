@@ -189,8 +189,11 @@ def write_report(path: Path, cfg: QuickstartConfig, summary: dict, results, timi
         "## Files",
         "",
         "- `eval/results.nc`: the full results, every predictor (xarray / netCDF)",
-        "- `eval/table.txt`, figures `eval/*.png`, `" + str(curves.relative_to(run_dir)) + "` and `"
-        + str(learning.relative_to(run_dir)) + "`",
+        "- `eval/table.txt`, figures `eval/*.png`, `"
+        + str(curves.relative_to(run_dir))
+        + "` and `"
+        + str(learning.relative_to(run_dir))
+        + "`",
         "- `metrics.csv`, `steps.csv`: per-epoch and per-step training metrics",
         "- `model_best.pt` (best on validation), `model_final.pt`: load with `actr_core.Matcher.from_checkpoint`",
     ]

@@ -130,7 +130,9 @@ def parse_args(argv: Sequence[str], prog: str = "python pipelines/train.py") -> 
 def _parse(words: Sequence[str], prog: str, defaults: TrainCommand) -> TrainCommand:
     from pipelines.entry import parse_config
 
-    return parse_config(TrainCommand, words, prog=prog, description=__doc__.split("\n\n")[0], default=defaults, omit_prefixes=True)
+    return parse_config(
+        TrainCommand, words, prog=prog, description=__doc__.split("\n\n")[0], default=defaults, omit_prefixes=True
+    )
 
 
 # ----------------------------------------------------------------------------------------------

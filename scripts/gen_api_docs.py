@@ -1,7 +1,7 @@
 """Write docs/api.md from the docstrings of the public API (``__all__`` of each package).
 
-    python scripts/gen_api_docs.py            # rewrite docs/api.md
-    python scripts/gen_api_docs.py --check    # exit 1 if docs/api.md is out of date
+python scripts/gen_api_docs.py            # rewrite docs/api.md
+python scripts/gen_api_docs.py --check    # exit 1 if docs/api.md is out of date
 """
 
 import argparse

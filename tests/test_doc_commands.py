@@ -41,10 +41,14 @@ def doc_commands() -> list[tuple[str, str]]:
             words = text.split()
             while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
                 words = words[1:]  # environment assignments
-            if words and (words[:3] == ["python", "-m", "pipelines.quickstart"]
-                          or (len(words) > 1 and words[1].startswith(("pipelines/", "benchmarks/")))
-                          or words[0] in ("actr", "bash") or (len(words) > 1 and words[1].startswith("examples/"))
-                          or words[:3] == ["ray", "job", "submit"] or words[:2] == ["ray", "start"]):
+            if words and (
+                words[:3] == ["python", "-m", "pipelines.quickstart"]
+                or (len(words) > 1 and words[1].startswith(("pipelines/", "benchmarks/")))
+                or words[0] in ("actr", "bash")
+                or (len(words) > 1 and words[1].startswith("examples/"))
+                or words[:3] == ["ray", "job", "submit"]
+                or words[:2] == ["ray", "start"]
+            ):
                 found.append((doc.name, " ".join(words)))
     return found
 
@@ -75,9 +79,14 @@ def test_docs_have_commands():
 
 def test_benchmark_and_module_commands_are_collected(tmp_path, monkeypatch):
     doc = tmp_path / "x.md"
-    doc.write_text("```bash\npython benchmarks/known_warps.py --seeds 3  # a comment\npython -m pipelines.quickstart --epochs 1\n```\n")
+    doc.write_text(
+        "```bash\npython benchmarks/known_warps.py --seeds 3  # a comment\npython -m pipelines.quickstart --epochs 1\n```\n"
+    )
     monkeypatch.setattr(sys.modules[__name__], "DOCS", [doc])
-    assert doc_commands() == [("x.md", "python benchmarks/known_warps.py --seeds 3"), ("x.md", "python -m pipelines.quickstart --epochs 1")]
+    assert doc_commands() == [
+        ("x.md", "python benchmarks/known_warps.py --seeds 3"),
+        ("x.md", "python -m pipelines.quickstart --epochs 1"),
+    ]
 
 
 @pytest.mark.parametrize(("doc", "command"), COMMANDS, ids=[f"{d}:{c[:60]}" for d, c in COMMANDS])

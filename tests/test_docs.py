@@ -58,7 +58,5 @@ def test_blocks_all_lists_the_paper_blocks():
 
 def test_api_reference_is_current():
     """docs/api.md is generated from the docstrings; regenerate with scripts/gen_api_docs.py."""
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gen_api_docs.py"), "--check"], capture_output=True, text=True
-    )
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_api_docs.py"), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -60,7 +60,9 @@ def _resolve(target: str) -> bool:
 
 @cache
 def _help(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     return done.stdout + done.stderr
 
 

@@ -40,8 +40,7 @@ def _check_tokens(src: Tensor, trg: Tensor, num_heads: int) -> None:
     check_rank("trg", trg, 3, "b nt c")
     if src.shape[0] != trg.shape[0] or src.shape[2] != trg.shape[2]:
         raise ValueError(
-            f"src has shape {tuple(src.shape)} and trg has shape {tuple(trg.shape)}: "
-            "batch and channel sizes must match"
+            f"src has shape {tuple(src.shape)} and trg has shape {tuple(trg.shape)}: batch and channel sizes must match"
         )
     check_divisible("channels", src.shape[2], "num_heads", num_heads)
 
@@ -144,13 +143,9 @@ class BiasedCrossAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, device=device, dtype=dtype)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, device=device, dtype=dtype)
 
-    def attention(
-        self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"]
-    ) -> Float[Tensor, "b g ns nt"]:
+    def attention(self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"]) -> Float[Tensor, "b g ns nt"]:
         """The per-head attention only (no values, no projection): :func:`cross_attention_probs`."""
-        return cross_attention_probs(
-            src, trg, self.qkv.weight, self.qkv.bias, num_heads=self.num_heads, scale=self.scale
-        )
+        return cross_attention_probs(src, trg, self.qkv.weight, self.qkv.bias, num_heads=self.num_heads, scale=self.scale)
 
     def forward(
         self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"], *, need_weights: bool = True

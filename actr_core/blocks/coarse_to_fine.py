@@ -43,9 +43,7 @@ def _check_features(f_src: Tensor, f_trg: Tensor) -> None:
     check_rank("f_src", f_src, 4, "b c hs ws")
     check_rank("f_trg", f_trg, 4, "b c ht wt")
     if f_src.shape[:2] != f_trg.shape[:2]:
-        raise ValueError(
-            f"f_src {tuple(f_src.shape)} and f_trg {tuple(f_trg.shape)} must share batch and channels"
-        )
+        raise ValueError(f"f_src {tuple(f_src.shape)} and f_trg {tuple(f_trg.shape)} must share batch and channels")
 
 
 def dot_product_correlation(

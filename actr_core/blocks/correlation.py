@@ -32,9 +32,7 @@ def _check_grid(name: str, num_tokens: int, size: tuple[int, int], num_prefix_to
         )
 
 
-def _to_grid(
-    per_head: Tensor, src_size: tuple[int, int], trg_size: tuple[int, int]
-) -> Tensor:
+def _to_grid(per_head: Tensor, src_size: tuple[int, int], trg_size: tuple[int, int]) -> Tensor:
     """Average over heads, then lay source and target cells out on their grids."""
     return rearrange(
         per_head.mean(dim=1),
@@ -74,8 +72,7 @@ def multihead_correlation(
     check_rank("trg", trg, 3, "b nt c")
     if src.shape[0] != trg.shape[0] or src.shape[2] != trg.shape[2]:
         raise ValueError(
-            f"src has shape {tuple(src.shape)} and trg has shape {tuple(trg.shape)}: "
-            "batch and channel sizes must match"
+            f"src has shape {tuple(src.shape)} and trg has shape {tuple(trg.shape)}: batch and channel sizes must match"
         )
     c = src.shape[2]
     check_divisible("channels", c, "num_heads", num_heads)
@@ -126,9 +123,7 @@ class CorrelationFromAttention(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
 
     def forward(self, attn: Float[Tensor, "b g ns nt"], grid: tuple[int, int]) -> Float[Tensor, "b hs ws ht wt"]:
-        return correlation_from_attention(
-            attn, src_size=grid, trg_size=grid, num_prefix_tokens=self.num_prefix_tokens
-        )
+        return correlation_from_attention(attn, src_size=grid, trg_size=grid, num_prefix_tokens=self.num_prefix_tokens)
 
     def extra_repr(self) -> str:
         return f"num_prefix_tokens={self.num_prefix_tokens}"

@@ -68,9 +68,7 @@ def _check_valid(valid: Tensor, kps: Tensor) -> None:
         raise ValueError(f"valid has shape {tuple(valid.shape)}: expected {tuple(kps.shape[:2])} (b, n)")
 
 
-def _four_neighbours(
-    kps: Tensor, size: tuple[int, int]
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _four_neighbours(kps: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Clamp ``kps`` onto the grid and return the corner cells ``x0, x1, y0, y1`` (long) and offsets ``fx, fy``.
 
     ``x0 = floor(x)``; on the last column ``x1 = x0`` (and ``fx = 0``), likewise for rows.
@@ -87,9 +85,7 @@ def _four_neighbours(
     return x0, x1, y0, y1, fx, fy
 
 
-def sample_correlation(
-    corr: Float[Tensor, "b hs ws ht wt"], kps: Float[Tensor, "b n 2"]
-) -> Float[Tensor, "b n ht wt"]:
+def sample_correlation(corr: Float[Tensor, "b hs ws ht wt"], kps: Float[Tensor, "b n 2"]) -> Float[Tensor, "b n ht wt"]:
     """Correlation rows at sub-cell source positions, bilinear over the four neighbouring source cells.
 
     Convention:
@@ -275,9 +271,7 @@ def _cell_positions(index: Tensor, width: int, dtype: torch.dtype) -> Tensor:
     return torch.stack((index % width, torch.div(index, width, rounding_mode="floor")), dim=-1).to(dtype)
 
 
-def argmax_transfer(
-    corr: Float[Tensor, "b hs ws ht wt"], kps: Float[Tensor, "b n 2"]
-) -> Float[Tensor, "b n 2"]:
+def argmax_transfer(corr: Float[Tensor, "b hs ws ht wt"], kps: Float[Tensor, "b n 2"]) -> Float[Tensor, "b n 2"]:
     """Transfer source keypoints to the target cell of highest (bilinearly sampled) correlation.
 
     Convention:
@@ -317,9 +311,7 @@ def argmax_flow(corr: Float[Tensor, "b hs ws ht wt"]) -> Float[Tensor, "b 2 hs w
     return (best - src).transpose(1, 2).reshape(b, 2, hs, ws)
 
 
-def soft_argmax_transfer(
-    corr: Float[Tensor, "b hs ws ht wt"], kps: Float[Tensor, "b n 2"], tau: float
-) -> Float[Tensor, "b n 2"]:
+def soft_argmax_transfer(corr: Float[Tensor, "b hs ws ht wt"], kps: Float[Tensor, "b n 2"], tau: float) -> Float[Tensor, "b n 2"]:
     """Transfer source keypoints to the expected target position under ``softmax(row / tau)``.
 
     Convention:
@@ -331,4 +323,3 @@ def soft_argmax_transfer(
     ht, wt = corr.shape[-2:]
     positions = coords_grid(ht, wt, device=corr.device, dtype=probs.dtype).flatten(1)  # 2 l
     return torch.einsum("bnl,kl->bnk", probs, positions).to(kps.dtype)
-

@@ -42,9 +42,7 @@ class FlowSRConfig:
         if not self.window_sizes or min(self.window_sizes) <= 0:
             raise ValueError(f"window_sizes = {self.window_sizes}: expected positive sizes")
         if not 0 <= self.shift < min(self.window_sizes):
-            raise ValueError(
-                f"shift = {self.shift}: expected 0 <= shift < smallest window = {min(self.window_sizes)}"
-            )
+            raise ValueError(f"shift = {self.shift}: expected 0 <= shift < smallest window = {min(self.window_sizes)}")
         if self.num_rounds < 1 or self.upscale < 1 or self.head_hidden < 1:
             raise ValueError(
                 f"num_rounds = {self.num_rounds}, upscale = {self.upscale}, head_hidden = {self.head_hidden}: "
@@ -190,14 +188,10 @@ class DualWindowFlowSR(nn.Module):
             nn.Conv2d(config.head_hidden, 2, kernel_size=3, padding=1),
         )
 
-    def forward(
-        self, flow: Float[Tensor, "b 2 h w"], features: Float[Tensor, "bf c h w"]
-    ) -> Float[Tensor, "b 2 H W"]:
+    def forward(self, flow: Float[Tensor, "b 2 h w"], features: Float[Tensor, "bf c h w"]) -> Float[Tensor, "b 2 H W"]:
         check_rank("features", features, 4, "bf c h w")
         if features.shape[1] != self.feature_dim:
-            raise ValueError(
-                f"features has shape {tuple(features.shape)}: expected {self.feature_dim} channels"
-            )
+            raise ValueError(f"features has shape {tuple(features.shape)}: expected {self.feature_dim} channels")
         projected = self.feature_proj(features)
         _check_sr_input(flow, projected)
         up_flow, up_features = _upsample(flow, projected, self.config.upscale)  # once for all paths

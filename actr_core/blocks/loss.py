@@ -19,8 +19,7 @@ def check_flow_pair(pred: Tensor, target: Tensor, valid: Tensor) -> None:
     check_bool("valid", valid)
     if pred.shape[1] != 2 or target.shape != pred.shape:
         raise ValueError(
-            f"pred has shape {tuple(pred.shape)} and target has shape {tuple(target.shape)}: "
-            "expected both (b, 2, h, w)"
+            f"pred has shape {tuple(pred.shape)} and target has shape {tuple(target.shape)}: expected both (b, 2, h, w)"
         )
     if valid.shape != (pred.shape[0], *pred.shape[2:]):
         raise ValueError(

@@ -164,7 +164,9 @@ def multiscale_stage(
     """
     n = len(features)
     if n == 0 or len(in_weights) != n or len(in_biases) != n:
-        raise ValueError(f"got {n} feature maps, {len(in_weights)} input weights, {len(in_biases)} input biases: expected one each (>= 1)")
+        raise ValueError(
+            f"got {n} feature maps, {len(in_weights)} input weights, {len(in_biases)} input biases: expected one each (>= 1)"
+        )
     if not (len(branch_weights) == len(branch_biases) == len(dilations)):
         raise ValueError(
             f"got {len(branch_weights)} branch weights, {len(branch_biases)} branch biases and "
@@ -329,9 +331,7 @@ class LocalSelfAttention(nn.Module):
     instead of three; equal to three separate convolutions).
     """
 
-    def __init__(
-        self, channels: int, *, reduced_channels: int | None = None, kernel_size: int = 3, eps: float = 1e-8
-    ) -> None:
+    def __init__(self, channels: int, *, reduced_channels: int | None = None, kernel_size: int = 3, eps: float = 1e-8) -> None:
         super().__init__()
         reduced = channels // 2 if reduced_channels is None else reduced_channels
         if reduced < 1:

@@ -470,9 +470,7 @@ class ReleasedSwinBranch(nn.Module):
     :class:`ReleasedChannelAttention`.
     """
 
-    def __init__(
-        self, dim: int, num_heads: int, window_size: int, *, mlp_ratio: float = 4.0, reduction: int = 16
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, window_size: int, *, mlp_ratio: float = 4.0, reduction: int = 16) -> None:
         super().__init__()
         self.block = WindowTransformerBlock(dim, num_heads, window_size, shift=0, mlp_ratio=mlp_ratio)
         self.norm = nn.LayerNorm(dim)
@@ -557,9 +555,7 @@ class ReleasedFlowRefiner(nn.Module):
     def _refine(self, x: Tensor) -> Tensor:
         return self.head(self.rounds(x))
 
-    def forward(
-        self, flow_up: Float[Tensor, "b 2 h w"], guidance: Float[Tensor, "bf k h w"]
-    ) -> Float[Tensor, "b 2 h w"]:
+    def forward(self, flow_up: Float[Tensor, "b 2 h w"], guidance: Float[Tensor, "bf k h w"]) -> Float[Tensor, "b 2 h w"]:
         return refine_paths(flow_up, guidance, self._refine, chunk=self.chunk)
 
     def extra_repr(self) -> str:
@@ -580,9 +576,7 @@ class ReleasedFlowUpsampler(nn.Module):
         self.guidance = guidance
         self.refiner = refiner
 
-    def forward(
-        self, flow: Float[Tensor, "b 2 hs ws"], features: Float[Tensor, "bf c hs ws"]
-    ) -> Float[Tensor, "b 2 h w"]:
+    def forward(self, flow: Float[Tensor, "b 2 hs ws"], features: Float[Tensor, "bf c hs ws"]) -> Float[Tensor, "b 2 h w"]:
         return self.refiner(nearest_upsample_flow(flow, self.guidance.factor), self.guidance(features))
 
 

@@ -30,9 +30,7 @@ def target_token_weights(attn: Float[Tensor, "b g ns nt"]) -> Float[Tensor, "b n
     return raw / raw.mean(dim=-1, keepdim=True)
 
 
-def target_reweighting(
-    tokens: Float[Tensor, "b nt c"], attn: Float[Tensor, "b g ns nt"]
-) -> Float[Tensor, "b nt c"]:
+def target_reweighting(tokens: Float[Tensor, "b nt c"], attn: Float[Tensor, "b g ns nt"]) -> Float[Tensor, "b nt c"]:
     """``z* = z'' ⊗ v`` of paper Eq. 1: scale each target token by its weight from :func:`target_token_weights`.
 
     ``tokens`` is the target stream after self-attention and its residual (``z''``); ``attn`` the
@@ -51,9 +49,7 @@ def target_reweighting(
 class TargetReweighting(nn.Module):
     """Module form of :func:`target_reweighting` (paper Eq. 1); no parameters."""
 
-    def forward(
-        self, tokens: Float[Tensor, "b nt c"], attn: Float[Tensor, "b g ns nt"]
-    ) -> Float[Tensor, "b nt c"]:
+    def forward(self, tokens: Float[Tensor, "b nt c"], attn: Float[Tensor, "b g ns nt"]) -> Float[Tensor, "b nt c"]:
         return target_reweighting(tokens, attn)
 
 
@@ -87,9 +83,7 @@ class ReweightedTargetBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
 
-    def forward(
-        self, tokens: Float[Tensor, "b nt c"], attn: Float[Tensor, "b g ns nt"]
-    ) -> Float[Tensor, "b nt c"]:
+    def forward(self, tokens: Float[Tensor, "b nt c"], attn: Float[Tensor, "b g ns nt"]) -> Float[Tensor, "b nt c"]:
         z = tokens + self.attn(self.norm1(tokens))
         z = self.reweight(z, attn)
         return z + self.mlp(self.norm2(z))

@@ -42,9 +42,7 @@ def window_partition(x: Float[Tensor, "b h w c"], window_size: int) -> Float[Ten
     return rearrange(x, "b (nh wh) (nw ww) c -> b (nh nw) (wh ww) c", wh=window_size, ww=window_size)
 
 
-def window_reverse(
-    windows: Float[Tensor, "b nw n c"], window_size: int, size: tuple[int, int]
-) -> Float[Tensor, "b h w c"]:
+def window_reverse(windows: Float[Tensor, "b nw n c"], window_size: int, size: tuple[int, int]) -> Float[Tensor, "b h w c"]:
     """Inverse of :func:`window_partition` for a map of ``size = (h, w)``."""
     check_rank("windows", windows, 4, "b nw n c")
     h, w = size
@@ -52,8 +50,7 @@ def window_reverse(
     check_divisible("width", w, "window_size", window_size)
     if windows.shape[1:3] != ((h // window_size) * (w // window_size), window_size**2):
         raise ValueError(
-            f"windows has shape {tuple(windows.shape)}: does not tile a map of size {size} "
-            f"with window_size = {window_size}"
+            f"windows has shape {tuple(windows.shape)}: does not tile a map of size {size} with window_size = {window_size}"
         )
     return rearrange(
         windows,
@@ -64,9 +61,7 @@ def window_reverse(
     )
 
 
-def relative_position_index(
-    window_size: int, *, device: torch.device | str | None = None
-) -> Int[Tensor, "n n"]:
+def relative_position_index(window_size: int, *, device: torch.device | str | None = None) -> Int[Tensor, "n n"]:
     """Index into a ``((2 window_size − 1)², g)`` bias table for every (query, key) pair of a window.
 
     ``index[i, j] = (dy + window_size − 1) · (2 window_size − 1) + (dx + window_size − 1)`` with
@@ -74,9 +69,7 @@ def relative_position_index(
     """
     if window_size <= 0:
         raise ValueError(f"window_size = {window_size}: expected a positive integer")
-    ys, xs = torch.meshgrid(
-        torch.arange(window_size, device=device), torch.arange(window_size, device=device), indexing="ij"
-    )
+    ys, xs = torch.meshgrid(torch.arange(window_size, device=device), torch.arange(window_size, device=device), indexing="ij")
     coords = torch.stack((ys.flatten(), xs.flatten()))
     rel = coords[:, :, None] - coords[:, None, :] + (window_size - 1)
     return rel[0] * (2 * window_size - 1) + rel[1]
@@ -252,9 +245,7 @@ class WindowTransformerBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = WindowAttention(
-            dim, num_heads, window_size, shift=shift, qkv_bias=qkv_bias, bias_init_std=bias_init_std
-        )
+        self.attn = WindowAttention(dim, num_heads, window_size, shift=shift, qkv_bias=qkv_bias, bias_init_std=bias_init_std)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
 

@@ -69,9 +69,7 @@ def mapping_to_flow(mapping: Float[Tensor, "b 2 h w"]) -> Float[Tensor, "b 2 h w
     return mapping - coords_grid(*mapping.shape[-2:], device=mapping.device, dtype=mapping.dtype)
 
 
-def resize_flow(
-    flow: Float[Tensor, "b 2 h w"], size: Sequence[int], mode: str = "bilinear"
-) -> Float[Tensor, "b 2 h2 w2"]:
+def resize_flow(flow: Float[Tensor, "b 2 h w"], size: Sequence[int], mode: str = "bilinear") -> Float[Tensor, "b 2 h2 w2"]:
     """Resample a flow to ``size = (h2, w2)`` and rescale its values into pixels of the new grid.
 
     Convention:

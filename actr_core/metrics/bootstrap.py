@@ -44,9 +44,7 @@ def paired_bootstrap(
         the same ratio ``x / y`` the interval has zero width (up to rounding).
     """
     if numerator.ndim != 2 or denominator.shape != numerator.shape[:1]:
-        raise ValueError(
-            f"numerator must be (pair, k) and denominator (pair,), got {numerator.shape} and {denominator.shape}"
-        )
+        raise ValueError(f"numerator must be (pair, k) and denominator (pair,), got {numerator.shape} and {denominator.shape}")
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     if not 0.0 < level < 1.0:

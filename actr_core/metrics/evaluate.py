@@ -565,7 +565,11 @@ def _with_predictor(results: xr.Dataset) -> xr.Dataset:
     """Results written before the predictor dimension existed, read as the model's alone."""
     if "predictor" in results.dims:
         return results
-    names = [n for n in map(str, results.data_vars) if n in PER_PREDICTOR_VARIABLES or n.startswith(("pck_image_by_", "pck_keypoint_by_"))]
+    names = [
+        n
+        for n in map(str, results.data_vars)
+        if n in PER_PREDICTOR_VARIABLES or n.startswith(("pck_image_by_", "pck_keypoint_by_"))
+    ]
     out = results.copy()
     for name in names:
         out[name] = results[name].expand_dims(predictor=[MODEL])

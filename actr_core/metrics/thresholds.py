@@ -43,9 +43,7 @@ def bbox_threshold(bbox: Float[Tensor, "b 4"]) -> Float[Tensor, " b"]:
     return torch.maximum(bbox[:, 2] - bbox[:, 0], bbox[:, 3] - bbox[:, 1])
 
 
-def img_threshold(
-    size: Int[Tensor, "b 2"] | Float[Tensor, "b 2"], dtype: torch.dtype = torch.float32
-) -> Float[Tensor, " b"]:
+def img_threshold(size: Int[Tensor, "b 2"] | Float[Tensor, "b 2"], dtype: torch.dtype = torch.float32) -> Float[Tensor, " b"]:
     """α_img's ``d``: ``max(H, W)`` of each (target) image; ``size`` rows are (height, width)."""
     if size.ndim != 2 or size.shape[-1] != 2:
         raise ValueError(f"size must have shape (b, 2) as (height, width), got {tuple(size.shape)}")
@@ -65,9 +63,7 @@ def bkp_threshold(kps: Float[Tensor, "b n 2"], valid: Bool[Tensor, "b n"] | None
     if valid is None:
         valid = torch.ones(kps.shape[:2], dtype=torch.bool, device=kps.device)
     if valid.dtype != torch.bool or tuple(valid.shape) != tuple(kps.shape[:2]):
-        raise ValueError(
-            f"valid must be a boolean mask of shape {tuple(kps.shape[:2])}, got {valid.dtype} {tuple(valid.shape)}"
-        )
+        raise ValueError(f"valid must be a boolean mask of shape {tuple(kps.shape[:2])}, got {valid.dtype} {tuple(valid.shape)}")
     mask = valid.unsqueeze(-1)
     upper = torch.where(mask, kps, torch.full_like(kps, float("-inf"))).amax(dim=1)
     lower = torch.where(mask, kps, torch.full_like(kps, float("inf"))).amin(dim=1)

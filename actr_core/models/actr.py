@@ -171,9 +171,7 @@ class SalientTargetBranch(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(
-        self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"], cross: nn.Module
-    ) -> Float[Tensor, "b nt c"]:
+    def forward(self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"], cross: nn.Module) -> Float[Tensor, "b nt c"]:
         return self.block(trg, cast(_CrossAttention, cross).attention(src, trg))
 
 
@@ -184,9 +182,7 @@ class PlainTargetBranch(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(
-        self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"], cross: nn.Module
-    ) -> Float[Tensor, "b nt c"]:
+    def forward(self, src: Float[Tensor, "b ns c"], trg: Float[Tensor, "b nt c"], cross: nn.Module) -> Float[Tensor, "b nt c"]:
         del src, cross  # the interface of a target branch; a plain block looks at the target only
         return self.block(trg)
 
@@ -306,9 +302,7 @@ class CorrespondenceBlock(nn.Module):
     before either stream is updated); the cross-attention reads both updated streams.
     """
 
-    def __init__(
-        self, *, source_pe: nn.Module, source_block: nn.Module, target_branch: nn.Module, cross: nn.Module
-    ) -> None:
+    def __init__(self, *, source_pe: nn.Module, source_block: nn.Module, target_branch: nn.Module, cross: nn.Module) -> None:
         super().__init__()
         self.source_pe = source_pe
         self.target_branch = target_branch
@@ -343,9 +337,7 @@ class BilinearFlowUpsampling(nn.Module):
             raise ValueError(f"upscale = {upscale}: expected a positive integer")
         self.upscale = upscale
 
-    def forward(
-        self, flow: Float[Tensor, "b 2 h w"], features: Float[Tensor, "bf c h w"]
-    ) -> Float[Tensor, "b 2 H W"]:
+    def forward(self, flow: Float[Tensor, "b 2 h w"], features: Float[Tensor, "bf c h w"]) -> Float[Tensor, "b 2 H W"]:
         del features  # the interface of a flow upsampler; bilinear upsampling needs no guidance
         return resize_flow(flow, (self.upscale * flow.shape[-2], self.upscale * flow.shape[-1]))
 
@@ -440,9 +432,7 @@ class ACTR(CorrespondenceModel):
         if hasattr(self.backbone, "set_grad_checkpointing"):
             self.backbone.set_grad_checkpointing(self.grad_checkpointing)
 
-    def _block(
-        self, block: nn.Module, s: Tensor, t: Tensor, grid: tuple[int, int]
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _block(self, block: nn.Module, s: Tensor, t: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
         """One block, its activations recomputed in the backward pass when checkpointing in training."""
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, s, t, grid, use_reentrant=False)

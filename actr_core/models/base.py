@@ -70,9 +70,7 @@ def check_image(image: Any, *, multiple: int = 16, name: str = "image") -> tuple
     if b == 0:
         raise ValueError(f"{name} has shape {tuple(image.shape)}: the batch is empty")
     if h % multiple or w % multiple or h == 0 or w == 0:
-        raise ValueError(
-            f"{name} has shape {tuple(image.shape)}: H and W must be positive multiples of {multiple}"
-        )
+        raise ValueError(f"{name} has shape {tuple(image.shape)}: H and W must be positive multiples of {multiple}")
     return int(h), int(w)
 
 
@@ -95,9 +93,7 @@ def check_image_pair(src: Any, trg: Any, multiple: int = 16) -> tuple[int, int]:
             "source and target enter a model at the same size (resize them first)"
         )
     if src.dtype != trg.dtype or src.device != trg.device:
-        raise ValueError(
-            f"src ({src.dtype}, {src.device}) and trg ({trg.dtype}, {trg.device}) must share dtype and device"
-        )
+        raise ValueError(f"src ({src.dtype}, {src.device}) and trg ({trg.dtype}, {trg.device}) must share dtype and device")
     return src_size
 
 

@@ -282,8 +282,7 @@ def build_actr(
         raise ValueError("pass either a backbone instance or backbone_weights/checkpoint_key, not both")
     if backbone.patch_size != config.patch_size:
         raise ValueError(
-            f"backbone {config.backbone!r} has patch size {backbone.patch_size} but "
-            f"config.patch_size = {config.patch_size}"
+            f"backbone {config.backbone!r} has patch size {backbone.patch_size} but config.patch_size = {config.patch_size}"
         )
     dim = backbone.embed_dim
     blocks = []
@@ -376,9 +375,7 @@ def _build(
     if "variant" in overrides:
         raise ValueError("choose the variant with ablation=... (or baseline()), not variant=...")
     config = dataclasses.replace(base, variant=ablation or "actr", **config_overrides(overrides, base))
-    return build_actr(
-        config, backbone_weights=backbone_weights, checkpoint_key=checkpoint_key, warn_random_init=warn_random_init
-    )
+    return build_actr(config, backbone_weights=backbone_weights, checkpoint_key=checkpoint_key, warn_random_init=warn_random_init)
 
 
 _BUILDER_ARGS = """

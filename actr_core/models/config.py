@@ -105,8 +105,7 @@ class ACTRConfig:
         h, w = self.image_size
         if h <= 0 or w <= 0 or h % self.patch_size or w % self.patch_size:
             raise ValueError(
-                f"image_size = {self.image_size}: sides must be positive multiples of "
-                f"patch_size = {self.patch_size}"
+                f"image_size = {self.image_size}: sides must be positive multiples of patch_size = {self.patch_size}"
             )
         if self.patch_size % self.upscale:
             raise ValueError(
@@ -129,9 +128,7 @@ class ACTRConfig:
         if not self.soft_argmax_beta > 0:
             raise ValueError(f"soft_argmax_beta = {self.soft_argmax_beta}: expected > 0")
         if self.flow_sr.upscale != self.upscale:
-            raise ValueError(
-                f"flow_sr.upscale = {self.flow_sr.upscale} but upscale = {self.upscale}: they must agree"
-            )
+            raise ValueError(f"flow_sr.upscale = {self.flow_sr.upscale} but upscale = {self.upscale}: they must agree")
 
     @property
     def token_grid(self) -> tuple[int, int]:

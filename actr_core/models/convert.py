@@ -203,9 +203,7 @@ def official_parameter_count(model: ACTR) -> int:
     ours = sum(p.numel() for p in model.parameters())
     soft_argmax = cast(ReleasedSoftArgmax, model.soft_argmax)  # the released model's soft-argmax
     grids = soft_argmax.x_grid.numel() + soft_argmax.y_grid.numel()
-    dropped = sum(
-        int(torch.Size(shape).numel()) for shape, is_param in _dropped_official_shapes(model).values() if is_param
-    )
+    dropped = sum(int(torch.Size(shape).numel()) for shape, is_param in _dropped_official_shapes(model).values() if is_param)
     return ours + grids + dropped
 
 
@@ -285,9 +283,7 @@ def load_official_actr(
             continue
         mapped[ours] = value
     if unknown:
-        raise OfficialCheckpointError(
-            f"{len(unknown)} keys are not keys of the released ACTR, first: {unknown[:5]}"
-        )
+        raise OfficialCheckpointError(f"{len(unknown)} keys are not keys of the released ACTR, first: {unknown[:5]}")
     if derived_bad:
         raise OfficialCheckpointError(f"derived buffers differ from the released definition: {derived_bad[:5]}")
     missing = [our_key_to_official(k, config) for k in own if k not in mapped]

@@ -166,7 +166,11 @@ class ResNetBottlenecks(nn.Module):
         # zero_init_last=False: every residual branch starts alive, as in torchvision's ResNet (released)
         net = ResNet(
             block=Bottleneck,  # type: ignore[arg-type]  # timm annotates block as an instance; it takes the class
-            layers=layers, channels=widths, num_classes=0, global_pool="", zero_init_last=False
+            layers=layers,
+            channels=widths,
+            num_classes=0,
+            global_pool="",
+            zero_init_last=False,
         )
         self.conv1, self.bn1, self.act1, self.maxpool = net.conv1, net.bn1, net.act1, net.maxpool
         self.stages = nn.ModuleList(getattr(net, f"layer{i + 1}") for i in range(len(layers)))
@@ -286,9 +290,7 @@ class MMNet(CorrespondenceModel):
         grid = (size[0] // self.flow_stride, size[1] // self.flow_stride)
         if tuple(flow.shape[-2:]) != grid:
             flow = resize_flow(flow, grid)
-        return MMNetOutput(
-            flow=flow, correlations=finest.unsqueeze(1), pyramid=tuple(pyramid), image_size=size
-        )
+        return MMNetOutput(flow=flow, correlations=finest.unsqueeze(1), pyramid=tuple(pyramid), image_size=size)
 
     def loss(self, output: MatchOutput, batch: Mapping[str, Any]) -> Float[Tensor, ""]:
         """MMNet's objective: per level and direction, BCE of the softmaxed correlation row at every

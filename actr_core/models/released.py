@@ -168,9 +168,7 @@ def upgrade_released_state_dict(state: Mapping[str, Tensor], prefix: str = "") -
     return out
 
 
-def _upgrade_on_load(
-    module: nn.Module, state_dict: MutableMapping[str, Tensor], prefix: str, *args: Any
-) -> None:
+def _upgrade_on_load(module: nn.Module, state_dict: MutableMapping[str, Tensor], prefix: str, *args: Any) -> None:
     """Load-state-dict pre-hook: rename 0.1.0 keys in place (see :func:`upgrade_released_state_dict`)."""
     del module, args  # the interface of a load-state-dict pre-hook
     if not any(key.startswith(prefix + old) for key in state_dict for old, _ in RENAMED_SINCE_0_1_0):

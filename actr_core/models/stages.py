@@ -105,9 +105,7 @@ class FlowUpsampler(Protocol):
     the same order.
     """
 
-    def __call__(
-        self, flow: Float[Tensor, "mb 2 hs ws"], features: Float[Tensor, "b c hs ws"]
-    ) -> Float[Tensor, "mb 2 h w"]: ...
+    def __call__(self, flow: Float[Tensor, "mb 2 hs ws"], features: Float[Tensor, "b c hs ws"]) -> Float[Tensor, "mb 2 h w"]: ...
 
 
 @runtime_checkable

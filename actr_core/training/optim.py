@@ -108,8 +108,6 @@ def build_scheduler(
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
 
     def factor(step: int) -> float:
-        return lr_multiplier(
-            step, total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule, min_ratio=min_ratio
-        )
+        return lr_multiplier(step, total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule, min_ratio=min_ratio)
 
     return LambdaLR(optimizer, factor)

@@ -259,7 +259,11 @@ def fit(
         model.load_state_dict(resume_from.model)
     model.to(device)
     optimizer = build_optimizer(
-        model, backbone_lr=cfg.backbone_lr, head_lr=cfg.head_lr, weight_decay=cfg.weight_decay, freeze_backbone=cfg.freeze_backbone
+        model,
+        backbone_lr=cfg.backbone_lr,
+        head_lr=cfg.head_lr,
+        weight_decay=cfg.weight_decay,
+        freeze_backbone=cfg.freeze_backbone,
     )
     model = wrap_model(model)
 
@@ -275,7 +279,9 @@ def fit(
         max_batches=cfg.steps_per_epoch or None,
         images="uint8",  # normalised on the training device (move_batch)
     )
-    val_data = ShardDataset(cfg.shards, cfg.val_split, batch_size=cfg.val_batch_size, transforms=[resize], seed=cfg.seed, images="uint8")
+    val_data = ShardDataset(
+        cfg.shards, cfg.val_split, batch_size=cfg.val_batch_size, transforms=[resize], seed=cfg.seed, images="uint8"
+    )
 
     def batches(data):  # the shards in this process, or a DataLoader of loader_workers processes
         return data.loader(cfg.loader_workers, worker_init_fn=_one_thread) if cfg.loader_workers else data
@@ -288,7 +294,11 @@ def fit(
             f"with {world} workers; make more shards or use a smaller batch_size"
         )
     scheduler = build_scheduler(
-        optimizer, total_steps=cfg.epochs * steps, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule, min_ratio=cfg.min_lr_ratio
+        optimizer,
+        total_steps=cfg.epochs * steps,
+        warmup_steps=cfg.warmup_steps,
+        schedule=cfg.lr_schedule,
+        min_ratio=cfg.min_lr_ratio,
     )
     autocast_dtype, use_scaler = precision_settings(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
@@ -297,7 +307,9 @@ def fit(
     start_epoch, step, history, restarts = 0, 0, [], 0
     if resume_from is not None:
         if resume_from.optimizer is None or resume_from.scheduler is None:
-            raise CheckpointError("the checkpoint holds no optimiser or scheduler state (an exported model): it cannot be resumed")
+            raise CheckpointError(
+                "the checkpoint holds no optimiser or scheduler state (an exported model): it cannot be resumed"
+            )
         optimizer.load_state_dict(resume_from.optimizer)
         scheduler.load_state_dict(resume_from.scheduler)
         if scaler is not None and resume_from.scaler is not None:
@@ -352,7 +364,15 @@ def fit(
             on_step(first + i + 1)
 
         losses = train_epoch(
-            model, train_batches, optimizer, scheduler, steps=steps, device=device, settings=settings, scaler=scaler, on_step=after_step
+            model,
+            train_batches,
+            optimizer,
+            scheduler,
+            steps=steps,
+            device=device,
+            settings=settings,
+            scaler=scaler,
+            on_step=after_step,
         )
         bar.close()
         step += steps

@@ -122,4 +122,3 @@ def to_display_image(
     if array.dtype == np.uint8:
         return array.astype(np.float64) / 255.0
     return np.clip(array.astype(np.float64), 0.0, 1.0)
-

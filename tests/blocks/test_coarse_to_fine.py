@@ -96,9 +96,7 @@ def test_gradcheck():
     f_src = torch.randn(1, 2, 2, 4, dtype=torch.float64, requires_grad=True)
     f_trg = torch.randn(1, 2, 2, 4, dtype=torch.float64, requires_grad=True)
     coarser = torch.randn(1, 1, 2, 1, 2, dtype=torch.float64)
-    assert torch.autograd.gradcheck(
-        lambda a, b: coarse_to_fine_correlation(a, b, coarser), (f_src, f_trg), fast_mode=True
-    )
+    assert torch.autograd.gradcheck(lambda a, b: coarse_to_fine_correlation(a, b, coarser), (f_src, f_trg), fast_mode=True)
 
 
 class TestErrors:

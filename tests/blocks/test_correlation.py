@@ -78,9 +78,7 @@ def test_from_attention_equals_direct_eq2():
     qkv_w, qkv_b = torch.randn(3 * c, c, dtype=torch.float64), torch.randn(3 * c, dtype=torch.float64)
     attn = cross_attention_probs(src, trg, qkv_w, qkv_b, num_heads=g)
     via_attn = correlation_from_attention(attn, src_size=(3, 2), trg_size=(2, 4))
-    direct = multihead_correlation(
-        src, trg, qkv_w[: 2 * c], qkv_b[: 2 * c], num_heads=g, src_size=(3, 2), trg_size=(2, 4)
-    )
+    direct = multihead_correlation(src, trg, qkv_w[: 2 * c], qkv_b[: 2 * c], num_heads=g, src_size=(3, 2), trg_size=(2, 4))
     torch.testing.assert_close(via_attn, direct)
 
 
@@ -116,8 +114,13 @@ def test_errors():
         module(torch.randn(1, 5, 8), torch.randn(5, 8), src_size=(2, 2), trg_size=(2, 2))
     with pytest.raises(ValueError, match=r"qk_weight has shape \(24, 8\): expected \(16, 8\)"):
         multihead_correlation(
-            torch.randn(1, 5, 8), torch.randn(1, 5, 8), torch.randn(24, 8), None,
-            num_heads=2, src_size=(2, 2), trg_size=(2, 2),
+            torch.randn(1, 5, 8),
+            torch.randn(1, 5, 8),
+            torch.randn(24, 8),
+            None,
+            num_heads=2,
+            src_size=(2, 2),
+            trg_size=(2, 2),
         )
     with pytest.raises(ValueError, match=r"attn \(target axis\) has 5 tokens"):
         correlation_from_attention(torch.rand(1, 2, 5, 5), src_size=(2, 2), trg_size=(1, 3))

@@ -157,8 +157,12 @@ class TestLoss:
         # one source cell, two target cells with logits (0, log 3): p = (1/4, 3/4); target one-hot on cell 1
         corr = torch.tensor([0.0, math.log(3.0)]).view(1, 1, 1, 1, 2)
         loss = correlation_keypoint_loss(
-            corr, torch.zeros(1, 1, 2), torch.tensor([[[1.0, 0.0]]]), torch.ones(1, 1, dtype=torch.bool),
-            kernel=None, weighting="bilinear",
+            corr,
+            torch.zeros(1, 1, 2),
+            torch.tensor([[[1.0, 0.0]]]),
+            torch.ones(1, 1, dtype=torch.bool),
+            kernel=None,
+            weighting="bilinear",
         )
         expected = -2 * math.log(0.75)
         # log-softmax over 2 cells, log(1 - p), a sum of 2 (and the rounding of log 3)

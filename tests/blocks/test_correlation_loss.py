@@ -127,4 +127,6 @@ class TestErrors:
 
     def test_flow_grid_not_a_multiple(self):
         with pytest.raises(ValueError, match=r"flow grid \(5, 8\)"):
-            CorrelationCrossEntropy(1.0)(torch.zeros(1, 1, 2, 4, 2, 4), torch.zeros(1, 2, 5, 8), torch.ones(1, 5, 8, dtype=torch.bool))
+            CorrelationCrossEntropy(1.0)(
+                torch.zeros(1, 1, 2, 4, 2, 4), torch.zeros(1, 2, 5, 8), torch.ones(1, 5, 8, dtype=torch.bool)
+            )

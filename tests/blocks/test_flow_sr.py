@@ -16,7 +16,12 @@ TINY = FlowSRConfig(dim=16, num_heads=2, mlp_ratio=2.0, head_hidden=8)
 def test_paper_defaults():
     cfg = FlowSRConfig()
     assert (cfg.dim, cfg.num_heads, cfg.window_sizes, cfg.shift, cfg.upscale, cfg.head_hidden) == (
-        96, 8, (4, 8), 2, 4, 32,
+        96,
+        8,
+        (4, 8),
+        2,
+        4,
+        32,
     )
     sr = DualWindowFlowSR(768)
     assert sr.feature_proj.out_channels == 94  # 2 flow channels + 94 = 96
@@ -49,9 +54,7 @@ def test_zero_head_returns_the_upsampled_coarse_flow():
     constant = torch.tensor([1.5, -2.0]).view(1, 2, 1, 1).expand(1, 2, 3, 5)
     expected = 4 * constant[..., :1, :1].expand(1, 2, 12, 20)
     # bilinear weights over 4 cells, then the scaling
-    torch.testing.assert_close(
-        sr(constant, torch.randn(1, 6, 3, 5)), expected, atol=float32_tolerance(expected, terms=5), rtol=0
-    )
+    torch.testing.assert_close(sr(constant, torch.randn(1, 6, 3, 5)), expected, atol=float32_tolerance(expected, terms=5), rtol=0)
 
 
 def test_input_upsamples_scales_and_repeats_features_per_path():

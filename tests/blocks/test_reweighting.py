@@ -20,9 +20,7 @@ def _attn(b: int, g: int, ns: int, nt: int, seed: int = 0, dtype=torch.float32) 
     return torch.softmax(torch.randn(b, g, ns, nt, generator=gen, dtype=dtype) * 2, dim=-1)
 
 
-@given(
-    b=st.integers(1, 3), g=st.integers(1, 4), ns=st.integers(1, 9), nt=st.integers(1, 9), seed=st.integers(0, 99)
-)
+@given(b=st.integers(1, 3), g=st.integers(1, 4), ns=st.integers(1, 9), nt=st.integers(1, 9), seed=st.integers(0, 99))
 def test_weights_average_one_per_sample_and_are_the_scaled_raw_sum(b, g, ns, nt, seed):
     """v = (Σ_g Σ_s A) / mean; the raw sum averages g·ns/nt because every attention row sums to 1."""
     attn = _attn(b, g, ns, nt, seed)

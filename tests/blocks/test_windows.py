@@ -139,9 +139,7 @@ def test_fused_equals_reference(size, shift):
 def test_gradcheck():
     params = [p.requires_grad_() for p in _params(4, 2, 2)]
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda *a: window_self_attention(*a, window_size=2, shift=1), (x, *params), fast_mode=True
-    )
+    assert torch.autograd.gradcheck(lambda *a: window_self_attention(*a, window_size=2, shift=1), (x, *params), fast_mode=True)
 
 
 def test_block_shapes_and_gradients():

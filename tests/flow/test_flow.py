@@ -311,9 +311,7 @@ class TestErrors:
 
     def test_mask_wrong_shape(self):
         with pytest.raises(ValueError, match=r"\(1, 5\).*\(1, 4\)"):
-            keypoints_to_flow(
-                torch.zeros(1, 5, 2), torch.zeros(1, 5, 2), torch.ones(1, 4, dtype=torch.bool), (8, 8)
-            )
+            keypoints_to_flow(torch.zeros(1, 5, 2), torch.zeros(1, 5, 2), torch.ones(1, 4, dtype=torch.bool), (8, 8))
 
     def test_bad_size(self):
         with pytest.raises(ValueError, match=r"\(0, 8\)"):

@@ -31,18 +31,28 @@ def crafted(batch_factory):
     """
     box = [[100.0, 100.0, 300.0, 300.0]]
     first = batch_factory(
-        [[[100.0, 100.0], [NAN, NAN], [0.0, 0.0]], [[100.0, 100.0], [150.0, 120.0], [200.0, 250.0]],
-         [[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]]],
-        [[[132.0, 100.0], [NAN, NAN], [0.0, 0.0]], [[232.0, 100.0], [282.0, 120.0], [332.0, 250.0]],
-         [[42.0, 10.0], [52.0, 20.0], [62.0, 30.0]]],
+        [
+            [[100.0, 100.0], [NAN, NAN], [0.0, 0.0]],
+            [[100.0, 100.0], [150.0, 120.0], [200.0, 250.0]],
+            [[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]],
+        ],
+        [
+            [[132.0, 100.0], [NAN, NAN], [0.0, 0.0]],
+            [[232.0, 100.0], [282.0, 120.0], [332.0, 250.0]],
+            [[42.0, 10.0], [52.0, 20.0], [62.0, 30.0]],
+        ],
         [[True, False, False], [True, True, True], [False, False, False]],
-        src_bbox=box * 3, trg_bbox=box * 3, category=["cat", "cat", "dog"],
+        src_bbox=box * 3,
+        trg_bbox=box * 3,
+        category=["cat", "cat", "dog"],
         flags={"viewpoint_variation": [0, 1, 1], "occlusion": [0, 0, 1]},
     )
     second = batch_factory(
         [[[100.0, 100.0], [200.0, 200.0]]],
         [[[132.0, 100.0], [332.0, 200.0]]],
-        src_bbox=box, trg_bbox=box, category=["dog"],
+        src_bbox=box,
+        trg_bbox=box,
+        category=["dog"],
         flags={"viewpoint_variation": [0], "occlusion": [1]},
     )
     second["pair_id"] = ["p3"]
@@ -97,8 +107,9 @@ def test_alpha_dimension_and_attributes(crafted, shift_matcher):
 
 def test_released_protocol_through_the_evaluator(batch_factory, shift_matcher):
     # source box 100, target box 200, error 15: standard counts it at alpha 0.1, released does not
-    batch = batch_factory([[[100.0, 200.0]]], [[[141.0, 212.0]]], src_bbox=[[50.0, 150.0, 150.0, 220.0]],
-                          trg_bbox=[[40.0, 100.0, 240.0, 250.0]])
+    batch = batch_factory(
+        [[[100.0, 200.0]]], [[[141.0, 212.0]]], src_bbox=[[50.0, 150.0, 150.0, 220.0]], trg_bbox=[[40.0, 100.0, 240.0, 250.0]]
+    )
     std = evaluate(shift_matcher, [batch], alphas=(0.1,), progress=False, references=ONLY_IDENTITY).sel(predictor=MODEL)
     rel = evaluate(shift_matcher, [batch], protocol="released", alphas=(0.1,), progress=False,
                    references=ONLY_IDENTITY).sel(predictor=MODEL)  # fmt: skip
@@ -142,8 +153,11 @@ def test_pck_curve_matches_stored_values(crafted, shift_matcher):
 
 def test_h_ne_w_inputs_and_batch(batch_factory, shift_matcher):
     batch = batch_factory(
-        [[[10.0, 20.0]], [[30.0, 40.0]]], [[[42.0, 20.0]], [[62.0, 40.0]]],
-        src_size=[(256, 512)], trg_size=[(256, 512)], input_size=(32, 64),
+        [[[10.0, 20.0]], [[30.0, 40.0]]],
+        [[[42.0, 20.0]], [[62.0, 40.0]]],
+        src_size=[(256, 512)],
+        trg_size=[(256, 512)],
+        input_size=(32, 64),
     )
     # one cell = 4 px in the 64-wide input = 32 px in the 512-wide original
     ds = evaluate(shift_matcher, [batch], alphas=(0.01,), progress=False, references=ONLY_IDENTITY).sel(predictor=MODEL)

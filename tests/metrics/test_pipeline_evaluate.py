@@ -12,7 +12,9 @@ def test_main_writes_results_table_and_figures(tmp_path, monkeypatch, capsys, ba
         [[[100.0, 100.0], [200.0, 150.0], [150.0, 250.0], [0.0, 0.0]]] * 2,
         [[[132.0, 100.0], [232.0, 150.0], [182.0, 290.0], [0.0, 0.0]]] * 2,
         [[True, True, True, False]] * 2,
-        src_bbox=box * 2, trg_bbox=box * 2, category=["a", "b"],
+        src_bbox=box * 2,
+        trg_bbox=box * 2,
+        category=["a", "b"],
     )
     torch.manual_seed(0)
     batch["src_image"] = torch.randn_like(batch["src_image"])
@@ -64,13 +66,31 @@ def test_main_on_real_shards_reads_at_the_model_size(tmp_path):
     from actr_core.data import ShardSettings, SyntheticConfig, make_shards
 
     settings = ShardSettings(
-        source="synthetic", pairs=(("train", 0), ("val", 0), ("test", 6)), splits=("test",), size=(96, 96),
-        samples_per_shard=4, synthetic=SyntheticConfig(n_kps=8),
+        source="synthetic",
+        pairs=(("train", 0), ("val", 0), ("test", 6)),
+        splits=("test",),
+        size=(96, 96),
+        samples_per_shard=4,
+        synthetic=SyntheticConfig(n_kps=8),
     )
     make_shards(str(tmp_path / "shards"), settings, workers=0, progress=False)
     cfg = pipeline.parse_args(
-        ["--model", "actr_tiny", "--shards", str(tmp_path / "shards"), "--image-size", "64", "--batch-size", "4",
-         "--out", str(tmp_path / "eval"), "--no-progress", "--no-figures", "--loader-workers", "0"]
+        [
+            "--model",
+            "actr_tiny",
+            "--shards",
+            str(tmp_path / "shards"),
+            "--image-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "eval"),
+            "--no-progress",
+            "--no-figures",
+            "--loader-workers",
+            "0",
+        ]
     )
     results = pipeline.main(cfg)
     assert results.sizes["pair"] == 6

@@ -71,8 +71,7 @@ def test_padded_bkp_threshold_only_inflates_when_rows_are_padded():
 
 def test_pfpascal_img_threshold_original_vs_released(batch_factory, shift_matcher):
     # 300 x 500 target (h, w): standard d = 500 original px; released d = 512 (the resized source image).
-    batch = batch_factory([[[10.0, 10.0]]], [[[20.0, 20.0]]], src_size=[(400, 400)], trg_size=[(300, 500)],
-                          dataset=["pfpascal"])
+    batch = batch_factory([[[10.0, 10.0]]], [[[20.0, 20.0]]], src_size=[(400, 400)], trg_size=[(300, 500)], dataset=["pfpascal"])
     assert pair_thresholds(STANDARD, batch)[0].tolist() == [500.0]
     assert pair_thresholds(RELEASED, batch)[0].tolist() == [512.0]
     assert pair_thresholds(STANDARD_INPUT, batch)[0].tolist() == [64.0]
@@ -105,8 +104,9 @@ def test_corner_rescale_vs_pixel_centre():
 
 
 def test_standard_input_frame_measures_in_input_pixels(batch_factory, shift_matcher):
-    batch = batch_factory([[[100.0, 200.0]]], [[[132.0, 200.0]]], input_size=(64, 32), src_size=[(512, 256)],
-                          trg_size=[(512, 256)])
+    batch = batch_factory(
+        [[[100.0, 200.0]]], [[[132.0, 200.0]]], input_size=(64, 32), src_size=[(512, 256)], trg_size=[(512, 256)]
+    )
     output = shift_matcher(batch["src_image"], batch["trg_image"])
     pred = predict_keypoints(STANDARD_INPUT, shift_matcher, output, batch)
     torch.testing.assert_close(pred, batch["trg_kps"])

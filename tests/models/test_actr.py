@@ -386,7 +386,9 @@ def test_conv_tiny_every_parameter_gets_a_gradient() -> None:
     src, trg = _images(2, SMALL)
     out = model(src, trg)
     model.loss(out, _batch(out)).backward()
-    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0]
+    bad = [
+        n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0
+    ]
     assert not bad, f"no, non-finite or zero gradient: {bad}"
 
 
@@ -467,8 +469,10 @@ def test_grad_checkpointing_gives_the_same_gradients(builder: str) -> None:
         for module in model.modules():  # dropout-free models: every recomputation gives the same values
             assert not isinstance(module, torch.nn.Dropout) or module.p == 0
         out = model(src, trg)
-        batch = {"flow": torch.randn(out.flow.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
-                 "valid_flow": torch.ones(out.flow.shape[0], *out.flow.shape[2:], dtype=torch.bool)}
+        batch = {
+            "flow": torch.randn(out.flow.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
+            "valid_flow": torch.ones(out.flow.shape[0], *out.flow.shape[2:], dtype=torch.bool),
+        }
         loss = model.loss(out, batch)
         loss.backward()
         grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))

@@ -201,8 +201,14 @@ def test_resnet101_forward_backward_smoke():
     model = mmnet_resnet101().train()
     out = model(torch.randn(1, 3, 32, 64), torch.randn(1, 3, 32, 64))
     assert out.flow.shape == (1, 2, 8, 16)
-    model.loss(out, {"src_kps": torch.tensor([[[10.0, 20.0]]]), "trg_kps": torch.tensor([[[50.0, 40.0]]]),
-                     "valid_kps": torch.ones(1, 1, dtype=torch.bool)}).backward()
+    model.loss(
+        out,
+        {
+            "src_kps": torch.tensor([[[10.0, 20.0]]]),
+            "trg_kps": torch.tensor([[[50.0, 40.0]]]),
+            "valid_kps": torch.ones(1, 1, dtype=torch.bool),
+        },
+    ).backward()
     assert model.multiscale[2].inputs[22].weight.grad is not None
     # random ResNet features give correlations in the hundreds (saturated softmax): still finite
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -269,8 +275,13 @@ def _released_names(model: MMNet) -> dict[str, torch.Tensor]:
         if i != 0:
             out[f"feat_upsample_{i + 1}.weight"] = model.fusion[levels - 1 - i].up.weight
         out[f"conv{i + 1}_kernel.weight"] = torch.zeros(1)
-    for unused in ("upsample_4.weight", "feature_upsample_2.weight", "msblock0.conv.weight", "conv0_down.bias",
-                   "backbone.fc.weight"):
+    for unused in (
+        "upsample_4.weight",
+        "feature_upsample_2.weight",
+        "msblock0.conv.weight",
+        "conv0_down.bias",
+        "backbone.fc.weight",
+    ):
         out[unused] = torch.zeros(1)
     return {k: v.detach().clone() for k, v in out.items()}
 
@@ -328,7 +339,9 @@ def _compile_check(backend: str, cache: Path) -> None:
     """Compile with a fresh inductor cache folder: a shared one can hand over kernels built for another
     ATen vector ISA, or a library that a concurrent run is still writing."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-    run = subprocess.run([sys.executable, "-c", MMNET_COMPILE_CHECK, backend], capture_output=True, text=True, timeout=1800, env=env)
+    run = subprocess.run(
+        [sys.executable, "-c", MMNET_COMPILE_CHECK, backend], capture_output=True, text=True, timeout=1800, env=env
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "compiled outputs equal eager" in run.stdout
 

@@ -66,7 +66,9 @@ def released_table() -> dict[str, tuple[tuple[int, ...], str, bool]]:
 
 def meta_state_dict() -> dict[str, torch.Tensor]:
     """A released state dict with the released names and shapes (no memory: meta tensors)."""
-    return {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for k, (shape, dtype, _) in released_table().items()}
+    return {
+        k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for k, (shape, dtype, _) in released_table().items()
+    }
 
 
 # ------------------------------------------------------------------------------------- the blocks
@@ -416,7 +418,10 @@ def test_wrong_shapes_list_the_first_mismatched_keys():
     state = meta_state_dict()
     state["decoder.blocks.0.pos_embed"] = torch.empty(1, 197, 768, device="meta")
     state["refine2.2.weight"] = torch.empty(3, 32, 3, 3, device="meta")
-    with pytest.raises(OfficialCheckpointError, match=r"2 keys have wrong shapes, first: decoder\.blocks\.0\.pos_embed: checkpoint \(1, 197, 768\) vs model \(1, 257, 768\)"):
+    with pytest.raises(
+        OfficialCheckpointError,
+        match=r"2 keys have wrong shapes, first: decoder\.blocks\.0\.pos_embed: checkpoint \(1, 197, 768\) vs model \(1, 257, 768\)",
+    ):
         load_official_actr(state)
 
 

@@ -15,10 +15,28 @@ from pipelines import quickstart
 def _history(path):
     nan = float("nan")
     rows = [
-        {"epoch": 0, "step": 0, "train_loss": nan, "val_loss": 9.0, "val_flow_epe": 5.0, "val_pck": 0.05,
-         "identity_val_pck": 0.2225, "peer_val_pck": nan, "peer_val_fallbacks": nan},
-        {"epoch": 1, "step": 10, "train_loss": 6.0, "val_loss": 5.0, "val_flow_epe": 3.0, "val_pck": 0.4,
-         "identity_val_pck": 0.2225, "peer_val_pck": nan, "peer_val_fallbacks": nan},
+        {
+            "epoch": 0,
+            "step": 0,
+            "train_loss": nan,
+            "val_loss": 9.0,
+            "val_flow_epe": 5.0,
+            "val_pck": 0.05,
+            "identity_val_pck": 0.2225,
+            "peer_val_pck": nan,
+            "peer_val_fallbacks": nan,
+        },
+        {
+            "epoch": 1,
+            "step": 10,
+            "train_loss": 6.0,
+            "val_loss": 5.0,
+            "val_flow_epe": 3.0,
+            "val_pck": 0.4,
+            "identity_val_pck": 0.2225,
+            "peer_val_pck": nan,
+            "peer_val_fallbacks": nan,
+        },
     ]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -71,8 +71,12 @@ def test_round_trip_is_self_describing(tmp_path):
     rebuilt, info = load_model_from_checkpoint(path)
     batch = make_batch()
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt(batch["src_image"], batch["trg_image"]).flow,  # exact: same weights
-                                   model.eval()(batch["src_image"], batch["trg_image"]).flow, atol=0, rtol=0)
+        torch.testing.assert_close(
+            rebuilt(batch["src_image"], batch["trg_image"]).flow,  # exact: same weights
+            model.eval()(batch["src_image"], batch["trg_image"]).flow,
+            atol=0,
+            rtol=0,
+        )
     assert info["input_size"] == (48, 48) and not rebuilt.training
     # optimiser and scheduler states restore
     opt2 = build_optimizer(rebuilt, backbone_lr=1e-3, head_lr=1e-2, weight_decay=0.05)
@@ -241,15 +245,21 @@ def test_actr_conv_tiny_round_trip_with_nested_overrides_and_batchnorm_buffers(t
     opt = build_optimizer(model, backbone_lr=1e-3, head_lr=1e-3, weight_decay=0.05)
     batch = make_batch(b=2, size=(64, 64))
     train_step(model, batch, opt)
-    path = save_checkpoint(tmp_path / "conv.pt", model=model, builder="actr_conv_tiny", builder_kwargs=kwargs, config={"image_size": 64})
+    path = save_checkpoint(
+        tmp_path / "conv.pt", model=model, builder="actr_conv_tiny", builder_kwargs=kwargs, config={"image_size": 64}
+    )
     rebuilt, info = load_model_from_checkpoint(path)
     assert rebuilt.config == model.config and info["input_size"] == (64, 64)
     for (name, a), b in zip(rebuilt.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)  # exact: copies (running_mean/var included)
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt(batch["src_image"], batch["trg_image"]).flow,
-                                   model(batch["src_image"], batch["trg_image"]).flow, atol=0, rtol=0)  # same ops, same weights
+        torch.testing.assert_close(
+            rebuilt(batch["src_image"], batch["trg_image"]).flow,
+            model(batch["src_image"], batch["trg_image"]).flow,
+            atol=0,
+            rtol=0,
+        )  # same ops, same weights
 
 
 def test_a_builder_whose_numbers_changed_is_refused(tmp_path, monkeypatch):

@@ -147,7 +147,9 @@ def test_validate_reports_eq4_beside_the_objective():
     batches = [make_batch(seed=i) for i in range(3)]
     result = validate(model, batches, device=CPU, alpha=0.1)
     with torch.no_grad():
-        per_batch = [float(masked_flow_loss(model(b["src_image"], b["trg_image"]).flow, b["flow"], b["valid_flow"])) for b in batches]
+        per_batch = [
+            float(masked_flow_loss(model(b["src_image"], b["trg_image"]).flow, b["flow"], b["valid_flow"])) for b in batches
+        ]
     expected = sum(per_batch) / 3
     assert result.flow_epe == pytest.approx(expected, abs=float32_tolerance(expected, terms=len(per_batch)))
     assert result.loss == pytest.approx(3 * expected, abs=float32_tolerance(3 * expected, terms=len(per_batch)))

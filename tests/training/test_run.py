@@ -46,7 +46,9 @@ def test_history_rows_and_epoch_lines_carry_the_references():
     assert epoch_line(row, 2, 0.1).startswith("epoch 1/2  step 10  train_loss 2.0000")
     no_peer = history_row(0, 0, [], _scores(0.25, peer=None), {}, 3.0, 0)
     assert math.isnan(no_peer["peer_val_pck"]) and math.isnan(no_peer["train_loss"])
-    assert untrained_line(no_peer, 0.1).startswith("untrained: ") and "(identity 50.00%, peer not run)" in untrained_line(no_peer, 0.1)
+    assert untrained_line(no_peer, 0.1).startswith("untrained: ") and "(identity 50.00%, peer not run)" in untrained_line(
+        no_peer, 0.1
+    )
 
 
 def test_csv_keeps_every_column_of_rows_from_older_runs(tmp_path):
@@ -102,7 +104,9 @@ def tiny_shards(tmp_path_factory) -> Path:
     from actr_core.data import ShardSettings, make_shards
 
     path = tmp_path_factory.mktemp("shards") / "tiny"
-    settings = ShardSettings(source="synthetic", splits=("train", "val"), pairs=(("train", 8), ("val", 4)), size=(64, 64), samples_per_shard=4)
+    settings = ShardSettings(
+        source="synthetic", splits=("train", "val"), pairs=(("train", 8), ("val", 4)), size=(64, 64), samples_per_shard=4
+    )
     make_shards(str(path), settings, progress=False)
     return path
 
@@ -140,6 +144,8 @@ def test_fit_in_one_process_writes_checkpoints_and_resumes_after_a_stop(tiny_sha
 
 def test_fit_names_a_split_too_small_for_one_batch(tiny_shards, tmp_path):
     kwargs = {"image_size": [64, 64], "warn_random_init": False}
-    cfg = TrainConfig(name="small", runs_dir=str(tmp_path), shards=str(tiny_shards), model="actr_tiny", model_kwargs=kwargs, batch_size=64)
+    cfg = TrainConfig(
+        name="small", runs_dir=str(tmp_path), shards=str(tiny_shards), model="actr_tiny", model_kwargs=kwargs, batch_size=64
+    )
     with pytest.raises(ValueError, match="no full batch of 64"):
         fit(cfg)

@@ -105,16 +105,22 @@ def _results(shift: float, name: str) -> xr.Dataset:
     gt = rng.uniform(0, 100, (6, 5, 2))
     pred = gt + shift * rng.standard_normal((6, 5, 2))
     scores = BatchScores(
-        pred=pred, gt=gt, valid=np.ones((6, 5), dtype=bool), distance=np.hypot(*(pred - gt).transpose(2, 0, 1)),
-        threshold=np.full(6, 100.0), threshold_kind=["bbox"] * 6, n_correct=np.zeros((1, 6), dtype=np.int64),
+        pred=pred,
+        gt=gt,
+        valid=np.ones((6, 5), dtype=bool),
+        distance=np.hypot(*(pred - gt).transpose(2, 0, 1)),
+        threshold=np.full(6, 100.0),
+        threshold_kind=["bbox"] * 6,
+        n_correct=np.zeros((1, 6), dtype=np.int64),
         meta={"pair_id": [f"{name}{i}" for i in range(6)], "category": ["a", "b"] * 3, "dataset": ["spair"] * 6},
     )
     return summarise([scores], STANDARD, (0.1,), model_name=name)
 
 
 def test_plot_pck_curves(tmp_path):
-    path = plot_pck_curves({"good": _results(3.0, "g"), "poor": _results(12.0, "p")}, tmp_path / "curves.png",
-                           alphas=np.linspace(0.01, 0.3, 15))
+    path = plot_pck_curves(
+        {"good": _results(3.0, "g"), "poor": _results(12.0, "p")}, tmp_path / "curves.png", alphas=np.linspace(0.01, 0.3, 15)
+    )
     _check_png(path)
     with pytest.raises(ValueError, match="empty"):
         plot_pck_curves({}, tmp_path / "none.png")
@@ -129,8 +135,13 @@ def _with_references(shift: float) -> xr.Dataset:
     def scores(s: float) -> BatchScores:
         pred = gt + s * noise
         return BatchScores(
-            pred=pred, gt=gt, valid=np.ones((6, 5), dtype=bool), distance=np.hypot(*(pred - gt).transpose(2, 0, 1)),
-            threshold=np.full(6, 100.0), threshold_kind=["bbox"] * 6, n_correct=np.zeros((1, 6), dtype=np.int64),
+            pred=pred,
+            gt=gt,
+            valid=np.ones((6, 5), dtype=bool),
+            distance=np.hypot(*(pred - gt).transpose(2, 0, 1)),
+            threshold=np.full(6, 100.0),
+            threshold_kind=["bbox"] * 6,
+            n_correct=np.zeros((1, 6), dtype=np.int64),
             meta={"pair_id": [f"p{i}" for i in range(6)], "category": ["a", "b"] * 3, "dataset": ["spair"] * 6},
         )
 
