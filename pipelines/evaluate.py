@@ -15,6 +15,8 @@ Two small functions know the outside world and are the ones to swap: :func:`load
 """
 
 import dataclasses
+import errno
+import logging
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +28,7 @@ import xarray as xr
 from torch import nn
 
 from actr_core.data.pipeline import prepare_batch
+from actr_core.files import folder_lock, write_files_atomic
 from actr_core.metrics import (
     DEFAULT_ALPHAS,
     IDENTITY,
@@ -35,13 +38,14 @@ from actr_core.metrics import (
     evaluate,
     format_table,
     keypoint_correctness,
-    save_results,
+    results_bytes,
 )
 from actr_core.viz import plot_matches, plot_path_flows, plot_pck_curves, plot_tps_warps
 
 # α grid of the PCK curve figure (paper Fig. 4 plots α up to 0.1 on SPair; we go to 0.2).
 CURVE_ALPHAS = tuple(float(a) for a in np.round(np.linspace(0.01, 0.2, 20), 4))
 MIN_MATCHES_FOR_WARP = 3  # thin-plate spline needs three matches
+LOCK_NAME = ".evaluate.lock"  # held in --out while an evaluation writes there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +68,7 @@ class EvaluateConfig:
     loader_workers: int = 1  # DataLoader processes decoding shards
     progress: bool = True  # tqdm bar
     peer: bool = True  # score the classical peer (ORB + RANSAC) beside the model; identity always
+    allow_incomplete: bool = False  # score an interrupted shard set's shards (said in every output)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -72,10 +77,10 @@ class EvaluateConfig:
             if len(self.image_size) not in (1, 2):
                 raise ValueError(f"image_size takes N or H W, got {self.image_size}")
             object.__setattr__(self, "image_size", (self.image_size[0], self.image_size[-1]))
-        if self.batch_size < 1 or self.limit < 0 or self.loader_workers < 0:
-            raise ValueError(
-                f"batch_size must be >= 1, limit and loader_workers >= 0; got {self.batch_size}, {self.limit}, {self.loader_workers}"
-            )
+        for flag, value, low in (("--batch-size", self.batch_size, 1), ("--limit", self.limit, 0),
+                                 ("--loader-workers", self.loader_workers, 0)):  # fmt: skip
+            if value < low:
+                raise ValueError(f"{flag} must be >= {low}, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +121,10 @@ def open_batches(cfg: EvaluateConfig, size: tuple[int, int]) -> tuple[Iterable[M
         world_size=1,
         max_batches=cfg.limit or None,
         images="uint8",  # normalised on the model's device (prepare_batch)
+        allow_incomplete=cfg.allow_incomplete,
     )
+    if len(data) == 0:
+        raise ValueError(f"split {cfg.split!r} of {cfg.shards} holds no pairs to evaluate")
     return data.loader(num_workers=cfg.loader_workers), len(data)
 
 
@@ -170,10 +178,39 @@ def make_figures(
     return written
 
 
+def output_folder(out: str) -> tuple[Path, bool]:
+    """``--out`` as a folder, created when missing; and whether it was created here (a file → ValueError)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder for the results")
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    return path, created
+
+
 def main(cfg: EvaluateConfig) -> xr.Dataset:
-    """Score, save, print; returns the results dataset."""
+    """Score, save, print; returns the results dataset.
+
+    The output folder is locked (``.evaluate.lock``) while this runs: a second evaluation into it
+    fails at once. The results and the table are written together, each to a temporary name first
+    (:func:`actr_core.files.write_files_atomic`): a crash or a full disk leaves the previous ones.
+    A folder this call created is removed again when the evaluation fails before writing anything.
+    """
+    out, created = output_folder(cfg.out)
+    try:
+        with folder_lock(out, LOCK_NAME, "an evaluation"):
+            return _evaluate_into(cfg, out)
+    except BaseException:
+        if created and not any(p.name != LOCK_NAME for p in out.iterdir()):
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            out.rmdir()
+        raise
+
+
+def _evaluate_into(cfg: EvaluateConfig, out: Path) -> xr.Dataset:
     model, name, size = load_model(cfg)
     batches, total = open_batches(cfg, size)
+    incomplete = list(getattr(getattr(batches, "dataset", None), "incomplete", None) or [])
     first: list[Mapping[str, Any]] = []
 
     def keep_first(source: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
@@ -193,14 +230,15 @@ def main(cfg: EvaluateConfig) -> xr.Dataset:
         model_name=name,
         references=REFERENCE_NAMES if cfg.peer else (IDENTITY,),
     )
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     results.attrs["split"] = cfg.split
     results.attrs["data"] = str(cfg.shards)
-    save_results(results, out / "results.nc")
+    results.attrs["allow_incomplete"] = str(cfg.allow_incomplete).lower()
+    results.attrs["data_incomplete"] = "; ".join(incomplete)  # "" for a complete shard set
     table = format_table(results, "image") + "\n\n" + format_table(results, "keypoint") + "\n"
-    (out / "table.txt").write_text(table)
+    write_files_atomic({out / "results.nc": results_bytes(results), out / "table.txt": table})
     print(table)
+    if incomplete:
+        logging.getLogger(__name__).warning("scored an incomplete shard set (--allow-incomplete): %s", "; ".join(incomplete))
     if cfg.figures and first:
         for path in make_figures(model, first[0], results, out, cfg, name):
             print(f"figure: {path}")
@@ -216,12 +254,19 @@ def parse_args(argv: Sequence[str], prog: str = "python pipelines/evaluate.py") 
 
 
 def cli(argv: Sequence[str], prog: str = "python pipelines/evaluate.py") -> int:
-    """Entry point: parse, check the device, run; exit status 0 (user errors: see :mod:`pipelines.entry`)."""
+    """Entry point: parse, check the device, run; exit status 0, 1 when the disk is full (one line; the
+    previous results are kept), 2 for user errors (see :mod:`pipelines.entry`)."""
     from pipelines.entry import check_device
 
     cfg = parse_args(argv, prog)
     check_device(cfg.device)
-    main(cfg)
+    try:
+        main(cfg)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        print(f"{prog}: error: {error.filename}: {error.strerror}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

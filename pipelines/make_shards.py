@@ -88,6 +88,8 @@ def to_config(args: MakeShardsConfig) -> Config:
     out = args.out or f"shards/{args.source}"
     if args.verify:
         return Config(out=out, settings=None, verify=True, progress=args.progress)
+    if args.source == "synthetic" and args.pairs < 1:
+        raise ValueError(f"--pairs must be >= 1, got {args.pairs}")
     splits = tuple(args.splits) if args.splits else (("test",) if args.source == "pfwillow" else ("train", "val", "test"))
     settings = ShardSettings(
         source=args.source,

@@ -53,7 +53,7 @@ from webdataset.gopen import gopen, gopen_schemes
 from actr_core.data.errors import DataError, SkipLog, check_on_error
 from actr_core.data.samples import PairSample, decode_sample
 from actr_core.data.schema import MANIFEST_NAME, SPAIR_FLAGS, SRC_IMAGE, TRG_IMAGE
-from actr_core.data.shards import check_manifest, read_manifest, sha256_hex, shard_urls, tar_samples
+from actr_core.data.shards import check_manifest, manifest_problems, read_manifest, sha256_hex, shard_urls, tar_samples
 from actr_core.imaging import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -390,9 +390,15 @@ class ShardDataset(IterableDataset):
         self.images = images
         self.storage_options = dict(storage_options or {})
         manifest = read_manifest(self.url, self.storage_options)
+        where = f"{self.url}/{MANIFEST_NAME}"
         if manifest is not None:
-            check_manifest(manifest, f"{self.url}/{MANIFEST_NAME}", allow_incomplete=allow_incomplete)
+            check_manifest(manifest, where, allow_incomplete=allow_incomplete)
+        # what makes the set incomplete (read under allow_incomplete); report it beside any result
+        self.incomplete: list[str] = manifest_problems(manifest)[0] if manifest is not None else []
         self.shards = shard_urls(self.url, split, manifest)
+        if not self.shards and self.incomplete:
+            raise DataError(where, f"split {split!r} has no shards written: the shard set is incomplete "
+                                   f"({'; '.join(self.incomplete)})")  # fmt: skip
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by persistent workers
         self.num_workers = 1  # set by loader(); used by __len__ and plan()
         self.skipped = SkipLog(on_error)

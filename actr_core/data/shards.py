@@ -19,7 +19,8 @@ same settings keeps every shard whose size and sha256 match its manifest entry, 
 
 Single writer: a shard set has one writer at a time. On a local folder :func:`make_shards` holds a
 lock file (``.make_shards.lock``, ``filelock``) for the whole run, so a second concurrent run on the
-same folder fails at once; on object stores (``s3://`` ...) there is no lock, and keeping to one
+same folder fails at once (:class:`~actr_core.files.FolderLockedError`, a ``ValueError``: the
+command line reports it in one line, exit status 2); on object stores (``s3://`` ...) there is no lock, and keeping to one
 writer is up to the caller.
 
 Integrity: :func:`check_manifest` lists what is wrong with a manifest (not a JSON object, another
@@ -42,7 +43,6 @@ import tarfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import filelock
 import numpy as np
 import torch
 import webdataset as wds
@@ -57,6 +57,7 @@ from actr_core.data.records import join, open_root
 from actr_core.data.samples import JPEG_QUALITY, PseudoFlow, build_sample, encode_sample, sample_size
 from actr_core.data.schema import FLOW_STRIDE, IMAGE_FORMATS, MANIFEST_NAME, SCHEMA_VERSION, SHARD_MEMBERS, SPLITS
 from actr_core.data.synthetic import SyntheticConfig, SyntheticPairs
+from actr_core.files import folder_lock
 
 __all__ = [
     "SOURCES",
@@ -128,6 +129,8 @@ class ShardSettings:
             missing = [s for s in self.splits if s not in counts]
             if missing:
                 raise ValueError(f"pairs gives no count for splits {missing}")
+            if any(counts[s] < 0 for s in self.splits) or not any(counts[s] for s in self.splits):
+                raise ValueError(f"pairs {[(s, counts[s]) for s in self.splits]}: every count must be >= 0 and one > 0")
 
     def to_json(self) -> dict[str, Any]:
         """The settings as plain JSON values (the manifest's ``settings``)."""
@@ -293,10 +296,10 @@ def manifest_problems(manifest: Any) -> tuple[list[str], list[str]]:
             broken.append(f"split {split!r}: malformed shard entry ({error!r})")
             continue
         missing = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
-        if settings.get("source") == "synthetic" and entries:
+        if settings.get("source") == "synthetic":
             wanted = dict(map(tuple, settings.get("pairs", []))).get(split)
-            if wanted is not None and int(entries[-1]["stop"]) < wanted:
-                missing.append(max(indices) + 1)
+            if wanted is not None and (int(entries[-1]["stop"]) if entries else 0) < wanted:
+                missing.append(max(indices, default=-1) + 1)
         if missing:
             names = ", ".join(f"{split}-{k:06d}.tar" for k in missing[:3]) + (" ..." if len(missing) > 3 else "")
             incomplete.append(f"split {split!r}: missing shard entries ({names})")
@@ -425,32 +428,41 @@ def make_shards(
         on_shard: called with each shard's name once it is written (progress hooks, tests).
 
     Raises:
-        RuntimeError: another process is writing the same local folder (see the module docstring).
+        FolderLockedError: another process is writing the same local folder (see the module docstring).
+        NotADirectoryError: ``out`` is a file.
     """
     fs, root = open_root(out, storage_options)
+    if fs.exists(root) and not fs.isdir(root):
+        raise NotADirectoryError(f"{out} is a file, not a shard set folder")
+    created = not fs.exists(root)
     fs.makedirs(root, exist_ok=True)
-    with _single_writer(fs, root, out):
-        return _make_shards(out, fs, root, settings, workers, progress, overwrite, storage_options, mp_context, on_shard)
+    try:
+        with _single_writer(fs, root):
+            return _make_shards(out, fs, root, settings, workers, progress, overwrite, storage_options, mp_context, on_shard)
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no empty folder behind
+            _remove_if_empty(fs, root)
+        raise
 
 
 @contextlib.contextmanager
-def _single_writer(fs: Any, root: str, out: str) -> Iterator[None]:
+def _single_writer(fs: Any, root: str) -> Iterator[None]:
     """Hold the shard set's lock file for the block on a local folder (nothing on other filesystems)."""
     if not isinstance(fs, LocalFileSystem):
         yield
         return
-    lock = filelock.FileLock(join(root, LOCK_NAME), timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout as error:
-        raise RuntimeError(
-            f"{out} is being written by another make_shards process (it holds {join(root, LOCK_NAME)}); "
-            "a shard set has one writer at a time: wait for it to finish, then rerun"
-        ) from error
-    try:
+    with folder_lock(root, LOCK_NAME, "another make_shards process (a shard set has one writer at a time)"):
         yield
-    finally:
-        lock.release()
+
+
+def _remove_if_empty(fs: Any, root: str) -> None:
+    """Remove ``root`` when it holds nothing but the lock file."""
+    try:
+        names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
+        if set(names) <= {LOCK_NAME}:
+            fs.rm(root, recursive=True)
+    except OSError as error:  # never hide the run's own error behind a clean-up problem
+        logger.debug("could not remove %s: %s", root, error)
 
 
 def _make_shards(

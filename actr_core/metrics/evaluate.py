@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from actr_core.data.pipeline import prepare_batch
+from actr_core.files import write_atomic
 from actr_core.metrics.bootstrap import BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, paired_bootstrap
 from actr_core.metrics.pck import keypoint_distances, pck_per_keypoint
 from actr_core.metrics.protocols import (
@@ -60,6 +61,7 @@ __all__ = [
     "load_results",
     "pck_curve",
     "pck_difference",
+    "results_bytes",
     "save_results",
     "score_batch",
     "summarise",
@@ -733,6 +735,11 @@ def format_table(results: xr.Dataset, average: str = "image", percent: bool = Tr
         f"frame: {results.attrs.get('coordinate_frame')} · {results.attrs.get('comparison')}",
         f"model: {results.attrs.get('model')}",
     ]
+    if "data" in results.attrs:
+        lines.append(f"data: {results.attrs['data']} · split {results.attrs.get('split', '?')} · "
+                     f"allow_incomplete {results.attrs.get('allow_incomplete', 'false')}")  # fmt: skip
+    if results.attrs.get("data_incomplete"):
+        lines.append(f"INCOMPLETE DATA (read with allow_incomplete): {results.attrs['data_incomplete']}")
     for name in REFERENCE_NAMES:
         if name not in names:
             lines.append(f"{labels.get(name, REFERENCE_LABELS[name])}: not run")
@@ -804,12 +811,18 @@ def _difference_lines(results: xr.Dataset, average: str, scale: float, alphas: l
     return lines
 
 
+def results_bytes(results: xr.Dataset) -> bytes:
+    """The results as the bytes of a netCDF file (engine h5netcdf), built in memory: no HDF5 file is
+    open on disk while it is written, so a failing disk cannot leave one half-written or unclosed."""
+    return bytes(results.to_netcdf(engine="h5netcdf", invalid_netcdf=False))
+
+
 def save_results(results: xr.Dataset, path: str | Path) -> Path:
-    """Write the results as netCDF (engine h5netcdf); returns the path."""
+    """Write the results as netCDF (engine h5netcdf) atomically (:func:`actr_core.files.write_atomic`:
+    a crash or a full disk leaves the previous file whole); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    results.to_netcdf(path, engine="h5netcdf", invalid_netcdf=False)
-    return path
+    return write_atomic(path, results_bytes(results))
 
 
 def load_results(path: str | Path) -> xr.Dataset:

@@ -13,6 +13,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from actr_core.files import write_figure
 from actr_core.metrics.evaluate import MODEL, pck_curve
 from actr_core.metrics.references import CLASSICAL_PEER, IDENTITY
 
@@ -96,10 +97,7 @@ def plot_pck_curves(
     default = f"{attrs.get('protocol', '')} · {attrs.get('threshold_type', '')} · {attrs.get('coordinate_frame', '')}"
     ax.set_title(title or default, fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return write_figure(fig, path)
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
@@ -166,7 +164,4 @@ def plot_learning_curve(
     pck_ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title or "learning curve", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return write_figure(fig, path)

@@ -10,6 +10,7 @@ from jaxtyping import Bool, Float
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from actr_core.files import write_figure
 from actr_core.viz.colour import flow_legend, flow_to_colour, to_numpy
 
 __all__ = ["plot_path_flows"]
@@ -51,7 +52,4 @@ def plot_path_flows(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return write_figure(fig, path)

@@ -10,6 +10,7 @@ from jaxtyping import Bool, Float, Shaped
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from actr_core.files import write_figure
 from actr_core.viz.colour import to_display_image, to_numpy
 
 __all__ = ["CORRECT_COLOUR", "WRONG_COLOUR", "plot_matches"]
@@ -76,7 +77,4 @@ def plot_matches(
     ax.set_xlim(-0.5, canvas.shape[1] - 0.5)
     ax.set_ylim(canvas.shape[0] - 0.5, -0.5)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return write_figure(fig, path)

@@ -17,6 +17,7 @@ from scipy.interpolate import RBFInterpolator
 from scipy.ndimage import map_coordinates
 from torch import Tensor
 
+from actr_core.files import write_figure
 from actr_core.viz.colour import to_display_image, to_numpy
 
 __all__ = ["MIN_TPS_POINTS", "plot_tps_warps", "tps_warp"]
@@ -93,7 +94,4 @@ def plot_tps_warps(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return write_figure(fig, path)

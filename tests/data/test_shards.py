@@ -11,6 +11,7 @@ import pytest
 
 from actr_core.data import DataError, ShardDataset, ShardSettings, check_manifest, make_shards, read_manifest, verify_shards
 from actr_core.data.shards import LOCK_NAME, manifest_problems, plan_shards, sha256_hex, tar_samples
+from actr_core.files import FolderLockedError
 
 
 def _files(url: str) -> dict[str, bytes]:
@@ -341,7 +342,7 @@ def test_a_second_concurrent_writer_fails_at_once(tmp_path, tiny_settings_factor
         while not ready.exists():  # the first writer holds the lock, waiting after its first shard
             assert first.poll() is None and time.monotonic() < deadline, "the first writer ended early"
             time.sleep(0.05)
-        with pytest.raises(RuntimeError, match="being written by another make_shards process"):
+        with pytest.raises(FolderLockedError, match="in use by another make_shards process"):
             make_shards(str(out), tiny_settings_factory(), progress=False)
     finally:
         release.touch()
