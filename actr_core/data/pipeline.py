@@ -265,7 +265,7 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images
     image one plain copy, a quarter of the float batch's bytes), for :func:`prepare_batch` to
     normalise on the model's device (less work and memory in the loader).
 
-    Keypoint rows are padded with zeros (``valid_kps`` False) to the largest count in the batch,
+    Keypoint rows are padded with zeros (``valid_kps`` and ``annotated_kps`` False) to the largest count in the batch,
     or to ``pad_kps_to`` when given (ValueError if a sample has more). SPair flags are included when
     every sample has them.
     """
@@ -293,6 +293,7 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images
         "src_kps": _padded([s.src_kps for s in samples], n, 0.0, torch.float32),
         "trg_kps": _padded([s.trg_kps for s in samples], n, 0.0, torch.float32),
         "valid_kps": _padded([s.valid_kps for s in samples], n, False, torch.bool),
+        "annotated_kps": _padded([torch.ones(len(s.src_kps), dtype=torch.bool) for s in samples], n, False, torch.bool),
         "flow": default_collate([s.flow.float() for s in samples]),
         "valid_flow": default_collate([s.valid_flow for s in samples]),
         "src_kps_orig": _padded([s.src_kps_orig for s in samples], n, 0.0, torch.float32),

@@ -14,6 +14,8 @@ src_image          Float (b, 3, H, W)      ImageNet-normalised source image, mod
 trg_image          Float (b, 3, H, W)      ImageNet-normalised target image (same rule)
 src_kps, trg_kps   Float (b, n, 2)         keypoints in input-frame pixels; padded rows are 0
 valid_kps          Bool (b, n)             which keypoint rows are real and inside both frames
+annotated_kps      Bool (b, n)             which keypoint rows are real (annotated in both
+                                           images), inside the frames or not
 flow               Float (b, 2, h, w)      ground-truth flow on the H/4 source grid, in pixels
                                            of that grid, pointing into the target
 valid_flow         Bool (b, h, w)          cells where ``flow`` is defined
@@ -40,6 +42,7 @@ __all__ = [
     "SRC_KPS",
     "TRG_KPS",
     "VALID_KPS",
+    "ANNOTATED_KPS",
     "FLOW",
     "VALID_FLOW",
     "SRC_KPS_ORIG",
@@ -71,6 +74,7 @@ TRG_IMAGE = "trg_image"
 SRC_KPS = "src_kps"
 TRG_KPS = "trg_kps"
 VALID_KPS = "valid_kps"
+ANNOTATED_KPS = "annotated_kps"
 FLOW = "flow"
 VALID_FLOW = "valid_flow"
 SRC_KPS_ORIG = "src_kps_orig"
@@ -90,6 +94,7 @@ TENSOR_KEYS: tuple[str, ...] = (
     SRC_KPS,
     TRG_KPS,
     VALID_KPS,
+    ANNOTATED_KPS,
     FLOW,
     VALID_FLOW,
     SRC_KPS_ORIG,

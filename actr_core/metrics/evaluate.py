@@ -45,6 +45,7 @@ from actr_core.metrics.protocols import (
     ground_truth_keypoints,
     pair_thresholds,
     predict_keypoints,
+    scored_keypoints,
 )
 from actr_core.metrics.references import IDENTITY, REFERENCE_LABELS, REFERENCE_NAMES, reference_predictor
 
@@ -163,7 +164,7 @@ def score_batch(
     _check_batch(batch, protocol)
     if output is None:
         output = model(batch["src_image"], batch["trg_image"])
-    valid = batch["valid_kps"]
+    valid = scored_keypoints(protocol, batch)
     pred = predict_keypoints(protocol, model, output, batch)
     gt = ground_truth_keypoints(protocol, batch)
     threshold, kinds = pair_thresholds(protocol, batch)

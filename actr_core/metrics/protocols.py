@@ -15,7 +15,16 @@ Two protocols ship (``docs/evaluation.md`` sets them side by side):
   target; the 512-px source image for PF-PASCAL; the source keypoints' extent for PF-WILLOW,
   inflated by the −1 padding of a 40-row keypoint tensor), all in a 512 × 512 frame reached by
   ``x · 512 / W`` (no half-pixel shift); query keypoints truncated to integers (``.long()``),
-  clamped to the frame, and the flow (bilinearly resized to 512) read there (nearest lookup).
+  clamped to the frame, and the flow (bilinearly resized to 512) read there (nearest lookup);
+  every annotated keypoint is scored, also one outside the image in this library's pixel-centre
+  convention (a 1-based coordinate x = W or y = H, on the far border), as the released evaluator
+  scores all ``n_pts`` keypoints of a pair.
+
+Which keypoints are scored (``ScoringProtocol.keypoints``): ``"in_frame"`` (standard) scores the
+keypoints inside both images, pixel-centre convention (``-0.5 <= x <= W - 0.5``, the batch's
+``valid_kps``): a keypoint inside the image is never dropped, one beyond its edge is; the
+pseudo-flow targets of training use the same rule. ``"annotated"`` (released) scores every
+annotated keypoint (the batch's ``annotated_kps``).
 
 This module scores; it never selects models. Model selection belongs to the validation split.
 """
@@ -49,6 +58,7 @@ __all__ = [
     "padded_bkp_threshold",
     "pair_thresholds",
     "predict_keypoints",
+    "scored_keypoints",
     "threshold_kind",
 ]
 
@@ -57,6 +67,7 @@ FRAMES = ("original", "input", "fixed")
 SCALINGS = ("pixel_centre", "corner")
 LOOKUPS = ("transfer", "nearest")
 ROUNDINGS = ("none", "truncate", "round")
+KEYPOINT_SETS = ("in_frame", "annotated")
 
 # Threshold kind per benchmark (paper Sec. 4.1 "Evaluation Metric"): α_bbox for SPair-71k,
 # α_img for PF-PASCAL, α_bkp for PF-WILLOW. Names are compared lower-case, letters and digits only.
@@ -95,6 +106,9 @@ class ScoringProtocol:
     # padded row count (released: max_pts = 40, data/dataset.py); None = padding ignored (standard).
     bkp_padding_value: float | None = None
     bkp_padded_length: int | None = None
+    # Which keypoints are scored: "in_frame" (inside both images, pixel-centre convention; standard) or
+    # "annotated" (every annotated keypoint; released: Evaluator.eval_kps_transfer scores all n_pts).
+    keypoints: str = "in_frame"
 
     def __post_init__(self) -> None:
         for field, value, allowed in (
@@ -105,6 +119,7 @@ class ScoringProtocol:
             ("keypoint_scaling", self.keypoint_scaling, SCALINGS),
             ("lookup", self.lookup, LOOKUPS),
             ("query_rounding", self.query_rounding, ROUNDINGS),
+            ("keypoints", self.keypoints, KEYPOINT_SETS),
         ):
             if value not in allowed:
                 raise ValueError(f"{field}={value!r} is not one of {allowed}")
@@ -151,6 +166,7 @@ RELEASED = ScoringProtocol(
     query_rounding="truncate",
     bkp_padding_value=-1.0,
     bkp_padded_length=40,
+    keypoints="annotated",
 )
 PROTOCOLS: Mapping[str, ScoringProtocol] = {p.name: p for p in (STANDARD, STANDARD_INPUT, RELEASED)}
 
@@ -298,6 +314,14 @@ def keypoints_in_frame(protocol: ScoringProtocol, batch: Mapping[str, Any], side
     return _per_pair(_original_to_frame(protocol), original, _sizes(batch, f"{prefix}_size"), to_sizes)
 
 
+def scored_keypoints(protocol: ScoringProtocol, batch: Mapping[str, Any]) -> Bool[Tensor, "b n"]:
+    """The keypoint rows the protocol scores: ``valid_kps`` ("in_frame"), or ``annotated_kps``
+    ("annotated"; a batch without that key, made by hand, falls back to ``valid_kps``)."""
+    if protocol.keypoints == "annotated" and "annotated_kps" in batch:
+        return batch["annotated_kps"]
+    return batch["valid_kps"]
+
+
 def ground_truth_keypoints(protocol: ScoringProtocol, batch: Mapping[str, Any]) -> Float[Tensor, "b n 2"]:
     """Ground-truth target keypoints in the measurement frame."""
     return keypoints_in_frame(protocol, batch, "target")
@@ -317,7 +341,7 @@ def predict_keypoints(
     ``model`` is a Matcher (``actr_core.models``): ``model.transfer(output, src_kps, valid)`` gives
     target keypoints in input-frame pixels; ``output.flow`` is read by the ``nearest`` lookup.
     """
-    valid = batch["valid_kps"]
+    valid = scored_keypoints(protocol, batch)
     input_size = _input_size(batch)
     if protocol.lookup == "nearest":
         size = protocol.frame_size if protocol.frame == "fixed" and protocol.frame_size is not None else input_size
@@ -352,12 +376,11 @@ def pair_thresholds(protocol: ScoringProtocol, batch: Mapping[str, Any]) -> tupl
         candidates["img"] = img_threshold(torch.tensor(to_sizes, device=batch[f"{prefix}_kps"].device), dtype)
     if "bkp" in kinds:
         kps = keypoints_in_frame(protocol, batch, protocol.threshold_side)
+        scored = scored_keypoints(protocol, batch)
         if protocol.bkp_padding_value is None or protocol.bkp_padded_length is None:  # both set or both None
-            candidates["bkp"] = bkp_threshold(kps, batch["valid_kps"])
+            candidates["bkp"] = bkp_threshold(kps, scored)
         else:
-            candidates["bkp"] = padded_bkp_threshold(
-                kps, batch["valid_kps"], protocol.bkp_padding_value, protocol.bkp_padded_length
-            )
+            candidates["bkp"] = padded_bkp_threshold(kps, scored, protocol.bkp_padding_value, protocol.bkp_padded_length)
     rows = [candidates[kind][i] for i, kind in enumerate(kinds)]
     return torch.stack(rows).to(dtype), kinds
 
