@@ -222,13 +222,23 @@ def to_official_state_dict(model: ACTR) -> dict[str, Tensor]:
     return state
 
 
-def _unwrap_checkpoint(raw: Mapping[str, Any]) -> dict[str, Tensor]:
+_ACTR_CORE_FORMAT = "actr_core.training.checkpoint"  # actr_core.training.CHECKPOINT_FORMAT (not imported: layering)
+
+
+def _unwrap_checkpoint(raw: Any, where: str) -> dict[str, Tensor]:
+    if not isinstance(raw, Mapping):
+        raise OfficialCheckpointError(f"{where}: a {type(raw).__name__}, not a released checkpoint or a state dict")
+    if raw.get("format") == _ACTR_CORE_FORMAT:
+        raise OfficialCheckpointError(
+            f"{where} is an actr_core training checkpoint (builder {raw.get('builder')!r}), not one of the released "
+            f"code: load it with load_model_from_checkpoint (actr match --checkpoint)"
+        )
     if isinstance(raw.get("state_dict"), Mapping):
         raw = raw["state_dict"]
     state = {}
     for key, value in raw.items():
         if not isinstance(value, Tensor):
-            raise OfficialCheckpointError(f"entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise OfficialCheckpointError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor")
         state[key[len("module.") :] if key.startswith("module.") else key] = value
     return state
 
@@ -258,9 +268,11 @@ def load_official_actr(
     an in-memory state dict is copied first).
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        state = _unwrap_checkpoint(read_checkpoint(path_or_state_dict, weights_only=weights_only))
+        where = str(path_or_state_dict)
+        state = _unwrap_checkpoint(read_checkpoint(path_or_state_dict, weights_only=weights_only), where)
     else:  # copies, so that the model never shares storage with the caller's tensors
-        state = {k: v.clone() for k, v in _unwrap_checkpoint(path_or_state_dict).items()}
+        where = "the state dict"
+        state = {k: v.clone() for k, v in _unwrap_checkpoint(path_or_state_dict, where).items()}
     with torch.device("meta"):
         model = actr_released(config, warn_random_init=False)
     own = model.state_dict()
@@ -283,23 +295,23 @@ def load_official_actr(
             continue
         mapped[ours] = value
     if unknown:
-        raise OfficialCheckpointError(f"{len(unknown)} keys are not keys of the released ACTR, first: {unknown[:5]}")
+        raise OfficialCheckpointError(f"{where}: {len(unknown)} keys are not keys of the released ACTR, first: {unknown[:5]}")
     if derived_bad:
-        raise OfficialCheckpointError(f"derived buffers differ from the released definition: {derived_bad[:5]}")
+        raise OfficialCheckpointError(f"{where}: derived buffers differ from the released definition: {derived_bad[:5]}")
     missing = [our_key_to_official(k, config) for k in own if k not in mapped]
     if missing:
-        raise OfficialCheckpointError(f"{len(missing)} released keys are missing, first: {missing[:5]}")
+        raise OfficialCheckpointError(f"{where}: {len(missing)} released keys are missing, first: {missing[:5]}")
     wrong = [k for k in own if tuple(mapped[k].shape) != tuple(own[k].shape)]
     if wrong:
         listed = ", ".join(
             f"{our_key_to_official(k, config)}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
             for k in wrong[:5]
         )
-        raise OfficialCheckpointError(f"{len(wrong)} keys have wrong shapes, first: {listed}")
+        raise OfficialCheckpointError(f"{where}: {len(wrong)} keys have wrong shapes, first: {listed}")
     model.load_state_dict(mapped, strict=True, assign=True)
     leftover = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover and not all(v.is_meta for v in mapped.values()):
-        raise OfficialCheckpointError(f"tensors left without values after loading: {leftover[:5]}")
+        raise OfficialCheckpointError(f"{where}: tensors left without values after loading: {leftover[:5]}")
     return model
 
 

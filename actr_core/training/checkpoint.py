@@ -20,6 +20,10 @@ tensors, so it loads with ``torch.load(weights_only=True)`` (no pickled code run
 ``rng``                RNG states per rank: ``{rank: {"torch", "cuda", "numpy", "python"}}``
 ``history``            per-epoch metric rows so far (list of dicts)
 
+Content errors (a file that is not a checkpoint, a missing entry, weights that do not fit the
+builder's model, an image size the model cannot take) raise :class:`CheckpointError` with one line
+naming the file and what is wrong.
+
 Writes are atomic: the file is written to a temporary name in the destination folder, flushed
 to disk, then renamed over the destination (``os.replace``), so a reader sees the old file or the
 new one, never half of one, whatever kills the writer.
@@ -29,6 +33,7 @@ import dataclasses
 import os
 import random
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -49,6 +54,9 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model_from_checkpoint",
+    "check_weights",
+    "build_meta_model",
+    "input_size_problem",
     "export_model",
     "resolve_checkpoint_path",
     "rng_state",
@@ -58,6 +66,21 @@ __all__ = [
 CHECKPOINT_FORMAT = "actr_core.training.checkpoint"
 SCHEMA_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"  # file name inside a checkpoint folder (Ray Train checkpoints)
+# the entries every checkpoint of this schema holds (data_schema_version and model_config are optional)
+_ENTRIES = (
+    "builder",
+    "builder_kwargs",
+    "config",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "epoch",
+    "step",
+    "rng",
+    "history",
+    "library_version",
+)
 
 
 class CheckpointError(ValueError):
@@ -83,6 +106,7 @@ class TrainingCheckpoint:
     schema_version: int
     data_schema_version: int | None
     model_config: dict[str, Any] | None = None
+    path: str = ""  # the file it was read from ("" when not read from a file)
 
 
 def rng_state() -> dict[str, Any]:
@@ -229,6 +253,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(
             f"{path} is not a readable actr_core training checkpoint ({type(error).__name__}: {error})"
         ) from error
+    if isinstance(payload, Mapping) and payload.get("format") != CHECKPOINT_FORMAT and _is_state_dict(payload):
+        raise CheckpointError(
+            f"{path} is a bare state dict or a checkpoint of the released code, not an actr_core training "
+            f"checkpoint: load a released ACTR checkpoint with load_official_actr (actr match --released)"
+        )
     if not isinstance(payload, Mapping) or payload.get("format") != CHECKPOINT_FORMAT:
         keys = sorted(payload)[:8] if isinstance(payload, Mapping) else type(payload).__name__
         raise CheckpointError(
@@ -241,6 +270,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path} has checkpoint schema version {version!r}; this actr_core "
             f"({actr_core.__version__}) reads versions up to {SCHEMA_VERSION}"
         )
+    missing = [key for key in _ENTRIES if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint has no {', '.join(map(repr, missing))} entry (a damaged or edited file)")
+    weights = payload["model"]
+    if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path}: the 'model' entry is not a state dict of tensors")
     return TrainingCheckpoint(
         builder=payload["builder"],
         builder_kwargs=dict(payload["builder_kwargs"]),
@@ -257,7 +292,65 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         schema_version=version,
         data_schema_version=payload.get("data_schema_version"),
         model_config=payload.get("model_config"),
+        path=str(path),
     )
+
+
+def _is_state_dict(payload: Mapping[str, Any]) -> bool:
+    """A bare state dict (every value a tensor) or a released-code checkpoint (a ``state_dict`` entry)."""
+    return isinstance(payload.get("state_dict"), Mapping) or (
+        bool(payload) and all(isinstance(v, torch.Tensor) for v in payload.values())
+    )
+
+
+def check_weights(ckpt: TrainingCheckpoint, model: nn.Module, builder: str) -> None:
+    """Raise :class:`CheckpointError` naming the file when ``ckpt.model`` does not fit ``model`` (built by
+    ``builder``): the tensors it lacks, those the model has no place for, and those of another shape."""
+    own, saved = model.state_dict(), ckpt.model
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [
+        f"{k} {tuple(saved[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+        for k in own
+        if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)
+    ]
+    problems = [
+        f"{len(keys)} {what}, first: {', '.join(keys[:3])}"
+        for what, keys in (("missing tensors", missing), ("tensors the model lacks", unexpected), ("other shapes", shapes))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{ckpt.path or 'checkpoint'}: its weights do not fit the model of builder {builder!r} "
+            f"(saved by builder {ckpt.builder!r}): {'; '.join(problems)}"
+        )
+
+
+def build_meta_model(builder: str, builder_kwargs: Mapping[str, Any]) -> nn.Module:
+    """The model of ``builder`` on the meta device: its structure without memory or initialisation
+    (seconds even for the large models), for checking weights and input sizes before building it."""
+    from actr_core.models import build_model
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. the random-initialisation warning, given again when it is built
+        return build_model(builder, **builder_kwargs)
+
+
+def input_size_problem(model: nn.Module, side: int) -> str | None:
+    """Why ``model`` cannot take ``side × side`` images (its own error, one line), or None when it can.
+
+    Runs the forward pass on the meta device (shapes only, no arithmetic), so every check the model
+    makes on its input runs; ``model`` may live on any device (a meta copy is not made: pass a model
+    built by :func:`build_meta_model`).
+    """
+    image = torch.zeros(1, 3, side, side, device="meta")
+    try:
+        with torch.no_grad():
+            model.eval()(image, image)
+    except Exception as error:  # the model's own input checks raise ValueError; meta kernels may raise others
+        lines = str(error).strip().splitlines()
+        return lines[0] if lines else type(error).__name__
+    return None
 
 
 def _model_config(model: nn.Module) -> dict[str, Any] | None:
@@ -301,15 +394,24 @@ def load_model_from_checkpoint(
 
     Returns ``(model, info)``; ``info`` holds ``builder``, ``builder_kwargs``, ``config``,
     ``epoch``, ``step``, ``library_version`` and ``input_size`` = ``(image_size, image_size)``.
-    Raises :class:`CheckpointError` when the builder now makes a model whose config differs from
-    the saved one (its numbers changed since the checkpoint was written), naming the fields.
+    Raises :class:`CheckpointError` naming the file when the builder is unknown or refuses the
+    saved arguments, now makes a model whose config differs from the saved one (its numbers changed
+    since the checkpoint was written; the fields are named), when the weights do not fit its model
+    (:func:`check_weights`), or when the model cannot take the saved ``image_size``
+    (:func:`input_size_problem`). These checks run on a meta-device copy before the model is built.
     """
-    from actr_core.models import build_model
+    from actr_core.models import build_model, model_entries
 
     ckpt = load_checkpoint(path, map_location=map_location)
-    model = build_model(ckpt.builder, **ckpt.builder_kwargs)
-    rebuilt = _model_config(model)
-    saved = _with_added_defaults(ckpt.model_config, model)
+    path = ckpt.path
+    if ckpt.builder not in {entry.name for entry in model_entries()}:
+        raise CheckpointError(f"{path}: builder {ckpt.builder!r} is not a registered model of this actr_core")
+    try:
+        meta = build_meta_model(ckpt.builder, ckpt.builder_kwargs)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: builder {ckpt.builder!r} refuses the saved arguments: {error}") from error
+    rebuilt = _model_config(meta)
+    saved = _with_added_defaults(ckpt.model_config, meta)
     if saved is not None and rebuilt is not None and rebuilt != saved:
         changed = sorted(k for k in set(rebuilt) | set(saved) if rebuilt.get(k) != saved.get(k))
         raise CheckpointError(
@@ -317,9 +419,14 @@ def load_model_from_checkpoint(
             f"(fields {changed}: saved {[saved.get(k) for k in changed]}, "
             f"now {[rebuilt.get(k) for k in changed]}); rebuild it with those values as builder arguments"
         )
+    check_weights(ckpt, meta, ckpt.builder)
+    side = int(ckpt.config.get("image_size", 256))
+    problem = input_size_problem(meta, side)
+    if problem is not None:
+        raise CheckpointError(f"{path}: the model cannot take its image_size {side} (config): {problem}")
+    model = build_model(ckpt.builder, **ckpt.builder_kwargs)
     model.load_state_dict(ckpt.model)
     model.to(map_location).eval()
-    side = int(ckpt.config.get("image_size", 256))
     info = {
         "builder": ckpt.builder,
         "builder_kwargs": ckpt.builder_kwargs,

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from actr_core.training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     TrainingCheckpoint,
+    check_weights,
     export_model,
     load_checkpoint,
     rng_state,
@@ -51,6 +53,7 @@ __all__ = [
     "checkpoint_folder",
     "latest_checkpoint",
     "resume_source",
+    "discard_unreported",
     "seed_everything",
     "history_row",
     "epoch_line",
@@ -93,19 +96,36 @@ def latest_checkpoint(run_dir: Path) -> TrainingCheckpoint | None:
 def resume_source(cfg: TrainConfig, restored: TrainingCheckpoint | None = None) -> tuple[TrainingCheckpoint | None, bool]:
     """Where to start: ``(checkpoint or None, whether it is this run's own)``.
 
-    First this run's newest checkpoint in its folder (a restart after a failure: it may be newer
-    than the one the framework ``restored`` when the workers died right after reporting it, and
-    it is what a re-run of the same command continues from), then ``restored``, then
-    ``cfg.resume``. Every rank reads the same run folder, so all ranks make the same choice.
+    ``restored``, the checkpoint the caller's framework holds for this run (Ray's record after a
+    restart, or when the same run is started again: the one source of truth), else ``cfg.resume``,
+    else nothing. The run folder is never searched: a file there that the framework never recorded
+    (its writer died before the report was registered) is not a checkpoint of the run (see
+    :func:`discard_unreported`). A caller without a framework passes :func:`latest_checkpoint`.
     """
-    own = latest_checkpoint(cfg.run_dir)
-    if own is not None:
-        return own, True
     if restored is not None:
         return restored, True
     if cfg.resume:
         return load_checkpoint(cfg.resume), False
     return None, False
+
+
+def discard_unreported(run_dir: Path, epoch: int) -> list[Path]:
+    """Delete the checkpoint folders of ``run_dir`` for epochs after ``epoch``, the restored one; returns them.
+
+    After a restart the framework restores the newest checkpoint it recorded; a newer folder was
+    written by a worker that died before its report was recorded, so the framework neither keeps nor
+    deletes it. Left there it would escape the retention policy; the epochs after ``epoch`` are
+    trained again and their checkpoints written and reported anew.
+    """
+    stale = [
+        folder
+        for folder in sorted((Path(run_dir) / CHECKPOINTS_DIR).glob("epoch_*"))
+        if folder.name[len("epoch_") :].isdigit() and int(folder.name[len("epoch_") :]) > epoch
+    ]
+    for folder in stale:
+        _log.warning("deleting %s: written after the restored epoch %d and never recorded", folder, epoch)
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def _gather_rng(world: int) -> dict[int, dict[str, Any]]:
@@ -244,7 +264,9 @@ def fit(
     ``wrap_model`` wraps the built model for data parallelism (after its optimiser is made);
     ``report(metrics, folder)`` is called once per validation on every rank, with the folder of
     the epoch's checkpoint on rank 0 (written atomically before the call) and None otherwise;
-    ``restored`` is a checkpoint the caller restored after a failure; ``on_step(step)`` runs after
+    ``restored`` is the checkpoint the caller's framework holds for this run (:func:`resume_source`;
+    rank 0 then deletes the run folder's newer, unrecorded checkpoint folders,
+    :func:`discard_unreported`); ``on_step(step)`` runs after
     every optimiser step with the run's global step count (the fault-injection hook).
     """
     from actr_core.data import SCHEMA_VERSION, Resize, ShardDataset, train_transforms
@@ -256,7 +278,10 @@ def fit(
 
     model: nn.Module = build_model(cfg.model, **cfg.model_kwargs)
     if resume_from is not None:
+        check_weights(resume_from, model, cfg.model)
         model.load_state_dict(resume_from.model)
+        if own and rank == 0:
+            discard_unreported(cfg.run_dir, resume_from.epoch)
     model.to(device)
     optimizer = build_optimizer(
         model,
@@ -352,7 +377,7 @@ def fit(
         bar = tqdm(
             total=steps,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=rank != 0 or not cfg.progress,
+            disable=rank != 0 or not cfg.progress or not sys.stdout.isatty(),  # a log gets the epoch line only
             file=sys.stdout,
             mininterval=10.0,
             ascii=True,

@@ -12,6 +12,7 @@ from actr_core.training import (
     TrainConfig,
     ValidationResult,
     checkpoint_folder,
+    discard_unreported,
     epoch_line,
     fit,
     history_row,
@@ -77,17 +78,23 @@ def _save_epoch(run_dir: Path, epoch: int) -> Path:
     return save_checkpoint(path, model=ToyMatcher(), builder=TOY_NAME, epoch=epoch, step=10 * epoch)
 
 
-def test_resume_source_prefers_the_newest_complete_checkpoint_of_the_run(tmp_path):
+def test_resume_source_is_the_framework_s_record_never_a_newer_file_of_the_run_folder(tmp_path):
     cfg = TrainConfig(name="r", runs_dir=str(tmp_path))
     assert resume_source(cfg) == (None, False) and latest_checkpoint(cfg.run_dir) is None
     _save_epoch(cfg.run_dir, 1)
-    newest = _save_epoch(cfg.run_dir, 2)
+    newest = _save_epoch(cfg.run_dir, 2)  # written, but its writer died before the framework recorded it
     broken = cfg.run_dir / CHECKPOINTS_DIR / "epoch_003" / "checkpoint.pt"
     broken.parent.mkdir()
     broken.write_bytes(newest.read_bytes()[:100])  # e.g. a copy cut short by a crash
+    assert resume_source(cfg) == (None, False)  # the run folder alone is not a source
     restored = load_checkpoint(checkpoint_folder(cfg.run_dir, 1))
-    ckpt, own = resume_source(cfg, restored)  # the run folder's newest wins over the one the framework restored
-    assert own and ckpt.epoch == 2
+    ckpt, own = resume_source(cfg, restored)
+    assert own and ckpt.epoch == 1
+    assert latest_checkpoint(cfg.run_dir).epoch == 2  # without a framework: the newest complete file
+    # the folders after the restored epoch escape the framework's retention: they are deleted
+    assert discard_unreported(cfg.run_dir, 1) == [checkpoint_folder(cfg.run_dir, 2), checkpoint_folder(cfg.run_dir, 3)]
+    assert sorted(p.name for p in (cfg.run_dir / CHECKPOINTS_DIR).iterdir()) == ["epoch_001"]
+    assert discard_unreported(cfg.run_dir, 1) == []
 
 
 def test_resume_from_the_framework_then_from_the_option(tmp_path):
@@ -127,8 +134,12 @@ def test_fit_in_one_process_writes_checkpoints_and_resumes_after_a_stop(tiny_sha
     out = capsys.readouterr().out
     assert "untrained: " in out and "epoch 1/1  step 2" in out
 
-    # the same run asked for a second epoch continues from its own checkpoint (as after a killed worker)
-    history = fit(cfg.replace(epochs=2), on_step=steps.append)
+    # the same run asked for a second epoch continues from the checkpoint its caller restored (as after a
+    # killed worker); a newer, never recorded folder is deleted by rank 0 and that epoch trained again
+    stale = checkpoint_folder(cfg.run_dir, 2)
+    stale.mkdir()
+    (stale / "checkpoint.pt").write_bytes(b"never recorded")
+    history = fit(cfg.replace(epochs=2), on_step=steps.append, restored=latest_checkpoint(cfg.run_dir))
     assert [row["epoch"] for row in history] == [0, 1, 2] and [row["restarts"] for row in history] == [0, 0, 1]
     assert steps == [1, 2, 3, 4] and "resumed from epoch 1, step 2" in capsys.readouterr().out
     last = load_checkpoint(checkpoint_folder(cfg.run_dir, 2))
