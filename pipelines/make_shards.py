@@ -52,6 +52,8 @@ class MakeShardsConfig:
     n_kps: int = SyntheticConfig.n_kps  # synthetic keypoints per pair
     neighbourhood: float = PseudoFlow.neighbourhood  # benchmarks: pseudo-flow side at 512 px (paper Sec. 3.5)
     on_error: Literal["raise", "skip"] = "raise"  # a pair that cannot be read: stop, or skip it (listed in the manifest)
+    # PF-PASCAL training flips: x → W+1−x (one_based, its annotations' own convention), W−x (released), W−1−x (pixel_centre)
+    pfpascal_flip: Literal["one_based", "released", "pixel_centre"] = "one_based"
     workers: int = os.cpu_count() or 1  # processes (0: in this process)
     overwrite: bool = False  # replace a shard set made with other settings
     verify: bool = False  # only verify --out against its manifest
@@ -114,6 +116,7 @@ def to_config(args: MakeShardsConfig) -> Config:
             crop_scale=tuple(args.crop_scale),
         ),
         on_error=args.on_error,
+        pfpascal_flip=args.pfpascal_flip,
     )
     return Config(out=out, settings=settings, workers=args.workers, overwrite=args.overwrite, progress=args.progress)
 

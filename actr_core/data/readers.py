@@ -7,10 +7,14 @@ pair on demand (``reader.load(i)``) as a :class:`~actr_core.data.records.PairRec
 reader yields every loadable pair; under ``on_error="skip"`` a bad pair is left out and counted,
 and the count is logged at the end of the pass (``reader.skipped`` keeps the reasons).
 
-Roots are local paths or fsspec URLs (``file://``, ``memory://``, ``s3://`` ...). Layouts:
+Roots are local paths or fsspec URLs (``file://``, ``memory://``, ``s3://`` ...): the data set's
+folder, or its parent holding ``SPair-71k/``, ``PF-PASCAL/`` or ``PF-WILLOW/`` (the released code's
+``datapath``); a root that is neither fails with both paths named. Layouts:
 
 - SPair-71k: ``Layout/large/{trn,val,test}.txt`` (lines ``pairid-src-trg:category``),
-  ``PairAnnotation/<split>/<line>.json``, ``JPEGImages/<category>/<name>.jpg``.
+  ``PairAnnotation/<split>/<line>.json``, ``JPEGImages/<category>/<name>.jpg``. An annotation
+  whose ``src_imsize``/``trg_imsize`` disagrees with the JPEG is read with the JPEG's size (as the
+  released code does); the record lists it in ``size_corrected`` and shard manifests count it.
 - PF-PASCAL: ``{trn,val,test}_pairs.csv`` (source path, target path, 1-based VOC class id, flip
   flag; only the basenames of the paths are used), ``JPEGImages/<name>``,
   ``Annotations/<class>/<stem>.mat`` (``kps`` n×2 with NaN for invisible points, ``bbox``).
@@ -42,6 +46,7 @@ __all__ = [
     "PFWillowReader",
     "READERS",
     "VOC_CLASSES",
+    "FLIP_OFFSETS",
     "open_reader",
 ]
 
@@ -54,6 +59,10 @@ VOC_CLASSES: tuple[str, ...] = (
     "tvmonitor",
 )  # fmt: skip
 PF_WILLOW_POINTS = 10  # keypoints per PF-WILLOW image (test_pairs.csv has 10 x then 10 y)
+# PF-PASCAL's horizontal flip x → W + offset − x: "one_based" is the exact mirror of 1-based pixel
+# centres (PF-PASCAL's own convention), "released" the released ACTR loader's W − x
+# (data/pfpascal.py), "pixel_centre" the exact mirror of 0-based pixel centres (actr_core 0.1.0).
+FLIP_OFFSETS: Mapping[str, int] = {"one_based": 1, "released": 0, "pixel_centre": -1}
 
 
 class PairReader(abc.ABC):
@@ -108,6 +117,17 @@ class _FileReader(PairReader):
         self.root = str(root)
         self.fs, self.path = open_root(self.root, storage_options)
 
+    def _locate(self, marker: str, folder: str) -> None:
+        """Accept the data set's folder (holding ``marker``) or its parent (holding ``folder/marker``, as
+        the released code expects); else :class:`DataError` naming both paths tried."""
+        here, below = join(self.path, marker), join(self.path, folder, marker)
+        if self.fs.exists(here):
+            return
+        if self.fs.exists(below):
+            self.path = join(self.path, folder)
+            return
+        raise DataError(here, f"{marker} not found here nor at {below}: give the {folder} folder or its parent as the root")
+
     def _read_bytes(self, path: str, what: str) -> bytes:
         try:
             return self.fs.cat_file(path)
@@ -135,6 +155,7 @@ class SPairReader(_FileReader):
     def __init__(self, root: str, split: str, **kwargs: Any):
         super().__init__(root, split, **kwargs)
         name = self.SPLIT_NAMES[split]
+        self._locate(f"Layout/large/{name}.txt", "SPair-71k")
         listing = self._read_text(join(self.path, "Layout", "large", f"{name}.txt"), "pair list")
         self.lines = [line.strip() for line in listing.splitlines() if line.strip()]
 
@@ -158,16 +179,16 @@ class SPairReader(_FileReader):
         src_kps, trg_kps = check_keypoints(ann["src_kps"], ann["trg_kps"], ann_path)
         src_bbox = check_box(ann["src_bndbox"], ann_path, "source")
         trg_bbox = check_box(ann["trg_bndbox"], ann_path, "target")
-        images = []
+        images, corrected = [], []
         for side, name in (("src", parts[1]), ("trg", parts[2])):
             image_path = join(self.path, "JPEGImages", category, f"{name}.jpg")
             image = load_image(self.fs, image_path)
             declared = ann.get(f"{side}_imsize")  # [W, H, C] in SPair
             if declared is not None and [int(declared[1]), int(declared[0])] != list(image.shape[:2]):
-                raise DataError(
-                    image_path,
-                    f"{side}_imsize says W×H = {declared[0]}×{declared[1]} but the image is {image.shape[1]}×{image.shape[0]}",
-                )
+                # the released code sizes everything by the image it opened; so do we, and say so
+                corrected.append(f"{side}_imsize says W×H = {declared[0]}×{declared[1]}, "
+                                 f"the image is {image.shape[1]}×{image.shape[0]} (used)")  # fmt: skip
+                logger.debug("%s: %s", ann_path, corrected[-1])
             images.append(image)
         return PairRecord(
             pair_id=line,
@@ -181,6 +202,7 @@ class SPairReader(_FileReader):
             src_bbox=src_bbox,
             trg_bbox=trg_bbox,
             flags={flag: int(ann[flag]) for flag in SPAIR_FLAGS},
+            size_corrected=tuple(corrected),
         )
 
 
@@ -200,16 +222,24 @@ class PFPascalReader(_FileReader):
     """PF-PASCAL; keeps keypoints visible in both images; training rows with flip = 1 are mirrored.
 
     Convention:
-        A horizontal flip of an image of width W maps x to W − 1 − x (pixel centres at integers);
-        a box (x1, y1, x2, y2) becomes (W − 1 − x2, y1, W − 1 − x1, y2). Both images of the pair are
-        flipped, and the pair id gets the suffix ``-flip``.
+        PF-PASCAL's keypoints and boxes are 1-based pixel centres (MATLAB; ``docs/data.md`` gives the
+        evidence), and the reader keeps them as given. A horizontal flip of an image of width W
+        therefore maps x to W + 1 − x (``flip="one_based"``, the default: the point stays on the
+        same image content); a box (x1, y1, x2, y2) becomes (W + 1 − x2, y1, W + 1 − x1, y2).
+        ``flip="released"`` uses the released loader's W − x, ``flip="pixel_centre"`` the W − 1 − x
+        of 0-based pixel centres (actr_core 0.1.0). Both images of the pair are flipped, and the
+        pair id gets the suffix ``-flip``.
     """
 
     dataset = "pfpascal"
     SPLIT_NAMES: Mapping[str, str] = {"train": "trn", "val": "val", "test": "test"}
 
-    def __init__(self, root: str, split: str, *, apply_flip: bool = True, **kwargs: Any):
+    def __init__(self, root: str, split: str, *, apply_flip: bool = True, flip: str = "one_based", **kwargs: Any):
+        if flip not in FLIP_OFFSETS:
+            raise ValueError(f"flip must be one of {sorted(FLIP_OFFSETS)}, got {flip!r}")
+        self.flip = flip
         super().__init__(root, split, **kwargs)
+        self._locate(f"{self.SPLIT_NAMES[split]}_pairs.csv", "PF-PASCAL")
         self.csv_path = join(self.path, f"{self.SPLIT_NAMES[split]}_pairs.csv")
         rows = self._read_csv(self.csv_path)
         self.rows = rows[1:] if rows and _is_header(rows[0], 2) else rows
@@ -263,8 +293,8 @@ class PFPascalReader(_FileReader):
         trg_image = load_image(self.fs, join(self.path, "JPEGImages", trg_name))
         pair_id = f"{index:05d}-{_stem(src_name)}-{_stem(trg_name)}"
         if flip:
-            src_image, src_kps, src_bbox = _hflip(src_image, src_kps, src_bbox)
-            trg_image, trg_kps, trg_bbox = _hflip(trg_image, trg_kps, trg_bbox)
+            src_image, src_kps, src_bbox = _hflip(src_image, src_kps, src_bbox, FLIP_OFFSETS[self.flip])
+            trg_image, trg_kps, trg_bbox = _hflip(trg_image, trg_kps, trg_bbox, FLIP_OFFSETS[self.flip])
             pair_id += "-flip"
         return PairRecord(
             pair_id=pair_id,
@@ -280,11 +310,12 @@ class PFPascalReader(_FileReader):
         )
 
 
-def _hflip(image: np.ndarray, kps: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    last = image.shape[1] - 1
+def _hflip(image: np.ndarray, kps: np.ndarray, box: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mirror an image and its annotations: x → W + offset − x (see :data:`FLIP_OFFSETS`)."""
+    mirror = image.shape[1] + offset
     kps = kps.copy()
-    kps[:, 0] = last - kps[:, 0]
-    box = np.array([last - box[2], box[1], last - box[0], box[3]], dtype=np.float64)
+    kps[:, 0] = mirror - kps[:, 0]
+    box = np.array([mirror - box[2], box[1], mirror - box[0], box[3]], dtype=np.float64)
     return np.ascontiguousarray(image[:, ::-1]), kps, box
 
 
@@ -297,6 +328,7 @@ class PFWillowReader(_FileReader):
         if split != "test":
             raise ValueError(f"PF-WILLOW has only a 'test' split, got {split!r}")
         super().__init__(root, split, **kwargs)
+        self._locate("test_pairs.csv", "PF-WILLOW")
         self.csv_path = join(self.path, "test_pairs.csv")
         rows = self._read_csv(self.csv_path)
         self.rows = rows[1:] if rows and _is_header(rows[0], 2) else rows

@@ -61,6 +61,8 @@ class PairRecord:
     flags: Mapping[str, int] = dataclasses.field(default_factory=dict)
     flow: Float[np.ndarray, "2 h w"] | None = None
     valid_flow: Bool[np.ndarray, "h w"] | None = None
+    # Annotation sizes that disagreed with the image file (the file's size is used; counted in manifests).
+    size_corrected: tuple[str, ...] = ()
 
     @property
     def src_size(self) -> tuple[int, int]:

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from actr_core.data.errors import DataError, check_on_error
-from actr_core.data.readers import PairReader, open_reader
+from actr_core.data.readers import FLIP_OFFSETS, PairReader, open_reader
 from actr_core.data.records import join, open_root
 from actr_core.data.samples import JPEG_QUALITY, PseudoFlow, build_sample, encode_sample, sample_size
 from actr_core.data.schema import FLOW_STRIDE, IMAGE_FORMATS, MANIFEST_NAME, SCHEMA_VERSION, SHARD_MEMBERS, SPLITS
@@ -102,6 +102,9 @@ class ShardSettings:
     pseudo: PseudoFlow = PseudoFlow()  # pseudo-flow of benchmark pairs (paper Sec. 3.5)
     synthetic: SyntheticConfig = SyntheticConfig()  # synthetic warps; its size is replaced by `size`
     on_error: str = "raise"  # "raise" or "skip" bad pairs (skips are listed in the manifest)
+    # PF-PASCAL training flips: x → W + 1 − x ("one_based", exact for its 1-based annotations), the released
+    # loader's W − x ("released") or 0.1.0's W − 1 − x ("pixel_centre"); readers.FLIP_OFFSETS, docs/data.md.
+    pfpascal_flip: str = "one_based"
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -120,6 +123,8 @@ class ShardSettings:
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"limit must be >= 0 or None, got {self.limit}")
         check_on_error(self.on_error)
+        if self.pfpascal_flip not in FLIP_OFFSETS:
+            raise ValueError(f"pfpascal_flip must be one of {sorted(FLIP_OFFSETS)}, got {self.pfpascal_flip!r}")
         size = sample_size(self.size)
         object.__setattr__(self, "size", size)
         if self.synthetic.size != size:
@@ -133,8 +138,11 @@ class ShardSettings:
                 raise ValueError(f"pairs {[(s, counts[s]) for s in self.splits]}: every count must be >= 0 and one > 0")
 
     def to_json(self) -> dict[str, Any]:
-        """The settings as plain JSON values (the manifest's ``settings``)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The settings as plain JSON values (the manifest's ``settings``); ``pfpascal_flip`` only for PF-PASCAL."""
+        values = json.loads(json.dumps(dataclasses.asdict(self)))
+        if self.source != "pfpascal":
+            del values["pfpascal_flip"]  # shapes no other source's bytes; sets of other sources keep their settings
+        return values
 
     def reader(self, split: str, storage_options: Mapping[str, Any] | None = None) -> PairReader:
         """The pair reader of ``split``; bad pairs always raise here (the writer applies ``on_error``)."""
@@ -142,7 +150,8 @@ class ShardSettings:
             return SyntheticPairs(split, dict(self.pairs)[split], config=self.synthetic, seed=self.seed)
         if self.root is None:
             raise ValueError(f"source {self.source!r} needs root (the data set's directory or URL)")
-        return open_reader(self.source, self.root, split, storage_options=storage_options)
+        extra = {"flip": self.pfpascal_flip} if self.source == "pfpascal" else {}
+        return open_reader(self.source, self.root, split, storage_options=storage_options, **extra)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,24 +209,29 @@ def _cached_reader(settings: ShardSettings, split: str, storage_items: tuple[tup
 
 def _build_shard(
     settings: ShardSettings, task: ShardTask, storage_items: tuple[tuple[str, Any], ...] = ()
-) -> tuple[ShardTask, bytes, int, list[dict[str, str]]]:
-    """Build one shard in memory; returns (task, tar bytes, sample count, skipped pairs)."""
+) -> tuple[ShardTask, bytes, int, list[dict[str, str]], list[dict[str, str]]]:
+    """Build one shard in memory; returns (task, tar bytes, sample count, skipped pairs, pairs whose
+    annotated image size disagreed with the image and was replaced by the image's)."""
     reader = _cached_reader(settings, task.split, storage_items)
     samples: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
+    corrected: list[dict[str, str]] = []
     count = 0
     for index in range(task.start, task.stop):
         try:
-            sample = build_sample(reader.load(index), settings.size, settings.pseudo)
+            record = reader.load(index)
+            sample = build_sample(record, settings.size, settings.pseudo)
         except DataError as error:
             if settings.on_error == "raise":
                 raise
             skipped.append({"where": error.where, "reason": error.reason})
             continue
+        if record.size_corrected:
+            corrected.append({"pair": record.pair_id, "reason": "; ".join(record.size_corrected)})
         members = encode_sample(sample, settings.image_format, settings.jpeg_quality)
         samples.append({"__key__": f"{task.split}_{index:07d}", **members})
         count += 1
-    return task, _tar_bytes(samples), count, skipped
+    return task, _tar_bytes(samples), count, skipped, corrected
 
 
 def plan_shards(settings: ShardSettings, storage_options: Mapping[str, Any] | None = None) -> list[ShardTask]:
@@ -348,6 +362,7 @@ def _manifest(settings: ShardSettings, tasks: Sequence[ShardTask], done: Mapping
             "samples": sum(e["samples"] for e in entries),
             "bytes": sum(e["bytes"] for e in entries),
             "skipped": sum(len(e["skipped"]) for e in entries),
+            "size_corrected": sum(len(e.get("size_corrected", ())) for e in entries),
         }
     return {
         "manifest_format": MANIFEST_FORMAT,
@@ -361,6 +376,7 @@ def _manifest(settings: ShardSettings, tasks: Sequence[ShardTask], done: Mapping
             "samples": sum(s["samples"] for s in splits.values()),
             "bytes": sum(s["bytes"] for s in splits.values()),
             "skipped": sum(s["skipped"] for s in splits.values()),
+            "size_corrected": sum(s["size_corrected"] for s in splits.values()),
         },
     }
 
@@ -385,7 +401,7 @@ def _run_tasks(
     workers: int,
     storage_items: tuple[tuple[str, Any], ...],
     mp_context: str | None,
-) -> Iterator[tuple[ShardTask, bytes, int, list[dict[str, str]]]]:
+) -> Iterator[tuple[ShardTask, bytes, int, list[dict[str, str]], list[dict[str, str]]]]:
     if workers <= 0 or len(tasks) <= 1:
         for task in tasks:
             yield _build_shard(settings, task, storage_items)
@@ -482,7 +498,10 @@ def _make_shards(
     tasks = plan_shards(settings, storage_options)
     planned = {t.name for t in tasks}
     existing = read_manifest(out, storage_options)
-    if existing is not None and existing.get("settings") != settings_json:
+    recorded = existing.get("settings") if existing is not None else None
+    if isinstance(recorded, dict) and recorded.get("source") == "pfpascal":
+        recorded = {"pfpascal_flip": "pixel_centre", **recorded}  # sets of 0.1.0 flipped x → W − 1 − x
+    if existing is not None and recorded != settings_json:
         if not overwrite:
             raise ValueError(f"{out} holds a shard set made with other settings; pass overwrite=True (--overwrite) to replace it")
         for split in existing.get("splits", {}).values():
@@ -513,7 +532,7 @@ def _make_shards(
     storage_items = tuple(sorted((storage_options or {}).items()))
     bar = tqdm(total=sum(t.stop - t.start for t in todo), unit="pair", desc="make_shards", disable=not progress)
     try:
-        for task, data, count, skipped in _run_tasks(settings, todo, workers, storage_items, mp_context):
+        for task, data, count, skipped, corrected in _run_tasks(settings, todo, workers, storage_items, mp_context):
             _write_atomic(fs, join(root, task.name), data)
             done[task.name] = {
                 "name": task.name,
@@ -524,6 +543,7 @@ def _make_shards(
                 "bytes": len(data),
                 "sha256": sha256_hex(data),
                 "skipped": skipped,
+                "size_corrected": corrected,
             }
             _write_atomic(fs, manifest_path, _manifest_bytes(_manifest(settings, tasks, done, complete=False)))
             bar.update(task.stop - task.start)
@@ -536,6 +556,9 @@ def _make_shards(
     skipped_total = manifest["totals"]["skipped"]
     if skipped_total:
         logger.warning("%s: skipped %d bad pairs (listed per shard in %s)", out, skipped_total, MANIFEST_NAME)
+    if manifest["totals"]["size_corrected"]:
+        logger.warning("%s: %d pairs annotate an image size other than the image's; the image's was used (listed per "
+                       "shard in %s)", out, manifest["totals"]["size_corrected"], MANIFEST_NAME)  # fmt: skip
     return manifest
 
 

@@ -79,7 +79,6 @@ def test_missing_image_file(memory_root, builders):
         (lambda a: a["trg_kps"].pop(), "keypoint count mismatch: 4 source vs 3 target"),
         (lambda a: a["src_kps"][2].__setitem__(0, float("nan")), r"NaN or inf in keypoint rows \[2\]"),
         (lambda a: a.__setitem__("trg_bndbox", [5, 5, 5, 20]), "target box .* zero area"),
-        (lambda a: a.__setitem__("src_imsize", [41, 30, 3]), "src_imsize says"),
         (lambda a: a.pop("occlusion"), "lacks fields"),
     ],
 )

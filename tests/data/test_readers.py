@@ -57,26 +57,35 @@ class TestPFPascal:
         builders.pfpascal(root_url)
         assert [r.category for r in PFPascalReader(root_url, "val")] == ["aeroplane", "bicycle", "bird"]
 
-    def test_training_flip_mirrors_images_keypoints_and_boxes(self, root_url, builders):
+    @pytest.mark.parametrize("flip, offset", [("one_based", 1), ("released", 0), ("pixel_centre", -1)])
+    def test_training_flip_mirrors_images_keypoints_and_boxes(self, root_url, builders, flip, offset):
         builders.pfpascal(root_url)
         plain = PFPascalReader(root_url, "train", apply_flip=False).load(1)
-        flipped = PFPascalReader(root_url, "train").load(1)  # row 1 has flip = 1
+        flipped = PFPascalReader(root_url, "train", flip=flip).load(1)  # row 1 has flip = 1
         assert flipped.pair_id.endswith("-flip") and not plain.pair_id.endswith("-flip")
         w = plain.src_image.shape[1]
         np.testing.assert_array_equal(flipped.src_image, plain.src_image[:, ::-1])
-        np.testing.assert_allclose(flipped.src_kps[:, 0], w - 1 - plain.src_kps[:, 0])
+        np.testing.assert_allclose(flipped.src_kps[:, 0], w + offset - plain.src_kps[:, 0])
         np.testing.assert_allclose(flipped.src_kps[:, 1], plain.src_kps[:, 1])
-        np.testing.assert_allclose(flipped.trg_bbox, [w - 1 - 36, 1, w - 1 - 3, 28])
+        np.testing.assert_allclose(flipped.trg_bbox, [w + offset - 36, 1, w + offset - 3, 28])
 
-    def test_convention_flip_maps_pixel_centres(self, root_url, builders):
-        """x -> W - 1 - x keeps pixel centres on pixel centres; the naive W - x shifts them by one."""
+    def test_convention_flip_keeps_one_based_points_on_their_pixel(self, root_url, builders):
+        """1-based x = c + 1 names array column c; the default W + 1 − x names the column the flip moves
+        it to (W − 1 − c); the released W − x lands one column short, 0.1.0's W − 1 − x two."""
         builders.pfpascal(root_url)
         plain = PFPascalReader(root_url, "train", apply_flip=False).load(1)
-        flipped = PFPascalReader(root_url, "train").load(1)
         w = plain.src_image.shape[1]
-        assert not np.allclose(flipped.src_kps[:, 0], w - plain.src_kps[:, 0])
-        col = 5  # the pixel whose centre is x = 5 lands where the flipped keypoint x = 5 lands
-        np.testing.assert_array_equal(flipped.src_image[:, w - 1 - col], plain.src_image[:, col])
+        col = 5  # the pixel named by 1-based x = 6
+        flipped = {f: PFPascalReader(root_url, "train", flip=f).load(1) for f in ("one_based", "released", "pixel_centre")}
+        np.testing.assert_array_equal(flipped["one_based"].src_image[:, w - 1 - col], plain.src_image[:, col])
+        # every keypoint's 0-based column (x − 1) mirrors to W − 1 − (x − 1) under the default only
+        for flip, short in (("one_based", 0), ("released", 1), ("pixel_centre", 2)):
+            np.testing.assert_allclose(flipped[flip].src_kps[:, 0] - 1, (w - 1) - (plain.src_kps[:, 0] - 1) - short)
+
+    def test_unknown_flip_is_refused(self, root_url, builders):
+        builders.pfpascal(root_url)
+        with pytest.raises(ValueError, match="flip must be one of"):
+            PFPascalReader(root_url, "train", flip="mirror")
 
     def test_validation_rows_are_never_flipped(self, root_url, builders):
         builders.pfpascal(root_url)
@@ -119,7 +128,7 @@ class TestCommon:
             SPairReader(memory_root, "trn")
 
     def test_missing_pair_list_names_the_file(self, memory_root):
-        with pytest.raises(DataError, match=r"Layout/large/trn.txt: pair list not found"):
+        with pytest.raises(DataError, match=r"Layout/large/trn.txt not found here nor at .*SPair-71k/Layout/large/trn.txt"):
             SPairReader(memory_root, "train")
 
     def test_index_out_of_range(self, memory_root, builders):

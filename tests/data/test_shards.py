@@ -37,6 +37,7 @@ def test_manifest_lists_every_shard(memory_root, tiny_settings_factory):
         "samples": 41,
         "bytes": sum(len(v) for k, v in files.items() if k.endswith(".tar")),
         "skipped": 0,
+        "size_corrected": 0,
     }
     assert json.loads(files["manifest.json"]) == manifest
     assert verify_shards(memory_root).ok
