@@ -4,8 +4,8 @@ Axis legend: b batch · H W input frame · h w token grid (H/p, W/p) · p patch 
 (1 + h·w) · c channels · k prefix tokens ([cls], registers, distillation).
 
 * Any timm ``VisionTransformer`` by name (``vit_small_patch16_224`` = ViT-S/16,
-  ``vit_base_patch16_224`` = ViT-B/16, ...), built with ``pretrained=False``: nothing is ever
-  downloaded. The backbone is that timm model itself, as the ``VisionTransformer`` subclass
+  ``vit_base_patch16_224`` = ViT-B/16, ...). Nothing downloads unless asked by name: weights are
+  random unless ``weights`` or ``pretrained=True`` say otherwise (see :func:`create_vit`). The backbone is that timm model itself, as the ``VisionTransformer`` subclass
   :class:`ViTBackbone`, without its classifier head: its token path (``forward_features`` in the
   ``dynamic_img_size`` mode) and its state-dict keys are timm's.
 * Gradient checkpointing is timm's: ``set_grad_checkpointing(True)`` (or
@@ -18,7 +18,10 @@ Axis legend: b batch · H W input frame · h w token grid (H/p, W/p) · p patch 
   prefix tokens' embeddings are kept as they are) and equals timm's ``dynamic_img_size=True``
   forward. ACTR as released uses DINO's variant instead
   (:func:`actr_core.blocks.released.dino_pos_embed_interpolation`).
-* Weights only from local files (:func:`load_vit_weights`): a timm ``.safetensors``/``.pth`` state
+* Weights from a local file, an artefact name of :mod:`actr_core.hub` (``"ibot-vitb16"``, fetched
+  into the cache once and checked) or timm's own pretrained weights (``"timm:<name>.<tag>"`` or
+  ``pretrained=True``, through timm's Hugging Face cache; ``HF_HUB_OFFLINE=1`` uses that cache
+  only). Files (:func:`load_vit_weights`): a timm ``.safetensors``/``.pth`` state
   dict, or an iBOT/DINO checkpoint (``teacher``/``student`` dicts, keys prefixed ``module.`` and
   ``backbone.``), converted on load, with a report of missing/unexpected keys; an error if no key
   matched or shapes disagree. Without weights the backbone is randomly initialised and says so in
@@ -56,6 +59,7 @@ __all__ = [
     "resample_pos_embed_bicubic",
     "VIT_SMALL_16",
     "VIT_BASE_16",
+    "TIMM_PREFIX",
 ]
 
 _log = logging.getLogger(__name__)
@@ -66,6 +70,7 @@ PosEmbedResampler = Callable[[Tensor, tuple[int, int], tuple[int, int], int], Te
 
 VIT_SMALL_16 = "vit_small_patch16_224"  # ViT-S/16 (DINO/iBOT ViT-S; ACTR-S backbone, paper Sec. 4)
 VIT_BASE_16 = "vit_base_patch16_224"  # ViT-B/16 (iBOT ViT-B/16; ACTR backbone, paper Sec. 4)
+TIMM_PREFIX = "timm:"  # weights="timm:<name>.<tag>": timm's own pretrained weights (its Hugging Face cache)
 
 # checkpoint keys holding the network, tried in this order when none is named
 _CHECKPOINT_KEYS = ("teacher", "state_dict", "model", "student")
@@ -273,12 +278,18 @@ def load_vit_weights(
     checkpoint_key: str | None = None,
     weights_only: bool = True,
 ) -> WeightsReport:
-    """Load local weights into ``backbone`` (non-strict on names, strict on shapes) and report.
+    """Load weights into ``backbone`` (non-strict on names, strict on shapes) and report.
+
+    ``weights``: a local file, a state dict, or an artefact name of :mod:`actr_core.hub`
+    (``"ibot-vitb16"``, ``"ibot-vits16"``; a local path of the same name wins).
 
     A position embedding learnt for another grid is resampled to the backbone's native grid with
     :func:`resample_pos_embed_bicubic`. Raises ``ValueError`` when no key matched, or listing the
     first keys whose shapes disagree.
     """
+    from actr_core.hub import resolve_weights
+
+    weights = resolve_weights(weights)  # an artefact name -> its cached file
     source = str(weights) if isinstance(weights, (str, os.PathLike)) else "state dict"
     raw = read_checkpoint(weights, weights_only=weights_only) if isinstance(weights, (str, os.PathLike)) else weights
     state = convert_vit_state_dict(raw, checkpoint_key=checkpoint_key)
@@ -319,41 +330,65 @@ def create_vit(
     name: str = VIT_BASE_16,
     *,
     weights: str | os.PathLike | Mapping[str, Any] | None = None,
+    pretrained: bool = False,
     checkpoint_key: str | None = None,
     resample_pos_embed: PosEmbedResampler = resample_pos_embed_bicubic,
     grad_checkpointing: bool = False,
     warn_random_init: bool = True,
     **timm_kwargs: Any,
 ) -> ViTBackbone:
-    """Build a timm ViT by ``name`` as a :class:`ViTBackbone` (never downloads).
+    """Build a timm ViT by ``name`` as a :class:`ViTBackbone`.
 
     Args:
         name: any timm ``VisionTransformer`` with a [cls] token, e.g. ``vit_base_patch16_224``.
-        weights: a local file (timm safetensors/pth, iBOT/DINO checkpoint) or a state dict; ``None``
-            keeps the random initialisation (with a one-line warning unless ``warn_random_init``
-            is false, e.g. because the caller loads a full checkpoint afterwards).
+        weights: a local file (timm safetensors/pth, iBOT/DINO checkpoint), a state dict, an
+            artefact name of :mod:`actr_core.hub` (``"ibot-vitb16"``: downloaded into the cache
+            once, checked), or ``"timm:<name>.<tag>"`` (e.g. ``"timm:vit_base_patch16_224.dino"``:
+            timm's own pretrained weights through its Hugging Face cache, the architecture must be
+            ``name``'s); ``None`` keeps the random initialisation (with a one-line warning unless
+            ``warn_random_init`` is false, e.g. because the caller loads a full checkpoint afterwards).
+        pretrained: ``True``: timm's default pretrained weights of ``name`` (the same as
+            ``weights="timm:<name>"``). Loaded by timm or an error, never silently random.
         checkpoint_key: the entry of the checkpoint holding the network (default: see
             :func:`convert_vit_state_dict`).
         resample_pos_embed: how the position embedding follows the input size.
         grad_checkpointing: recompute the blocks in the backward pass (timm's gradient checkpointing).
-        timm_kwargs: passed to ``timm.create_model`` (e.g. ``depth=2, embed_dim=64`` for tests);
-            ``pretrained`` is always ``False``.
+        timm_kwargs: passed to ``timm.create_model`` (e.g. ``depth=2, embed_dim=64`` for tests).
+
+    timm weights follow timm's rules: ``HF_HUB_OFFLINE=1`` reads its Hugging Face cache only;
+    a failure to get them raises ``ValueError`` naming the weights.
     """
-    kwargs = {"num_classes": 0, **timm_kwargs, "pretrained": False, "dynamic_img_size": True}
+    spec = weights[len(TIMM_PREFIX) :] if isinstance(weights, str) and weights.startswith(TIMM_PREFIX) else None
+    if pretrained:
+        if weights is not None:
+            raise ValueError(f"pass either pretrained=True or weights={weights!r}, not both")
+        spec = name
+    if spec is not None:
+        if spec.split(".")[0] != name.split(".")[0]:
+            raise ValueError(f"timm weights {spec!r} are for another architecture than the backbone {name!r}")
+        if checkpoint_key is not None:
+            raise ValueError(f"checkpoint_key = {checkpoint_key!r} applies to checkpoint files, not to timm weights {spec!r}")
+    kwargs = {"num_classes": 0, **timm_kwargs, "pretrained": spec is not None, "dynamic_img_size": True}
     try:
-        vit = timm.create_model(name, **kwargs)
-    except RuntimeError as err:
-        raise ValueError(f"timm has no model {name!r}: {err}") from err
+        vit = timm.create_model(spec or name, **kwargs)
     except TypeError as err:  # a CNN takes neither dynamic_img_size nor depth
         raise ValueError(
             f"timm model {name!r} is not a VisionTransformer ({err}); a CNN backbone needs "
             "ACTRConfig.conv_backbone (create_conv_backbone)"
         ) from err
+    except Exception as err:  # an unknown name (RuntimeError), or timm / huggingface_hub failing to get weights
+        if spec is None:
+            raise ValueError(f"timm has no model {name!r}: {err}") from err
+        offline = " (HF_HUB_OFFLINE=1: Hugging Face cache only)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"timm could not load pretrained weights {spec!r}{offline}: {type(err).__name__}: {first}") from err
     backbone = ViTBackbone.from_timm(vit, resample_pos_embed=resample_pos_embed, grad_checkpointing=grad_checkpointing)
-    if weights is not None:
+    if spec is not None:
+        _log.info("ViT weights: timm %s", spec)
+    elif weights is not None:
         load_vit_weights(backbone, weights, checkpoint_key=checkpoint_key)
     elif warn_random_init:
-        warnings.warn(f"ViT backbone {name!r} is randomly initialised (no weights file given)", stacklevel=2)
+        warnings.warn(f"ViT backbone {name!r} is randomly initialised (no weights given)", stacklevel=2)
     return backbone
 
 

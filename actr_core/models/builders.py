@@ -39,7 +39,7 @@ from actr_core.models.actr import (
     SymmetricCrossAttention,
     TransformerBlock,
 )
-from actr_core.models.backbones import VIT_BASE_16, VIT_SMALL_16, ViTBackbone, create_vit
+from actr_core.models.backbones import TIMM_PREFIX, VIT_BASE_16, VIT_SMALL_16, ViTBackbone, create_vit
 from actr_core.models.config import ABLATIONS, ACTRConfig
 from actr_core.models.conv_backbone import ConvBackbone, ConvBackboneConfig, create_conv_backbone
 from actr_core.models.registry import register_model
@@ -269,8 +269,10 @@ def build_actr(
             whose patch size is ``config.patch_size``); ``None``: the one ``config`` names.
         upsampler: a flow upsampler instance to inject (:class:`~actr_core.models.stages.FlowUpsampler`);
             ``None``: the variant's (the dual-window SR or bilinear upsampling).
-        backbone_weights: a local timm/iBOT/DINO checkpoint for the backbone (never downloaded);
-            ``None``: random initialisation (with a one-line warning unless ``warn_random_init``
+        backbone_weights: the backbone's weights: a local timm/iBOT/DINO checkpoint, an artefact
+            name of :mod:`actr_core.hub` (``"ibot-vitb16"``, fetched into the cache once) or
+            ``"timm:<name>.<tag>"`` (timm's pretrained weights; see
+            :func:`~actr_core.models.backbones.create_vit`); ``None``: random initialisation (with a one-line warning unless ``warn_random_init``
             is false). Only without an injected ``backbone``.
         checkpoint_key: the checkpoint entry holding the backbone (default: see
             :func:`actr_core.models.backbones.convert_vit_state_dict`).
@@ -372,6 +374,10 @@ def _build(
 ) -> ACTR:
     if ablation is not None and ablation not in ABLATIONS:
         raise ValueError(f"ablation = {ablation!r}: expected None or one of {ABLATIONS}")
+    if overrides.pop("pretrained", False):  # timm's default weights of the backbone, as create_vit(pretrained=True)
+        if backbone_weights is not None:
+            raise ValueError(f"pass either pretrained=True or backbone_weights={backbone_weights!r}, not both")
+        backbone_weights = f"{TIMM_PREFIX}{overrides.get('backbone', base.backbone)}"
     if "variant" in overrides:
         raise ValueError("choose the variant with ablation=... (or baseline()), not variant=...")
     config = dataclasses.replace(base, variant=ablation or "actr", **config_overrides(overrides, base))
@@ -385,7 +391,8 @@ _BUILDER_ARGS = """
             (``no_source_pe``, ``no_target_reweighting``, ``no_asymmetric_cross_attention``,
             ``no_multi_path``, ``single_window``, ``no_flow_sr``).
         kwargs: ``backbone_weights``, ``checkpoint_key``, ``warn_random_init`` (see
-            :func:`build_actr`); any other keyword overrides an :class:`ACTRConfig` field.
+            :func:`build_actr`); ``pretrained=True``: timm's default weights of the backbone
+            (``backbone_weights="timm:<backbone>"``); any other keyword overrides an :class:`ACTRConfig` field.
 """
 
 
@@ -448,6 +455,10 @@ def baseline(
     """
     if "variant" in overrides:
         raise ValueError("baseline() builds variant 'baseline'; do not pass variant=...")
+    if overrides.pop("pretrained", False):
+        if backbone_weights is not None:
+            raise ValueError(f"pass either pretrained=True or backbone_weights={backbone_weights!r}, not both")
+        backbone_weights = f"{TIMM_PREFIX}{overrides.get('backbone', config.backbone)}"
     return build_actr(
         dataclasses.replace(config, variant="baseline", **config_overrides(overrides, config)),
         backbone_weights=backbone_weights,

@@ -164,11 +164,14 @@ def test_random_init_warns_in_one_line():
     assert "\n" not in str(record[0].message)
 
 
-def test_never_downloads_even_if_asked(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.warns(UserWarning, match="randomly initialised"):
-        backbone = create_vit("vit_small_patch16_224", pretrained=True, **TINY)  # overridden to False
-    assert backbone.embed_dim == 32
+def test_pretrained_is_loaded_or_raises_never_ignored(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an empty Hugging Face cache, offline: timm cannot get the weights
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="could not load pretrained weights 'vit_small_patch16_224'"):
+        create_vit("vit_small_patch16_224", pretrained=True, **TINY)
 
 
 def _dino_checkpoint(backbone: ViTBackbone) -> dict:
