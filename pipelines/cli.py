@@ -86,6 +86,8 @@ COMMANDS = {
     "train": ("train a model with Ray Train (local by default)", _delegate("train")),
     "evaluate": ("evaluate a checkpoint or builder on shards; netCDF, table and figures", _delegate("evaluate")),
     "params": ("parameter counts beside the paper's Table 3", _delegate("param_count")),
+    "download": ("download weights and data sets by name (cached, checked, resumable)", _delegate("download")),
+    "reproduce": ("evaluate a released checkpoint beside the paper's Table 1", _delegate("reproduce")),
 }
 
 
