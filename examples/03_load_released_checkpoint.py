@@ -2,9 +2,11 @@
 
     python examples/03_load_released_checkpoint.py [--checkpoint path/to/model_best.pth]
 
-With a real `model_best.pth` (from the ACTR authors) the matches are meaningful. Without one, the
-example writes a randomly initialised checkpoint in the released format first (same key names
-and shapes), so that the loading path is shown end to end offline; its matches are random.
+With a real `model_best.pth` (from the ACTR authors) the matches are meaningful; by name,
+`actr_core.hub.load_pretrained("actr-spair")` downloads it into the cache once (`actr download
+actr-spair`; docs/hub.md). Without one, the example writes a randomly initialised checkpoint in the
+released format (same key names and shapes) into a temporary folder that it removes afterwards, so
+that the loading path is shown end to end offline; its matches are random.
 Writes examples_out/03_matches.png.
 """
 
@@ -23,15 +25,16 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--checkpoint", type=Path, help="the released model_best.pth")
 args = parser.parse_args()
 
-checkpoint = args.checkpoint
-if checkpoint is None:
-    torch.manual_seed(0)
-    checkpoint = Path(tempfile.mkdtemp()) / "model_best.pth"
-    model = actr_released()  # ViT-B/16 + decoder, random weights (warns once)
-    torch.save({"state_dict": to_official_state_dict(model)}, checkpoint)
-    print(f"no --checkpoint: wrote a random one in the released format to {checkpoint}")
-
-matcher = Matcher.from_released(checkpoint)  # strict key mapping; 256×256 input as released
+with tempfile.TemporaryDirectory() as scratch:  # removed at the end of the block, with the 691 MB file
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        torch.manual_seed(0)
+        checkpoint = Path(scratch) / "model_best.pth"
+        model = actr_released()  # ViT-B/16 + decoder, random weights (warns once)
+        torch.save({"state_dict": to_official_state_dict(model)}, checkpoint)
+        del model
+        print(f"no --checkpoint: wrote a random one in the released format to {checkpoint} (removed afterwards)")
+    matcher = Matcher.from_released(checkpoint)  # strict key mapping; 256×256 input as released
 left, right, _ = data.stereo_motorcycle()
 h, w = left.shape[:2]
 query = torch.tensor([[x, y] for y in (0.3 * h, 0.5 * h, 0.7 * h) for x in (0.25 * w, 0.5 * w, 0.75 * w)])
