@@ -96,3 +96,114 @@ def test_bad_inputs(tmp_path):
         m(_img(8, 8, 0), _img(8, 8, 9), torch.tensor([[9.0, 1.0]]))
     with pytest.raises(ImageError, match=r"\(3, h, w\)"):
         load_image(torch.zeros(2, 5, 5))
+
+
+class WarpModel(nn.Module):
+    """A fixed random grid flow forward and another backward (told apart by the brighter image)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.forward_flow = nn.Parameter(torch.randn(2, 8, 12, generator=g))
+        self.backward_flow = nn.Parameter(torch.randn(2, 8, 12, generator=g))
+
+    def forward(self, src, trg):
+        brighter = (trg.mean((1, 2, 3)) > src.mean((1, 2, 3))).view(-1, 1, 1, 1)
+        return _Out(torch.where(brighter, self.forward_flow, self.backward_flow).expand(src.shape[0], -1, -1, -1))
+
+
+def test_dense_outputs_are_lazy_and_equal_the_sparse_transfer_at_every_pixel():
+    from actr_core.flow import coords_grid
+
+    m = Matcher(WarpModel(), (32, 48))
+    res = m(_img(21, 30, 10), _img(40, 50, 250), torch.tensor([[4.0, 7.0]]))
+    assert "flow" not in res.__dict__ and "confidence_map" not in res.__dict__  # nothing full-size yet
+    assert res.flow_grid.shape == (2, 8, 12) and res.confidence_grid.shape == (8, 12)
+    pixels = coords_grid(21, 30).flatten(1).T
+    sparse = m(_img(21, 30, 10), _img(40, 50, 250), pixels).keypoints
+    dense = res.flow.flatten(1).T + pixels  # computed on access, then kept
+    # both: two pixel-centre rescalings (3 roundings each), one bilinear sample (9), positions up to 50 px
+    torch.testing.assert_close(dense, sparse, atol=float32_tolerance(50.0, terms=30), rtol=0)
+    assert "flow" in res.__dict__ and res.confidence_map.shape == (21, 30)
+
+
+def test_cycle_error_in_pixels_and_relative_to_the_longer_side():
+    m = Matcher(WarpModel(), (32, 48))
+    res = m(_img(21, 30, 10), _img(40, 50, 250), torch.tensor([[4.0, 7.0], [20.0, 3.0]]))
+    torch.testing.assert_close(res.cycle_error_relative, res.cycle_error / 30, rtol=1e-6, atol=0)
+    assert (res.cycle_error > 0).all() and not res.calibrated and res.calibration_alpha is None
+
+
+def test_a_calibration_makes_the_confidence_a_probability_of_its_relative_error():
+    from actr_core.calibration import ConfidenceCalibration
+
+    cal = ConfidenceCalibration(-3.0, -1.6, 0.1, "test", 100)
+    m = Matcher(WarpModel(), (32, 48), calibration=cal)
+    res = m(_img(21, 30, 10), _img(40, 50, 250), torch.tensor([[4.0, 7.0], [20.0, 3.0]]))
+    assert res.calibrated and res.calibration_alpha == 0.1
+    torch.testing.assert_close(res.confidence, cal(res.cycle_error_relative), rtol=1e-6, atol=0)
+    uncalibrated = Matcher(WarpModel(), (32, 48))(_img(21, 30, 10), _img(40, 50, 250), torch.tensor([[4.0, 7.0]]))
+    assert uncalibrated.confidence.item() != pytest.approx(res.confidence[0].item(), rel=1e-3)
+
+
+def test_from_checkpoint_picks_up_the_calibration_beside_it(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "training"))
+    from training_toys import TOY_NAME, ToyMatcher
+
+    from actr_core.calibration import ConfidenceCalibration
+    from actr_core.training import save_checkpoint
+
+    path = save_checkpoint(tmp_path / "model_best.pt", model=ToyMatcher(), builder=TOY_NAME, config={"image_size": 32})
+    assert Matcher.from_checkpoint(path).calibration is None and Matcher.from_checkpoint(path).input_size == (32, 32)
+    ConfidenceCalibration(-3.0, -1.6, 0.1, "val", 10).save(tmp_path / "calibration.json")
+    m = Matcher.from_checkpoint(path, input_size=(48, 64))
+    assert m.calibration == ConfidenceCalibration(-3.0, -1.6, 0.1, "val", 10) and m.input_size == (48, 64)
+    assert Matcher.from_checkpoint(path, calibration=None).calibration is None
+
+
+def test_a_large_jpeg_is_reduced_before_decoding_and_keypoints_stay_in_its_pixels(tmp_path):
+    from actr_core.api import image_size
+
+    ys, xs = np.mgrid[0:1200, 0:1600] / 1600
+    smooth = np.stack([xs, ys, 0.5 + 0.4 * np.sin(6 * xs) * np.cos(4 * ys)], -1)
+    big = (255 * smooth / smooth.max()).astype(np.uint8)  # 1200 × 1600
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=95)
+    assert image_size(tmp_path / "big.jpg") == (1200, 1600)
+    small = load_image(tmp_path / "big.jpg", (60, 80))
+    full = torch.nn.functional.interpolate(load_image(tmp_path / "big.jpg")[None], size=(60, 80), mode="area")[0]
+    assert small.shape == (3, 60, 80) and (small - full).abs().mean() < 0.02  # filters differ a little
+    res = Matcher(ShiftModel(0.0), (64, 64))(tmp_path / "big.jpg", tmp_path / "big.jpg", torch.tensor([[1599.0, 1199.0]]))
+    assert res.src_size == (1200, 1600) and res.keypoints[0, 0] > 1590  # original pixels, not the model's
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m, d: m(_img(8, 8, 0), _img(8, 8, 9), torch.tensor([[1.0, float("nan")]])), r"NaN or infinite, e.g. row 0"),
+        (lambda m, d: m(_img(8, 8, 0), _img(8, 8, 9), [[1.0, 2.0], [float("inf"), 1.0]]), r"row 1 = \[inf, 1.0\]"),
+        (lambda m, d: m(torch.full((3, 8, 8), float("nan")), _img(8, 8, 9)), "192 NaN or infinite value"),
+        (lambda m, d: m(torch.full((3, 8, 8), 200.0), _img(8, 8, 9)), r"\[0, 1\], found \[200, 200\]; divide 0–255"),
+        (lambda m, d: m(torch.full((3, 8, 8), -0.5), _img(8, 8, 9)), r"found \[-0.5, -0.5\]$"),
+        (lambda m, d: m(np.zeros((0, 5, 3), np.uint8), _img(8, 8, 9)), r"the image is empty \(5×0 pixels\)"),
+        (lambda m, d: m(_img(1, 1, 0), _img(8, 8, 9), [[0.0, 0.0]]), r"1×1 pixels, too small to match"),
+        (lambda m, d: m(d, _img(8, 8, 9)), "is a folder, not an image file"),
+        (lambda m, d: Matcher(ShiftModel(0.0), (0, 64)), r"input_size must be two positive integers .*\(0, 64\)"),
+        (lambda m, d: Matcher(ShiftModel(0.0), (64, 64), sigma=0.0), "sigma must be a positive number .* got 0.0"),
+        (lambda m, d: Matcher(ShiftModel(0.0), (64, 64), precision="fp16"), "fp16 matching is not supported on cpu"),
+        (lambda m, d: Matcher(ShiftModel(0.0), (64, 64), precision="int8"), "precision must be one of"),
+    ],
+)
+def test_input_guards_name_the_value(call, message, tmp_path, no_typecheck):
+    with pytest.raises(ValueError, match=message):
+        call(Matcher(ShiftModel(0.0), (64, 64)), tmp_path)
+
+
+def test_bf16_on_cpu_matches_like_fp32():
+    kps = torch.tensor([[10.0, 10.0]])
+    half = Matcher(ShiftModel(2.0), (64, 64), precision="bf16")(_img(32, 32, 10), _img(32, 32, 250), kps)
+    full = Matcher(ShiftModel(2.0), (64, 64))(_img(32, 32, 10), _img(32, 32, 250), kps)
+    torch.testing.assert_close(half.keypoints, full.keypoints, atol=0.1, rtol=0)  # bf16: 8 bits of mantissa
+    assert half.keypoints.dtype == torch.float32

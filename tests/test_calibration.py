@@ -1,0 +1,111 @@
+"""Calibrated match confidence: the cycle error, the logistic fit, its scores, its file, and the
+collection of matches from batches scored with the library's PCK rule."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from tolerances import float32_tolerance
+
+from actr_core.calibration import (
+    CalibrationError,
+    ConfidenceCalibration,
+    calibration_scores,
+    collect_cycle_errors,
+    cycle_displacement,
+    fit_calibration,
+    relative_cycle_error,
+)
+from actr_core.data import collate
+from actr_core.data.samples import build_sample
+from actr_core.data.synthetic import SyntheticConfig, SyntheticPairs
+from actr_core.metrics import IdentityPredictor, evaluate, keypoint_correctness
+
+
+def _constant(b, h, w, dx, dy):
+    flow = torch.zeros(b, 2, h, w)
+    flow[:, 0], flow[:, 1] = dx, dy
+    return flow
+
+
+def test_convention_cycle_displacement_of_consistent_and_inconsistent_flows():
+    pts = torch.tensor([[[3.0, 2.0], [5.5, 4.25]]])
+    there_and_back = cycle_displacement(_constant(1, 8, 12, 2.0, -1.0), _constant(1, 8, 12, -2.0, 1.0), pts)
+    zero = torch.zeros_like(pts)
+    torch.testing.assert_close(there_and_back, zero, atol=float32_tolerance(12.0, terms=10), rtol=0)
+    # a backward flow that does not undo the forward one: the residual is their sum, not either alone
+    off = cycle_displacement(_constant(1, 8, 12, 2.0, 0.0), _constant(1, 8, 12, -1.0, 0.5), pts)
+    expected = torch.tensor([[[1.0, 0.5], [1.0, 0.5]]])
+    torch.testing.assert_close(off, expected, atol=float32_tolerance(12.0, terms=10), rtol=0)
+
+
+def test_convention_relative_cycle_error_scales_each_axis_by_its_own_cells():
+    # grid 4 × 8 cells on a 40 × 160 image: a cell is 20 px wide and 10 px high
+    pixels, relative = relative_cycle_error(torch.tensor([[[3.0, 4.0]]]), (4, 8), (40, 160))
+    assert pixels.item() == pytest.approx(math.hypot(60.0, 40.0), rel=1e-6)
+    assert relative.item() == pytest.approx(math.hypot(60.0, 40.0) / 160, rel=1e-6)  # the longer side
+    assert pixels.item() != pytest.approx(5 * 20.0)  # not one cell size for both axes
+
+
+def _draws(intercept, slope, n, seed=0):
+    rng = np.random.default_rng(seed)
+    e = np.exp(rng.uniform(np.log(1e-3), np.log(0.5), n))
+    p = 1 / (1 + np.exp(-(intercept + slope * np.log(e))))
+    return e, rng.random(n) < p
+
+
+def test_fit_recovers_a_known_logistic_curve_and_is_monotone():
+    e, y = _draws(-4.0, -1.5, 20_000)
+    cal = fit_calibration(e, y, alpha=0.1, fitted_on="draws")
+    # maximum likelihood on 20,000 draws: standard errors about 0.05 (intercept) and 0.02 (slope)
+    assert cal.intercept == pytest.approx(-4.0, abs=0.25) and cal.slope == pytest.approx(-1.5, abs=0.1)
+    assert (cal.alpha, cal.fitted_on, cal.n_matches) == (0.1, "draws", 20_000)
+    conf = cal(torch.tensor([1e-9, 1e-3, 0.01, 0.1, 1.0, 10.0]))
+    assert (conf.diff() <= 0).all() and (conf > 0).all() and (conf < 1).all()
+    assert conf[0] == conf[1 - 1] and conf[0] == cal(torch.tensor([1e-6]))  # floored at 1e-6
+    assert torch.isnan(cal(torch.tensor([float("nan")]))).all()
+
+
+def test_fit_refuses_what_cannot_be_calibrated():
+    e, y = _draws(-4.0, -1.5, 200)
+    with pytest.raises(CalibrationError, match="at least 2 correct and 2 wrong"):
+        fit_calibration(e, np.ones_like(y), alpha=0.1)
+    with pytest.raises(CalibrationError, match="does not rank these matches"):
+        fit_calibration(e, e > np.median(e), alpha=0.1)  # larger errors more often correct
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        fit_calibration(np.array([0.1, np.nan, 0.2, 0.3]), np.array([1, 0, 1, 0], bool), alpha=0.1)
+    with pytest.raises(ValueError, match="negative slope"):
+        ConfidenceCalibration(0.0, 0.5, 0.1)
+
+
+def test_scores_on_a_hand_example_and_auc_equals_the_pairwise_count():
+    conf = np.array([0.9, 0.8, 0.7, 0.6, 0.4, 0.3, 0.7])
+    y = np.array([1, 1, 0, 1, 1, 0, 1], bool)
+    s = calibration_scores(conf, y)
+    assert s["selected"] == 5 and s["precision"] == pytest.approx(4 / 5) and s["recall"] == pytest.approx(4 / 5)
+    pos, neg = conf[y], conf[~y]
+    pairs = [(p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg)]
+    assert s["auc"] == pytest.approx(sum(pairs) / len(pairs))  # 0.7 vs 0.7 counts half
+    assert math.isnan(calibration_scores(np.array([0.1, 0.2]), np.array([True, False]))["precision"])  # none selected
+
+
+def test_calibration_file_round_trip_and_a_damaged_file(tmp_path):
+    cal = ConfidenceCalibration(-3.0, -1.6, 0.1, "val", 400)
+    path = cal.save(tmp_path / "calibration.json")
+    assert ConfidenceCalibration.load(path) == cal and not list(tmp_path.glob(".*.tmp"))
+    path.write_text('{"intercept": 1.0}')
+    with pytest.raises(ValueError, match="calibration.json: not a confidence calibration"):
+        ConfidenceCalibration.load(path)
+
+
+def test_collected_matches_are_scored_as_evaluate_scores_them():
+    reader = SyntheticPairs("val", 6, config=SyntheticConfig(size=(64, 64)))
+    batches = [collate([build_sample(reader.load(i), 64) for i in range(j, j + 3)]) for j in (0, 3)]
+    errors, correct = collect_cycle_errors(IdentityPredictor(), batches, alpha=0.1)
+    results = evaluate(IdentityPredictor(), batches, references=("identity",), progress=False)
+    expected = keypoint_correctness(results, 0.1, "model").values[results["keypoint_valid"].values.astype(bool)]
+    assert errors.shape == correct.shape == expected.shape and correct.dtype == bool
+    np.testing.assert_array_equal(correct, expected.astype(bool))
+    assert 0 < correct.mean() < 1 and (errors == 0).all()  # zero flow both ways: no cycle error
