@@ -25,6 +25,16 @@ reference predictors' on the same validation pairs: identity (zero motion, ``ide
 and the classical peer (ORB + RANSAC homography, ``peer_val_pck``; ``--no-val-peer`` skips it).
 The references are scored once per validation pair and reused at every epoch.
 
+Before Ray starts, the driver checks what would otherwise fail on every worker after Ray's start
+(:func:`preflight`, each a one-line user error, exit status 2): the shard set (manifest complete and
+consistent, both splits present, a full batch per worker), the image size against the model, the
+``--resume`` checkpoint (readable, of the same model, resumable), the device, and the run name: a
+run folder that holds a run of other settings is refused (naming the settings that differ) and left
+untouched; one of the same settings is continued from Ray's last checkpoint of it.
+
+Ray's known-harmless log lines (an allow-list of patterns, :data:`RAY_NOISE`) are left out of the
+log; everything else, real warnings included, is shown. Rank 0 prints one line per epoch.
+
 Fault injection (tests, drills): ``ACTR_FAULT_AT_STEP=N`` SIGKILLs the worker of rank
 ``ACTR_FAULT_RANK`` (default 0) right after its N-th optimiser step, once per run folder (a
 marker file ``.fault_injected`` makes it fire once); Ray then restarts the workers from the last
@@ -32,11 +42,13 @@ checkpoint (``max_failures``). See docs/training.md.
 """
 
 import dataclasses
+import logging
 import os
+import re
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +57,24 @@ from actr_core.training import RAY_SETTINGS_OF_0_1_0, TrainConfig, load_config
 FAULT_STEP_ENV = "ACTR_FAULT_AT_STEP"
 FAULT_RANK_ENV = "ACTR_FAULT_RANK"
 FAULT_MARKER = ".fault_injected"
+# Settings that may differ when a run is started again under its name: they change how it runs, not what it computes.
+CONTINUE_FREELY = frozenset({"progress", "ray_address", "ray_num_cpus", "object_store_mb", "max_failures"})
+# Ray's own lines that say nothing a user acts on (matched against each line, without Ray's "(actor pid=N)" prefix).
+RAY_NOISE = tuple(
+    re.compile(pattern)
+    for pattern in (
+        r"^Started a local Ray instance",
+        r"^Requesting resources: ",
+        r"^Attempting to start training worker group of size",
+        r"^Started training worker group of size",
+        r"^- \(ip=\S+, pid=\d+\) world_rank=\d+",
+        r"^Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable",
+        r"^Setting up process group for: ",
+        r"^Moving model to device: ",
+        r"^Wrapping provided model in DistributedDataParallel",
+        r"^Reporting training result \d+: ",
+    )
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     import ray.train
     import ray.train.torch
     import torch
+    from ray.train import CheckpointConsistencyMode
 
     from actr_core.training import CHECKPOINT_NAME, CHECKPOINTS_DIR, fit, load_checkpoint
 
@@ -192,6 +223,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             checkpoint_upload_fn=_already_persisted,
             delete_local_checkpoint_after_upload=False,
         )
+        # Wait until Ray has recorded it, so that a restart from here on restores this epoch (Ray's
+        # record is the only source of a restart; an unrecorded newer folder is discarded then).
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
     return fit(
         cfg,
@@ -208,7 +242,160 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# On the driver
+# On the driver: checks before Ray starts
+
+
+def _settings(cfg: TrainConfig, ray_cfg: RaySettings) -> dict[str, Any]:
+    """A run's settings, flat, as its ``config.yaml`` holds them (0.1.0's layout)."""
+    return {**cfg.to_dict(), **dataclasses.asdict(ray_cfg)}
+
+
+def check_run_name(cfg: TrainConfig, ray_cfg: RaySettings) -> bool:
+    """Whether ``cfg.run_dir`` already holds this run (to be continued); ``ValueError`` naming the settings
+    that differ when it holds a run of other settings (:data:`CONTINUE_FREELY` may differ)."""
+    path = cfg.run_dir / "config.yaml"
+    if not path.is_file():
+        return False
+    try:
+        training, ray_values = split_settings(load_config(path))
+        saved = _settings(_absolute_paths(TrainConfig.from_dict(training)), ray_settings(ray_values))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path} cannot be read as a run's settings ({error}); use another --name") from error
+    now = _settings(cfg, ray_cfg)
+    differ = [key for key in now if key not in CONTINUE_FREELY and saved.get(key) != now[key]]
+    if differ:
+        listed = ", ".join(f"{key} {saved.get(key)!r} there, {now[key]!r} now" for key in differ)
+        raise ValueError(
+            f"run {cfg.name!r} ({cfg.run_dir}) was started with other settings ({listed}); use another --name, "
+            f"or continue it with `python pipelines/train.py {path}`"
+        )
+    return True
+
+
+def _check_shards(cfg: TrainConfig, world: int) -> None:
+    """The shard set has a complete, consistent manifest, both splits, and a full batch per worker."""
+    from actr_core.data import ShardDataset, check_manifest, read_manifest
+
+    manifest = read_manifest(cfg.shards)
+    if manifest is None:
+        raise FileNotFoundError(f"{cfg.shards}: no shard set there (no manifest.json); write one with `actr make-shards`")
+    where = f"{cfg.shards.rstrip('/')}/manifest.json"
+    check_manifest(manifest, where)  # DataError (a ValueError) naming every problem
+    for split in dict.fromkeys((cfg.train_split, cfg.val_split)):
+        if split not in manifest["splits"]:
+            raise ValueError(f"{where}: no {split!r} split (it has {sorted(manifest['splits'])})")
+        if not manifest["splits"][split]["samples"]:
+            raise ValueError(f"{where}: the {split!r} split holds no pairs")
+    train = ShardDataset(
+        cfg.shards,
+        cfg.train_split,
+        batch_size=cfg.batch_size,
+        training=True,
+        rank=0,
+        world_size=world,
+        max_batches=cfg.steps_per_epoch or None,
+    )
+    if train.plan(max(1, cfg.loader_workers)).batches_per_rank[0] < 1:
+        raise ValueError(
+            f"the {cfg.train_split!r} split of {cfg.shards} gives no full batch of {cfg.batch_size} per worker "
+            f"with {world} workers; make more shards or use a smaller batch_size"
+        )
+
+
+def _check_model_and_resume(cfg: TrainConfig) -> None:
+    """The model takes ``image_size`` images, and ``resume`` is a resumable checkpoint of that model."""
+    from actr_core.training import CheckpointError, build_meta_model, check_weights, input_size_problem, load_checkpoint
+
+    try:
+        model = build_meta_model(cfg.model, cfg.model_kwargs)  # structure only: no memory, no initialisation
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model {cfg.model!r} with model_kwargs {dict(cfg.model_kwargs)}: {error}") from error
+    problem = input_size_problem(model, cfg.image_size)
+    if problem is not None:
+        raise ValueError(f"image_size {cfg.image_size} does not fit model {cfg.model!r}: {problem}")
+    if not cfg.resume:
+        return
+    ckpt = load_checkpoint(cfg.resume)  # CheckpointError: missing, foreign or damaged file
+    if ckpt.builder != cfg.model:
+        raise CheckpointError(f"{ckpt.path}: a checkpoint of model {ckpt.builder!r}; this run trains {cfg.model!r}")
+    check_weights(ckpt, model, cfg.model)
+    if ckpt.optimizer is None or ckpt.scheduler is None:
+        raise CheckpointError(
+            f"{ckpt.path}: no optimiser or scheduler state (an exported model such as model_best.pt): it cannot be "
+            f"resumed; give a checkpoints/epoch_NNN folder of the run"
+        )
+
+
+def _check_device(ray_cfg: RaySettings) -> None:
+    """``use_gpu`` without a cluster: enough CUDA GPUs in this machine for the workers."""
+    if not ray_cfg.use_gpu or ray_cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < ray_cfg.num_workers:
+        raise ValueError(
+            f"--use-gpu: {count} CUDA GPU(s) visible to this process for {ray_cfg.num_workers} workers "
+            f"(and no Ray cluster is named)"
+        )
+
+
+def preflight(cfg: TrainConfig, ray_cfg: RaySettings) -> bool:
+    """Every check the driver makes before Ray starts (module docstring); returns whether the run
+    folder holds this run already (it is then continued). ``cfg``'s paths must be absolute."""
+    continuing = check_run_name(cfg, ray_cfg)
+    _check_device(ray_cfg)
+    _check_shards(cfg, ray_cfg.num_workers)
+    _check_model_and_resume(cfg)
+    return continuing
+
+
+# ----------------------------------------------------------------------------------------------
+# On the driver: Ray
+
+
+def ray_noise(line: str) -> bool:
+    """Whether ``line`` is one of Ray's known-harmless messages (:data:`RAY_NOISE`)."""
+    return any(pattern.search(line) for pattern in RAY_NOISE)
+
+
+class _RayNoiseFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ray_noise(record.getMessage())
+
+
+def quiet_ray_logs() -> Callable[[], None]:
+    """Leave Ray's known-harmless lines out of this driver's log (call it before ``ray.init``): the
+    worker and actor lines Ray forwards here, and the records of the driver's ``ray`` loggers.
+    Returns a function that undoes it.
+
+    The forwarded lines pass through Ray's stream dispatcher (``ray._private.ray_logging``; Ray has
+    no public hook for them), whose ``emit`` is replaced for this process by one that drops the
+    noise lines of each batch before Ray prints it.
+    """
+    import ray  # noqa: F401  # sets up the "ray" logger's handlers
+    from ray._private import ray_logging
+
+    dispatcher = ray_logging.global_worker_stdstream_dispatcher
+    emit = dispatcher.emit
+
+    def emit_without_noise(batch: dict[str, Any]) -> None:
+        lines = [line for line in batch.get("lines", []) if not ray_noise(line)]
+        if lines:
+            emit({**batch, "lines": lines})
+
+    dispatcher.emit = emit_without_noise  # type: ignore[method-assign]
+    record_filter = _RayNoiseFilter()
+    handlers = list(logging.getLogger("ray").handlers)
+    for handler in handlers:
+        handler.addFilter(record_filter)
+
+    def undo() -> None:
+        dispatcher.emit = emit  # type: ignore[method-assign]
+        for handler in handlers:
+            handler.removeFilter(record_filter)
+
+    return undo
 
 
 def _init_ray(ray_cfg: RaySettings) -> bool:
@@ -224,11 +411,6 @@ def _init_ray(ray_cfg: RaySettings) -> bool:
     if address:
         ray.init(address=address)
         return False
-    if ray_cfg.use_gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("--use-gpu: no CUDA GPU is visible to this process (and no Ray cluster is named)")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # an in-process cluster reachable only from here
     # One machine that no cloud provider reclaims: Train's preemption watcher (an actor polling the
@@ -274,19 +456,30 @@ def _user_error_of_workers(error: BaseException) -> ValueError | None:
 def main(cfg: TrainConfig, ray_cfg: RaySettings | None = None) -> dict[str, Any]:
     """Train ``cfg`` with Ray Train; returns a summary (run folder, epochs, steps, final and best scores)."""
     import yaml
+
+    ray_cfg = RaySettings() if ray_cfg is None else ray_cfg
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not again via Train's logger
+    address = ray_cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if not address or address.split(":")[0] in ("127.0.0.1", "localhost"):
+        # One machine: Ray's node address is the loopback one, so nothing listens on the machine's
+        # network address (Ray's switch for its single-machine mode; read when Ray is first imported).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actr_core.training import BEST_METRIC, CHECKPOINT_NAME, load_checkpoint, run_summary, write_run_outputs
 
-    ray_cfg = RaySettings() if ray_cfg is None else ray_cfg
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not again via Train's logger
     cfg = _absolute_paths(cfg)
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # flat, as 0.1.0 wrote it: `python pipelines/train.py runs/<name>/config.yaml` repeats the run
-    settings = {**cfg.to_dict(), **dataclasses.asdict(ray_cfg)}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    if preflight(cfg, ray_cfg):
+        print(f"continuing run {cfg.name!r} in {run_dir} (same settings) from Ray's last checkpoint of it", flush=True)
+    else:  # flat, as 0.1.0 wrote it: `python pipelines/train.py runs/<name>/config.yaml` repeats the run
+        run_dir.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(_settings(cfg, ray_cfg), sort_keys=False)
+        tmp = run_dir / ".config.yaml.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, run_dir / "config.yaml")
+    undo_quiet = quiet_ray_logs()
     started_ray = _init_ray(ray_cfg)
     started = time.perf_counter()
     try:
@@ -318,6 +511,7 @@ def main(cfg: TrainConfig, ray_cfg: RaySettings | None = None) -> dict[str, Any]
                 raise
             raise user_error from error
     finally:
+        undo_quiet()
         if started_ray:
             import ray
 
