@@ -175,15 +175,15 @@ def format_comparison(table: xr.Dataset) -> str:
     alpha = 0.1 if 0.1 in alphas else alphas[-1]
     columns = [(str(pr), str(p)) for p in table["predictor"].values for pr in table["protocol"].values]
     short = {MODEL: "ours", IDENTITY: "identity"}
-    names = [f"{short.get(p, 'peer')} {pr[:3]}." for pr, p in columns]
+    names = [f"{short.get(p, 'peer')} ({pr[:3]}.)" for pr, p in columns]
     lines += [
         "",
         f"per category, PCK@{alpha:g} in % (the paper reports no per-category numbers)",
-        f"{'category':<20}" + "".join(f"{n:>13}" for n in names),
+        f"{'category':<20}" + "".join(f"{n:>15}" for n in names),
     ]
     for category in table["category"].values:
         values = [float(table["pck_category"].sel(protocol=pr, predictor=p, category=category, alpha=alpha)) for pr, p in columns]
-        lines.append(f"{str(category)[:19]:<20}" + "".join(f"{v:>13.1f}" if np.isfinite(v) else f"{'—':>13}" for v in values))
+        lines.append(f"{str(category)[:19]:<20}" + "".join(f"{v:>15.1f}" if np.isfinite(v) else f"{'—':>15}" for v in values))
     return "\n".join(lines)
 
 
