@@ -10,6 +10,11 @@ and the classical peer (ORB + RANSAC homography; ``--no-peer`` skips it), with p
 intervals on the model's differences to them. CPU is enough. The ``released`` protocol reproduces how the released ACTR code scored; it is for
 comparison only, and this script never selects models on the split it scores.
 
+Every file is written whole or not at all (``actr_core.files``): a full disk keeps the previous
+``results.nc`` and ``table.txt`` and ends in one line, exit status 1. ``--out`` is locked while an
+evaluation writes there; a second one fails at once (exit status 2). An interrupted shard set is
+refused unless ``--allow-incomplete``, which is then said in the table and in ``results.nc``.
+
 Two small functions know the outside world and are the ones to swap: :func:`load_model`
 (checkpoint or builder name → matcher) and :func:`open_batches` (shards → batches in the schema).
 """
