@@ -179,11 +179,11 @@ def format_comparison(table: xr.Dataset) -> str:
     lines += [
         "",
         f"per category, PCK@{alpha:g} in % (the paper reports no per-category numbers)",
-        f"{'category':<20}" + "".join(f"{n:>15}" for n in names),
+        f"{'category':<20}" + "".join(f"{n:>17}" for n in names),
     ]
     for category in table["category"].values:
         values = [float(table["pck_category"].sel(protocol=pr, predictor=p, category=category, alpha=alpha)) for pr, p in columns]
-        lines.append(f"{str(category)[:19]:<20}" + "".join(f"{v:>15.1f}" if np.isfinite(v) else f"{'—':>15}" for v in values))
+        lines.append(f"{str(category)[:19]:<20}" + "".join(f"{v:>17.1f}" if np.isfinite(v) else f"{'—':>17}" for v in values))
     return "\n".join(lines)
 
 
