@@ -8,6 +8,7 @@ epoch, and checks that Ray restarts from the last checkpoint and finishes with t
 import csv
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -200,6 +201,22 @@ def test_ray_run_survives_a_killed_worker_and_resumes_from_the_last_checkpoint(t
     assert files and all(load_checkpoint(p).builder == "actr_tiny" for p in files)
     assert sorted(load_checkpoint(files[-1]).rng) == [0, 1]  # both ranks' RNG states
     assert not list(run.rglob("*.tmp"))
+    # retention after the restart follows the documented policy: the checkpoints_to_keep (1) best by
+    # val_pck plus the latest, every folder one that Ray recorded (none left over from the killed attempt)
+    pck = {int(r["epoch"]): float(r["val_pck"]) for r in metrics if int(r["epoch"]) > 0}
+    kept = {int(p.parent.name.removeprefix("epoch_")) for p in files}
+    assert len(list(run.glob("checkpoints/*"))) == len(files)
+    best = [e for e in kept if e != epochs]
+    assert epochs in kept and len(best) <= 1 and max(pck[e] for e in kept) == max(pck.values())
+    assert all(pck[e] >= pck[d] for e in best for d in set(pck) - kept)
+    snapshot = (run / "checkpoint_manager_snapshot.json").read_text()
+    assert all(f"epoch_{e:03d}" in snapshot for e in kept)
+    # the log: one line per epoch (rank 0 only, no per-rank report lines), none of Ray's known noise
+    assert [log.count(f"epoch {e}/{epochs}  step ") for e in range(1, epochs + 1)] == [1, 1, 1]
+    assert "resumed from epoch 1, step 2 (restart 1 of this run)" in log
+    assert "Reporting training result" not in log and "it/s]" not in log
+    plain = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in log.splitlines()]  # Ray colours its prefixes
+    assert not [line for line in plain if train.ray_noise(re.sub(r"^\(.*? pid=\d+\) ", "", line))]
     # the best model is chosen on the validation split and rebuilds from its file alone
     best_pck = max(float(r["val_pck"]) for r in metrics if int(r["epoch"]) > 0)
     best_epochs = {int(r["epoch"]) for r in metrics if int(r["epoch"]) > 0 and float(r["val_pck"]) == best_pck}
