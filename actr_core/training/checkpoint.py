@@ -339,9 +339,9 @@ def build_meta_model(builder: str, builder_kwargs: Mapping[str, Any]) -> nn.Modu
 def input_size_problem(model: nn.Module, side: int) -> str | None:
     """Why ``model`` cannot take ``side × side`` images (its own error, one line), or None when it can.
 
-    Runs the forward pass on the meta device (shapes only, no arithmetic), so every check the model
-    makes on its input runs; ``model`` may live on any device (a meta copy is not made: pass a model
-    built by :func:`build_meta_model`).
+    Runs the forward pass of ``model`` (put in eval mode) on a meta-device input, so every check the
+    model makes on its input runs; give it a model built by :func:`build_meta_model`, whose forward
+    pass then computes shapes only (no memory, no arithmetic).
     """
     image = torch.zeros(1, 3, side, side, device="meta")
     try:
