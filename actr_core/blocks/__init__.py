@@ -9,6 +9,8 @@
 - :mod:`~actr_core.blocks.flow_sr`: dual-window matching-flow super-resolution, Sec. 3.4.
 - :mod:`~actr_core.blocks.loss`: masked flow loss, Eq. 4.
 - :mod:`~actr_core.blocks.released`: the blocks ACTR as released composes instead (docs/models.md).
+- :mod:`~actr_core.blocks.device_table`: execution choices per device type (chunking, fused
+  attention, mixed precision) in one table; :func:`precision_context` for inference at bf16/fp16.
 - MMNet (ICCV 2021): :mod:`~actr_core.blocks.multiscale`, :mod:`~actr_core.blocks.coarse_to_fine`,
   :mod:`~actr_core.blocks.correlation_keypoints` (see ``docs/mmnet.md``).
 
@@ -48,6 +50,14 @@ from actr_core.blocks.correlation_keypoints import (
     softmax_bce,
 )
 from actr_core.blocks.correlation_loss import CorrelationCrossEntropy, correlation_cross_entropy
+from actr_core.blocks.device_table import (
+    DEVICE_CHOICES,
+    PRECISIONS,
+    DeviceChoices,
+    autocast_dtype,
+    device_choices,
+    precision_context,
+)
 from actr_core.blocks.flow_sr import DualWindowFlowSR, DualWindowRound, FlowSRConfig, flow_sr_input, refine_paths
 from actr_core.blocks.loss import MaskedFlowLoss, masked_flow_loss
 from actr_core.blocks.multiscale import (
@@ -138,4 +148,11 @@ __all__ = [
     "argmax_transfer",
     "soft_argmax_transfer",
     "argmax_flow",
+    # execution choices per device type (no effect on float32 values); mixed precision by name
+    "DEVICE_CHOICES",
+    "DeviceChoices",
+    "device_choices",
+    "PRECISIONS",
+    "autocast_dtype",
+    "precision_context",
 ]

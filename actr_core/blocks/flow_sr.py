@@ -14,6 +14,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from actr_core.blocks._checks import check_divisible, check_rank
+from actr_core.blocks.device_table import device_choices
 from actr_core.blocks.windows import WindowTransformerBlock
 from actr_core.flow import resize_flow
 
@@ -166,14 +167,16 @@ class DualWindowFlowSR(nn.Module):
 
     Execution (no effect on values): the features are projected and upsampled once for all paths
     and never repeated; the maps stay channels-last, the layout the window branches read, so no
-    branch copies between layouts; ``chunk`` flows go through the rounds per call (0: all at once).
-    Every operation is per sample, so chunks give the outputs of one batched call (tested); small
-    chunks keep the working set small and inside the CPU caches.
+    branch copies between layouts; ``chunk`` flows go through the rounds per call (0: all at once;
+    None: the device table's ``sr_chunk`` for the flow's device, 1 on CPU, all at once on CUDA;
+    :mod:`~actr_core.blocks.device_table`). Every operation is per sample, so chunks give the
+    outputs of one batched call (tested); small chunks keep the working set small and inside the
+    CPU caches.
     """
 
-    def __init__(self, feature_dim: int, config: FlowSRConfig = FlowSRConfig(), *, chunk: int = 1) -> None:
+    def __init__(self, feature_dim: int, config: FlowSRConfig = FlowSRConfig(), *, chunk: int | None = None) -> None:
         super().__init__()
-        if chunk < 0:
+        if chunk is not None and chunk < 0:
             raise ValueError(f"chunk = {chunk}: expected 0 (all flows at once) or a positive number of flows")
         self.config = config
         self.chunk = chunk
@@ -195,7 +198,8 @@ class DualWindowFlowSR(nn.Module):
         projected = self.feature_proj(features)
         _check_sr_input(flow, projected)
         up_flow, up_features = _upsample(flow, projected, self.config.upscale)  # once for all paths
-        return refine_paths(up_flow, up_features, self._refine, chunk=self.chunk)
+        chunk = device_choices(flow.device).sr_chunk if self.chunk is None else self.chunk
+        return refine_paths(up_flow, up_features, self._refine, chunk=chunk)
 
     def _refine(self, x: Tensor) -> Tensor:
         """The rounds and the head on ``concat(flow, features)``: the residual flow."""

@@ -48,6 +48,7 @@ from timm.layers import Attention, Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from actr_core.blocks.attention import BiasedCrossAttention
+from actr_core.blocks.device_table import device_choices
 from actr_core.blocks.flow_sr import refine_paths
 from actr_core.blocks.loss import check_flow_pair
 from actr_core.blocks.windows import WindowTransformerBlock
@@ -521,9 +522,10 @@ class ReleasedFlowRefiner(nn.Module):
 
     Execution (no effect on values): the maps are kept channels-last, the layout the Swin branches
     read, so that no branch copies between layouts; ``chunk`` flows are refined per call (0: all at
-    once). Every operation is per sample, so chunks give the outputs of one batched call; small
-    chunks keep the working set small (the released code refines one path at a time) and inside the
-    CPU caches.
+    once; None: the device table's ``sr_chunk`` for the flow's device, 1 on CPU, all at once on
+    CUDA; :mod:`~actr_core.blocks.device_table`). Every operation is per sample, so chunks give the
+    outputs of one batched call; small chunks keep the working set small (the released code refines
+    one path at a time) and inside the CPU caches.
     """
 
     def __init__(
@@ -537,10 +539,10 @@ class ReleasedFlowRefiner(nn.Module):
         mlp_ratio: float = 4.0,
         reduction: int = 16,
         kernel_size: int = 3,
-        chunk: int = 0,
+        chunk: int | None = None,
     ) -> None:
         super().__init__()
-        _check(chunk >= 0, f"chunk = {chunk}: expected 0 (all at once) or a positive number of flows")
+        _check(chunk is None or chunk >= 0, f"chunk = {chunk}: expected 0 (all at once) or a positive number of flows")
         self.chunk = chunk
         self.rounds = nn.Sequential(
             *(ReleasedSRRound(dim, num_heads, windows, mlp_ratio=mlp_ratio, reduction=reduction) for _ in range(rounds))
@@ -556,7 +558,8 @@ class ReleasedFlowRefiner(nn.Module):
         return self.head(self.rounds(x))
 
     def forward(self, flow_up: Float[Tensor, "b 2 h w"], guidance: Float[Tensor, "bf k h w"]) -> Float[Tensor, "b 2 h w"]:
-        return refine_paths(flow_up, guidance, self._refine, chunk=self.chunk)
+        chunk = device_choices(flow_up.device).sr_chunk if self.chunk is None else self.chunk
+        return refine_paths(flow_up, guidance, self._refine, chunk=chunk)
 
     def extra_repr(self) -> str:
         return f"chunk={self.chunk}"

@@ -21,6 +21,7 @@ from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from actr_core.blocks._checks import check_divisible, check_rank
+from actr_core.blocks.device_table import DEVICE_CHOICES, device_choices
 
 __all__ = [
     "FUSED_MIN_WINDOW_TOKENS",
@@ -96,11 +97,12 @@ def shifted_window_mask(
     return labels[:, :, None] == labels[:, None, :]
 
 
-#: windows of at least this many tokens use the fused kernel when ``fused=None``: on CPU the fused
-#: kernel is ~4× faster than an explicit softmax for 8×8 windows (64 tokens) and ~1.5× slower for
-#: 4×4 windows (16 tokens), whose 16×16 score tiles an explicit softmax handles well (measured with
-#: 8 heads of 12 channels on 64×64 maps, docs/benchmarks.md)
-FUSED_MIN_WINDOW_TOKENS = 32
+#: on CPU, windows of at least this many tokens use the fused kernel when ``fused=None``: there the
+#: fused kernel is ~4× faster than an explicit softmax for 8×8 windows (64 tokens) and ~1.5× slower
+#: for 4×4 windows (16 tokens), whose 16×16 score tiles an explicit softmax handles well (measured
+#: with 8 heads of 12 channels on 64×64 maps, docs/benchmarks.md). Other devices: the device table
+#: (:mod:`actr_core.blocks.device_table`), whose CPU column holds this value.
+FUSED_MIN_WINDOW_TOKENS = DEVICE_CHOICES["cpu"].fused_min_window_tokens
 
 
 def window_self_attention(
@@ -123,9 +125,11 @@ def window_self_attention(
     any ``h, w``: padding, shift and mask as in the module's Convention. The bias and the masks go
     in as one additive float mask (``finfo.min`` where masked) to ``F.scaled_dot_product_attention``
     (``fused=True``) or to an explicit softmax (``fused=False``, the reference path; the two are
-    tested equal); ``fused=None`` picks the fused kernel for windows of at least
-    :data:`FUSED_MIN_WINDOW_TOKENS` tokens unless the bias needs a gradient (the fused CPU kernel
-    has none for its mask, and torch's fallback is slower than the explicit path).
+    tested equal); ``fused=None`` decides by the device table
+    (:func:`~actr_core.blocks.device_table.device_choices` of ``x.device``): the fused kernel for
+    windows of at least ``fused_min_window_tokens`` tokens (:data:`FUSED_MIN_WINDOW_TOKENS` on CPU,
+    every window on CUDA), unless the bias needs a gradient and the device's fused kernel has none
+    for its mask (CPU: torch's fallback is then slower than the explicit path).
 
     Without shift and padding the mask is the bias alone, ``(g, n, n)``, broadcast to every window
     without being copied (windows then form the batch of the attention); with them, each window
@@ -170,9 +174,11 @@ def window_self_attention(
         inverse = "(b nh nw) g (wh ww) d -> b (nh wh) (nw ww) (g d)"
     q, k, v = rearrange(qkv, layout, three=3, g=num_heads, wh=window_size, ww=window_size)
     scale = (c // num_heads) ** -0.5 if scale is None else scale
-    if fused is None:  # the fused CPU kernel has no gradient for the mask: with one, torch falls back
-        #   to a slower unfused path, so training the bias table takes the explicit softmax instead
-        fused = window_size**2 >= FUSED_MIN_WINDOW_TOKENS and not (torch.is_grad_enabled() and mask.requires_grad)
+    if fused is None:  # where the fused kernel has no gradient for the mask (CPU), torch would fall back to
+        #   a slower unfused path, so training the bias table takes the explicit softmax instead
+        choices = device_choices(x.device)
+        mask_grad = torch.is_grad_enabled() and mask.requires_grad
+        fused = window_size**2 >= choices.fused_min_window_tokens and (choices.fused_mask_grad or not mask_grad)
     if fused:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     else:
@@ -208,7 +214,7 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         trunc_normal_(self.relative_position_bias_table, std=bias_init_std)
-        self.fused: bool | None = None  # None: by window size (FUSED_MIN_WINDOW_TOKENS); True/False forces a path
+        self.fused: bool | None = None  # None: by window size and device (the device table); True/False forces a path
 
     def forward(self, x: Float[Tensor, "b h w c"]) -> Float[Tensor, "b h w c"]:
         return window_self_attention(

@@ -168,9 +168,10 @@ class ACTRReleasedConfig:
     channel_reduction: int = 16  # ChannelAttention: in_planes // 16 (hard-coded)
     beta: float = 0.02  # ACTR.soft_argmax(beta=0.02), temperature of the softmax over target cells
     freeze_backbone: bool = True  # train_DP.py --freeze True: backbone requires_grad=False
-    refine_chunk: int = 1  # execution only (no effect on values): paths refined per call, 0 = all in
-    #   one call. The released ACTR.forward refines one path at a time; 1 keeps that working set
-    #   (peak memory) and is no slower on CPU (docs/benchmarks.md)
+    refine_chunk: int | None = None  # execution only (no effect on values): paths refined per call, 0 =
+    #   all in one call, None = by device (actr_core.blocks.device_table: 1 on CPU, all on CUDA). The
+    #   released ACTR.forward refines one path at a time; 1 keeps that working set (peak memory) and
+    #   is no slower on CPU (docs/benchmarks.md)
 
     @property
     def sr_dim(self) -> int:

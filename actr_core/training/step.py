@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from actr_core.blocks.device_table import PRECISIONS, autocast_dtype
 from actr_core.data.pipeline import prepare_batch
 from actr_core.training.optim import unwrap_model
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["StepSettings", "StepResult", "train_step", "move_batch", "autocast_context", "precision_settings"]
 
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = PRECISIONS  # precision name → autocast dtype (actr_core.blocks.device_table)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,16 +61,14 @@ class StepResult:
 
 
 def precision_settings(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """``(autocast dtype, use a GradScaler)`` for a precision name on a device.
+    """``(autocast dtype, use a GradScaler)`` for a precision name (``TrainConfig.precision``) on a device.
 
-    Mixed precision is used on CUDA only; on CPU every precision runs in float32 (CPU autocast is
-    slower than float32 for these models on small machines).
+    The device table decides (:func:`actr_core.blocks.autocast_dtype`): mixed precision on CUDA
+    only; on CPU every precision runs in float32 (CPU autocast is slower than float32 for these
+    models on small machines). float16 gets a GradScaler (its range underflows small gradients);
+    bfloat16 has float32's range and needs none.
     """
-    if precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}, got {precision!r}")
-    if device.type != "cuda":
-        return None, False
-    dtype = AUTOCAST_DTYPES[precision]
+    dtype = autocast_dtype(precision, device)
     return dtype, dtype is torch.float16
 
 
