@@ -27,6 +27,7 @@ def test_download_dataset_idempotent(server, tmp_path, monkeypatch, capsys):
     assert main(["download", "spair", "--root", str(root), "--no-progress"]) == 0
     assert f"spair: {root / 'SPair-71k'}" in capsys.readouterr().out
     assert len(SPairReader(str(root / "SPair-71k"), "test")) == 3
+    assert len(SPairReader(str(root), "test")) == 3  # what make-shards --root DIR opens
     seen = len(server.requests)
     assert main(["download", "spair", "--root", str(root)]) == 0 and len(server.requests) == seen
 
