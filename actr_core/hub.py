@@ -213,7 +213,7 @@ def _check(art: Artefact, path: Path, digest: str | None = None) -> str:
     digest = digest or sha256_file(path)
     expected = art.sha256 or (_sidecar(path).read_text().strip() if _sidecar(path).is_file() else None)
     if expected is not None and digest != expected:
-        raise ChecksumError(f"{path}: sha256 {digest}, but {art.name} must have {expected}")
+        raise ChecksumError(f"{path}: sha256 {digest}, but {art.name} must have {expected} (delete the file to fetch it again)")
     return digest
 
 
@@ -287,6 +287,17 @@ def fetch(name: "str | Artefact", *, progress: bool = True, retries: int = RETRI
             f"{' (' + str(art.folder_path) + ')' if art.folder_path else ''} and place it at {path}{pinned}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    import filelock  # a dependency of gdown
+
+    _gdown()
+    with filelock.FileLock(str(path.with_name(f".{art.filename}.lock"))):  # one downloader per file
+        if path.is_file():  # another process finished it meanwhile
+            _check(art, path)
+            return path
+        return _fetch_locked(art, path, progress, retries)
+
+
+def _fetch_locked(art: Artefact, path: Path, progress: bool, retries: int) -> Path:
     part = path.with_name(f".{art.filename}.download")  # gdown keeps its partial file beside it until complete
     problems = []
     for what, url in _sources(art):

@@ -45,7 +45,7 @@ def test_download_checked_then_cache_hit(server):
     art = weights_entry(server, sha256=hashlib.sha256(PAYLOAD).hexdigest(), size=len(PAYLOAD))
     path = hub.fetch(art, progress=False)
     assert path == hub.cache_dir() / "blob" / "blob.pth" and path.read_bytes() == PAYLOAD
-    assert [p.name for p in path.parent.iterdir()] == ["blob.pth"]  # no partial or temporary file left
+    assert sorted(p.name for p in path.parent.iterdir()) == [".blob.pth.lock", "blob.pth"]  # no partial file left
     seen = len(server.requests)
     assert hub.fetch(art, progress=False) == path and len(server.requests) == seen  # from the cache
 
@@ -78,7 +78,7 @@ def test_corrupt_bytes_rejected_by_checksum(server):
     art = weights_entry(server, sha256=hashlib.sha256(b"the published file").hexdigest())
     with pytest.raises(hub.ChecksumError, match=f"must have {art.sha256}"):
         hub.fetch(art, progress=False)
-    assert list((hub.cache_dir() / "blob").iterdir()) == []  # nothing kept, nothing under the final name
+    assert [p.name for p in (hub.cache_dir() / "blob").iterdir()] == [".blob.pth.lock"]  # nothing kept
 
 
 def test_wrong_size_rejected(server):
