@@ -73,6 +73,10 @@ RAY_NOISE = tuple(
         r"^Moving model to device: ",
         r"^Wrapping provided model in DistributedDataParallel",
         r"^Reporting training result \d+: ",
+        # a run started again under its name (the driver has said so: "continuing run ...")
+        r"^A run snapshot was found in storage folder at: ",
+        r"^This snapshot contains a list of checkpoints reported via `ray\.train\.report`",
+        r"^If you meant to start a brand new training job without any information about previous checkpoints",
     )
 )
 
@@ -511,11 +515,11 @@ def main(cfg: TrainConfig, ray_cfg: RaySettings | None = None) -> dict[str, Any]
                 raise
             raise user_error from error
     finally:
-        undo_quiet()
         if started_ray:
             import ray
 
             ray.shutdown()
+        undo_quiet()  # after the shutdown: Ray prints the lines still in flight while it stops
     if result.error is not None:
         raise result.error
     history = result.return_value or load_checkpoint(Path(result.checkpoint.path) / CHECKPOINT_NAME).history

@@ -221,6 +221,10 @@ NOISE = [
     "Moving model to device: cpu",
     "Wrapping provided model in DistributedDataParallel.",
     "Reporting training result 2: TrainingReport(checkpoint=None, metrics={'epoch': 1})",
+    "A run snapshot was found in storage folder at: '/tmp/runs/t2'",
+    "This snapshot contains a list of checkpoints reported via `ray.train.report` and will be loaded.",
+    "If you meant to start a brand new training job without any information about previous checkpoints found in "
+    "this directory, please configure a new, unique `RunConfig(name)` or delete the existing folder at '/tmp/runs/t2'",
 ]
 REAL = [
     "[2026-12-03 04:08:27,697 E 24319 24330] (raylet) file_system_monitor.cc:116: /tmp/ray is over 95% full",
@@ -229,6 +233,8 @@ REAL = [
     "epoch 1/2  step 2  train_loss 5.2928  val_loss 5.0896  val_EPE 5.090px  val_PCK@0.1 5.00%",
     "UserWarning: the backbone is randomly initialised",
     "Failed to query the GCS",
+    "Failed to send resource request for train-f87a. If this only happens transiently during network partition",
+    "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
 ]
 
 
