@@ -206,14 +206,14 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _check(art: Artefact, path: Path, digest: str | None = None) -> str:
+def _check(art: Artefact, path: Path, hint: str = "delete the file to fetch it again") -> str:
     """Check ``path`` against the entry's size and sha256 (or the sha256 recorded at first download)."""
     if art.size is not None and path.stat().st_size != art.size:
-        raise ChecksumError(f"{path}: {path.stat().st_size} bytes, but {art.name} has {art.size}")
-    digest = digest or sha256_file(path)
+        raise ChecksumError(f"{path}: {path.stat().st_size} bytes, but {art.name} has {art.size} ({hint})")
+    digest = sha256_file(path)
     expected = art.sha256 or (_sidecar(path).read_text().strip() if _sidecar(path).is_file() else None)
     if expected is not None and digest != expected:
-        raise ChecksumError(f"{path}: sha256 {digest}, but {art.name} must have {expected} (delete the file to fetch it again)")
+        raise ChecksumError(f"{path}: sha256 {digest}, but {art.name} must have {expected} ({hint})")
     return digest
 
 
@@ -311,7 +311,7 @@ def _fetch_locked(art: Artefact, path: Path, progress: bool, retries: int) -> Pa
     else:
         raise HubError(f"{art.name}: every source failed (a partial download is resumed by running again): {'; '.join(problems)}")
     try:
-        digest = _check(art, part)
+        digest = _check(art, part, "the download was deleted")
     except ChecksumError:
         part.unlink()
         raise
