@@ -259,3 +259,16 @@ def test_registry_entries_are_complete():
         assert art.urls or art.drive_ids or (art.drive_folder and art.folder_path), name
         assert (art.kind == "dataset") == (art.folder is not None), name
         assert art.sha256 is None or len(art.sha256) == 64  # none is known here: all unverified
+
+
+def test_hub_imports_without_the_extra_and_names_it_when_needed(server, monkeypatch):
+    import subprocess
+    import sys
+
+    code = "import sys, actr_core.hub; print(sorted(m for m in ('gdown', 'requests', 'torch') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    monkeypatch.setitem(sys.modules, "gdown", None)  # as if the hub extra were not installed
+    with pytest.raises(hub.HubError, match=r"needs the optional package 'gdown': pip install 'actr_core\[hub\]'"):
+        hub.fetch(weights_entry(server), progress=False)
+    assert server.requests == []
