@@ -84,11 +84,16 @@ LEARNING_RATE = 1e-6  # AdamW step size of the timed training steps (small: the 
 FLOW_STRIDE = 4  # the models' flow grid is the input frame / 4
 RELEASED_CODE_PREFIX = "net."  # ReleasedCode keeps the released network under this name
 MMNET_NATIVE_SIZE = "224x320"  # MMNet's released resize (H x W), measured beside the square sizes
-VARIANTS = {  # name → CaseSpec options
+VARIANTS: dict[str, dict[str, Any]] = {  # name → CaseSpec options
     "fp32": {},
     "bf16": {"autocast": "bfloat16"},
     "compile": {"compile": True},
     "bf16+compile": {"autocast": "bfloat16", "compile": True},
+    # ACTR builders only: the backbone frozen (as the released code trains), gradient checkpointing
+    "frozen": {"kwargs": {"freeze_backbone": True}},
+    "bf16+frozen": {"autocast": "bfloat16", "kwargs": {"freeze_backbone": True}},
+    "ckpt": {"kwargs": {"grad_checkpointing": True}},
+    "bf16+ckpt": {"autocast": "bfloat16", "kwargs": {"grad_checkpointing": True}},
 }
 
 
@@ -309,7 +314,8 @@ class BenchConfig:
     actr_repo: str | None = None  # checkout of the released ACTR code: adds it beside actr_released
     train_sizes: tuple[str, ...] | None = None  # sizes whose training steps are timed (None: all)
     memory_limit_gb: float | None = None  # cap per worker; None: the memory available at start over
-    #   (workers in the group + 1), so a group never takes all of a shared machine
+    #   (workers in the group + 1), so a group never takes all of a shared machine (CPU only: on
+    #   CUDA the models live in device memory, and None sets no cap)
     out: str = "bench_out"  # output folder
 
 
@@ -371,7 +377,10 @@ def plan_cases(cfg: BenchConfig) -> list[list[CaseSpec]]:
     available = available_mb()
     capped = []
     for group in groups:  # the workers of a group live together: their caps share the memory available
-        limit = cfg.memory_limit_gb * 1024 if cfg.memory_limit_gb is not None else available / (len(group) + 1)
+        if cfg.memory_limit_gb is not None:
+            limit = cfg.memory_limit_gb * 1024
+        else:
+            limit = available / (len(group) + 1) if torch.device(cfg.device).type == "cpu" else 0
         capped.append([dataclasses.replace(s, memory_limit_mb=float(limit) if limit > 0 else None) for s in group])
     return capped
 
@@ -517,10 +526,13 @@ def comparisons(results: Sequence[CaseResult], extra: dict[str, Any]) -> dict[st
         if ours.train_s and theirs.train_s:
             out[f"{name} train step"] = _paired_ratio(ours.train_s, theirs.train_s)
             out[f"{name} train step CPU time"] = _paired_ratio(ours.train_cpu_s, theirs.train_cpu_s)
-        out[f"{name} forward peak RSS"] = ours.forward_peak_mb / theirs.forward_peak_mb
-        out[f"{name} forward peak - baseline"] = (ours.forward_peak_mb - ours.setup["rss_baseline_mb"]) / (
-            theirs.forward_peak_mb - theirs.setup["rss_baseline_mb"]
-        )
+        out[f"{name} forward peak"] = ours.forward_peak_mb / theirs.forward_peak_mb
+        if torch.device(ours.spec.device).type == "cpu":  # RSS counts the imports; CUDA's allocator does not
+            out[f"{name} forward peak - baseline"] = (ours.forward_peak_mb - ours.setup["rss_baseline_mb"]) / (
+                theirs.forward_peak_mb - theirs.setup["rss_baseline_mb"]
+            )
+        if ours.train_peak_mb is not None and theirs.train_peak_mb is not None:
+            out[f"{name} train peak"] = ours.train_peak_mb / theirs.train_peak_mb
         if "max_flow_difference" in extra:
             out["max |flow(actr_released) - flow(released_code)|"] = extra["max_flow_difference"]
     for label, r in by_label.items():
@@ -557,6 +569,7 @@ def summary(result: CaseResult) -> dict[str, Any]:
         "forward_min_s": min(r.forward_s, default=nan),
         "forward_cpu_median_s": _median(r.forward_cpu_s),
         "train_step_median_s": _median(r.train_s),
+        "train_batch": r.spec.train_batch,
         "train_note": train_note,
         "rss_baseline_mb": r.setup["rss_baseline_mb"],
         "rss_model_mb": r.setup["rss_model_mb"],
@@ -578,13 +591,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         return "–" if value != value else format(value, fmt)  # NaN: not measured
 
     header = (
-        "| case | params (M) | GFLOP/pair | forward (s, median) | forward CPU (s) | train step b=2 (s) | peak RSS (MiB) "
+        "| case | params (M) | GFLOP/pair | forward (s, median) | forward CPU (s) | train step (s) [batch] | peak memory (MiB) "
         "| peak − baseline (MiB) | GFLOP/s | of matmul rate |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         note = row["train_note"]
-        train = note if note and note != "not measured" else f(row["train_step_median_s"], ".2f")
+        train = note if note and note != "not measured" else f(row["train_step_median_s"], ".3f") + f" [{row['train_batch']}]"
         fraction = row["fraction_of_matmul"]
         of_rate = "–" if fraction != fraction else f"{fraction:.0%} of {row['fraction_dtype']}"
         lines.append(
