@@ -87,7 +87,7 @@ class HubError(ValueError):
 
 
 class ChecksumError(HubError):
-    """A file whose size or sha256 is not the expected one (the download is deleted)."""
+    """A file whose size or sha256 is not the expected one (a fresh download is deleted, a cached file left)."""
 
 
 class OfflineError(HubError):

@@ -23,6 +23,7 @@ MODULES = (
     "actr_core.metrics",
     "actr_core.viz",
     "actr_core.training",
+    "actr_core.hub",
 )
 
 
