@@ -33,7 +33,8 @@ def test_autocast_forward_and_backward_are_finite(name, precision):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", MODELS)
 def test_attention_takes_a_fused_kernel(name, precision):
-    cuda_checks.check_fused_attention(name, DEVICE, precision)
+    figures = cuda_checks.check_fused_attention(name, DEVICE, precision)
+    assert figures["sdpa_calls"] > 0 or name.startswith("mmnet")  # MMNet's attention is local, without SDPA
 
 
 @pytest.mark.parametrize("name", cuda_checks.CHANNELS_LAST_MODELS)
