@@ -74,7 +74,8 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warm-up from 1/warmup_steps of the lr
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of each group's lr
     clip_grad_norm: float = 0.0  # 0 = no clipping
-    precision: str = "fp32"  # "bf16" / "fp16" autocast on GPU ("fp16" adds a GradScaler); CPU uses fp32
+    precision: str = "fp32"  # "bf16" / "fp16" autocast where the device table allows it (CUDA; actr_core.blocks.device_table)
+    #   ("fp16" adds a GradScaler); CPU runs fp32 whatever is asked
     seed: int = 0  # seeds model initialisation (with the rank), shuffling and augmentation
     # --- validation metric ------------------------------------------------------------------
     pck_alpha: float = 0.1  # PCK@0.1, the paper's headline metric
