@@ -298,9 +298,11 @@ def fetch(name: "str | Artefact", *, progress: bool = True, retries: int = RETRI
 
 
 def _fetch_locked(art: Artefact, path: Path, progress: bool, retries: int) -> Path:
-    part = path.with_name(f".{art.filename}.download")  # gdown keeps its partial file beside it until complete
     problems = []
-    for what, url in _sources(art):
+    for index, (what, url) in enumerate(_sources(art)):
+        # one partial file per source (gdown keeps ``<name><random>.part`` beside it until complete), so
+        # that a resumed download never splices the bytes of two mirrors
+        part = path.with_name(f".{art.filename}.{index}.download")
         try:
             _download(art, what, url, part, progress, retries)
             break
@@ -319,6 +321,8 @@ def _fetch_locked(art: Artefact, path: Path, progress: bool, retries: int) -> Pa
         print(f"{art.name}: sha256 {digest} (unverified entry: no published checksum; recorded beside the file)", file=sys.stderr)
         _sidecar(path).write_text(digest + "\n")
     os.replace(part, path)
+    for stale in path.parent.glob(f".{art.filename}.*.download*"):  # other sources' partial files
+        stale.unlink()
     return path
 
 

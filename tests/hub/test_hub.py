@@ -272,3 +272,15 @@ def test_hub_imports_without_the_extra_and_names_it_when_needed(server, monkeypa
     with pytest.raises(hub.HubError, match=r"needs the optional package 'gdown': pip install 'actr_core\[hub\]'"):
         hub.fetch(weights_entry(server), progress=False)
     assert server.requests == []
+
+
+def test_a_mirror_never_resumes_another_sources_partial_file(server):
+    other = b"another archive" * 100_000
+    art = weights_entry(server, sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    server.files["/mirror.pth"] = PAYLOAD
+    art = dataclasses.replace(art, urls=(server.url("/first.pth"), server.url("/mirror.pth")))
+    server.files["/first.pth"] = other
+    server.cut_after["/first.pth"] = 1_300_000  # the first source breaks off; the mirror starts from byte 0
+    assert hub.fetch(art, progress=False, retries=0).read_bytes() == PAYLOAD
+    assert ("/mirror.pth", None) in server.requests and not any(p == "/mirror.pth" and r for p, r in server.requests)
+    assert sorted(p.name for p in (hub.cache_dir() / "blob").iterdir()) == [".blob.pth.lock", "blob.pth"]
