@@ -17,6 +17,7 @@ Tolerances (stated once, here):
 
 import contextlib
 import copy
+import functools
 import math
 import time
 import warnings
@@ -48,12 +49,18 @@ def registered_models() -> list[str]:
     return [entry.name for entry in model_entries()]
 
 
-def build(name: str, **kwargs: Any) -> torch.nn.Module:
-    """The registered model ``name`` with seeded random weights (no weight files), in eval mode."""
+@functools.cache
+def _built(name: str, options: tuple[tuple[str, Any], ...]) -> torch.nn.Module:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random-initialisation notices
-        return build_model(name, **kwargs).eval()
+        return build_model(name, **dict(options))
+
+
+def build(name: str, **kwargs: Any) -> torch.nn.Module:
+    """The registered model ``name`` with seeded random weights (no weight files), in eval mode, on
+    CPU: a copy of the one built for the first check that asked (building ViT-B takes seconds)."""
+    return copy.deepcopy(_built(name, tuple(sorted(kwargs.items())))).eval()
 
 
 def frame(name: str, size: tuple[int, int] = EQUALITY_SIZE) -> tuple[int, int]:
