@@ -5,9 +5,11 @@
 Steps: synthetic shards from scikit-image's bundled photos (``pipelines/make_shards.py``) → train
 the small CPU configuration with Ray Train, started in-process (``pipelines/train.py`` with
 ``configs/small_cpu.yaml``) → evaluate the trained model on the held-out test
-photos beside identity and the classical peer (``pipelines/evaluate.py``) → a report folder
-``runs/<name>/``: ``REPORT.md`` (the three predictors' PCK with bootstrap intervals, the learning
-curve, per-photo rows), ``eval/results.nc``, the figures, ``model_final.pt``/``model_best.pt``.
+photos beside identity and the classical peer (``pipelines/evaluate.py``) → calibrate its match
+confidence on the validation split and score it on the test split (``pipelines/calibrate.py``) →
+a report folder ``runs/<name>/``: ``REPORT.md`` (the three predictors' PCK with bootstrap
+intervals, the confidence's precision, recall and AUC, the learning curve, per-photo rows),
+``eval/results.nc``, the figures, ``model_final.pt``/``model_best.pt``, ``calibration.json``.
 Every step is resumable: shards already written are verified and kept.
 """
 
@@ -60,6 +62,8 @@ def main(cfg: QuickstartConfig) -> Path:
     """Run the whole job; returns the report folder."""
     import torch
 
+    from actr_core.calibration import CalibrationError
+    from pipelines import calibrate as calibrate_pipe
     from pipelines import evaluate as evaluate_pipe
     from pipelines import make_shards as shards_pipe
     from pipelines import train as train_pipe
@@ -74,22 +78,32 @@ def main(cfg: QuickstartConfig) -> Path:
     train_args = [cfg.train_config, "--name", cfg.name, "--runs-dir", cfg.runs_dir, "--shards", cfg.shards, *cfg.train_overrides]
     training, ray = train_pipe.parse_args(train_args)  # before any work: a bad option stops the job at once
 
-    with _step("1/4 synthetic shards", timings):
+    with _step("1/5 synthetic shards", timings):
         shards_pipe.main(shards_pipe.parse_args(["--source", "synthetic", "--out", cfg.shards, "--pairs", str(cfg.pairs)]))
 
-    with _step("2/4 train (Ray Train, local)", timings):
+    with _step("2/5 train (Ray Train, local)", timings):
         summary = train_pipe.main(training, ray)
     train_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
 
     results = {}
-    with _step("3/4 evaluate on the held-out test photos", timings):
+    with _step("3/5 evaluate on the held-out test photos", timings):
         common = dict(shards=cfg.shards, split="test", limit=cfg.eval_batches, batch_size=8)
         results["trained"] = evaluate_pipe.main(
             evaluate_pipe.EvaluateConfig(checkpoint=str(run_dir / "model_best.pt"), out=str(run_dir / "eval"), **common)
         )
 
-    with _step("4/4 report", timings):
-        write_report(report, cfg, summary, results["trained"], timings, train_cfg)
+    with _step("4/5 calibrate the match confidence (fit on val, score on test)", timings):
+        calibrate_cfg = calibrate_pipe.CalibrateConfig(
+            checkpoint=run_dir / "model_best.pt", shards=cfg.shards, limit=cfg.eval_batches, batch_size=8
+        )
+        try:
+            calibration: dict | str = calibrate_pipe.main(calibrate_cfg)
+        except CalibrationError as err:  # e.g. a model too young to have wrong and right matches
+            calibration = str(err)
+            print(f"no calibration: {err}")
+
+    with _step("5/5 report", timings):
+        write_report(report, cfg, summary, results["trained"], timings, train_cfg, calibration=calibration)
     print(f"\nReport: {report.resolve()}")
     return run_dir
 
@@ -106,9 +120,19 @@ MEANING = (
 )
 
 
-def write_report(path: Path, cfg: QuickstartConfig, summary: dict, results, timings: dict, train_cfg: dict) -> None:
+def write_report(
+    path: Path,
+    cfg: QuickstartConfig,
+    summary: dict,
+    results,
+    timings: dict,
+    train_cfg: dict,
+    calibration: dict | str | None = None,
+) -> None:
     """A Markdown report a person can read: what ran, how well beside identity and the classical
-    peer on the same pairs, the learning curve, how long each step took, where the files are."""
+    peer on the same pairs, how far its match confidence can be trusted (``calibration``: the
+    report of :func:`pipelines.calibrate.main`, or why there is none), the learning curve, how long each step took,
+    where the files are."""
     from actr_core.metrics import BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, REFERENCE_LABELS, format_table, pck_difference
     from actr_core.viz import plot_learning_curve, plot_pck_curves
     from pipelines.make_shards import split_counts
@@ -165,6 +189,7 @@ def write_report(path: Path, cfg: QuickstartConfig, summary: dict, results, timi
         "",
         *differences,
         "",
+        *_calibration_lines(calibration),
         f"![learning curve]({learning.relative_to(run_dir)})",
         "",
         f"![PCK curve]({curves.relative_to(run_dir)})",
@@ -196,10 +221,36 @@ def write_report(path: Path, cfg: QuickstartConfig, summary: dict, results, timi
         + "`",
         "- `metrics.csv`, `steps.csv`: per-epoch and per-step training metrics",
         "- `model_best.pt` (best on validation), `model_final.pt`: load with `actr_core.Matcher.from_checkpoint`",
+        "- `calibration.json`: the confidence calibration, read by `Matcher.from_checkpoint` and `actr match --checkpoint`",
     ]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)  # a crash never leaves half a report
+
+
+def _calibration_lines(calibration: dict | str | None) -> list[str]:
+    """The report's section on the calibrated match confidence (none when it was not run)."""
+    from pipelines.calibrate import format_scores
+
+    title = "## Match confidence: calibrated on validation, scored on test"
+    if calibration is None:
+        return []
+    if isinstance(calibration, str):
+        return [title, "", f"Not calibrated ({calibration}): `actr match` reports an uncalibrated confidence.", ""]
+    c = calibration["calibration"]
+    return [
+        title,
+        "",
+        f"`actr match` reports for each match a confidence: the probability that it is correct at α = {c['alpha']:g} "
+        f"(PCK, image side), estimated from its relative cycle error by a logistic curve fitted on the "
+        f"{c['n_matches']} matches of {c['fitted_on']} (`calibration.json`: intercept {c['intercept']:.3f}, "
+        f"slope {c['slope']:.3f} on the log relative error). Matches with confidence > 0.5 are the confident ones; "
+        "precision is the share of them that are correct, recall the share of the correct matches among them, "
+        "AUC how well the confidence ranks correct above wrong matches (0.5: chance):",
+        "",
+        format_scores(calibration, "val", "test"),
+        "",
+    ]
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:

@@ -55,7 +55,7 @@ def test_report_puts_every_score_beside_identity_and_says_what_it_means(tmp_path
     cfg = quickstart.QuickstartConfig(name="qs", runs_dir=str(tmp_path / "runs"), pairs=2000)
     summary = {"untrained_val_pck": 0.05, "best_val_pck": 0.4, "best_epoch": 1, "identity_val_pck": 0.2225, "peer_val_pck": None}
     train_cfg = {"model": "toy", "image_size": 48, "num_workers": 2, "pck_alpha": 0.1}
-    quickstart.write_report(run / "REPORT.md", cfg, summary, results, {"1/4 synthetic shards": 17.0}, train_cfg)
+    quickstart.write_report(run / "REPORT.md", cfg, summary, results, {"1/5 synthetic shards": 17.0}, train_cfg, CALIBRATION)
 
     text = (run / "REPORT.md").read_text()
     photos = len(results["category"])
@@ -69,6 +69,30 @@ def test_report_puts_every_score_beside_identity_and_says_what_it_means(tmp_path
     assert "identity on the same validation pairs: 22.2 %; classical peer: not run" in text
     assert (run / "learning_curve.png").stat().st_size > 0 and (run / "eval" / "pck_curve_trained.png").stat().st_size > 0
     assert not list(run.glob(".*.tmp"))  # written to a temporary name, then renamed
+    assert "## Match confidence: calibrated on validation, scored on test" in text
+    assert "| val (fitted on) | 4000 | 87.1 % | 3867 | 0.889 | 0.987 | 0.816 |" in text
+    assert "| test (held out) | 4000 | 77.9 % | 3904 | 0.788 | 0.988 | 0.728 |" in text
+    assert "fitted on the 4000 matches of shards/synthetic split val" in text and "`calibration.json`" in text
+
+
+CALIBRATION = {  # a report of pipelines.calibrate.main
+    "calibration": {
+        "intercept": -3.05,
+        "slope": -1.63,
+        "alpha": 0.1,
+        "fitted_on": "shards/synthetic split val",
+        "n_matches": 4000,
+    },
+    "path": "runs/qs/calibration.json",
+    "fit": {"precision": 0.8886, "recall": 0.9866, "auc": 0.8161, "selected": 3867, "matches": 4000, "correct_rate": 0.87075},
+    "test": {"precision": 0.7884, "recall": 0.9876, "auc": 0.7279, "selected": 3904, "matches": 4000, "correct_rate": 0.77925},
+}
+
+
+def test_report_says_when_the_confidence_could_not_be_calibrated():
+    lines = quickstart._calibration_lines("fitting needs at least 2 correct and 2 wrong matches, got 0 and 160")
+    assert "Not calibrated (fitting needs at least 2 correct and 2 wrong matches, got 0 and 160)" in "\n".join(lines)
+    assert quickstart._calibration_lines(None) == []
 
 
 @pytest.mark.slow
@@ -83,4 +107,5 @@ def test_the_main_job_runs_end_to_end_and_exits_0(tmp_path, monkeypatch):
     assert main(argv) == 0
     report = (tmp_path / "runs" / "qs" / "REPORT.md").read_text()
     assert "| model `actr_conv_tiny` |" in report and "| identity |" in report
+    assert "## Match confidence: calibrated on validation, scored on test" in report  # fitted, or why not
     assert (tmp_path / "runs" / "qs" / "model_best.pt").exists()
