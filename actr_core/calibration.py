@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from actr_core.flow import sample_flow, transfer_keypoints
@@ -126,7 +126,7 @@ class ConfidenceCalibration:
 
 
 def fit_calibration(
-    relative_error: np.ndarray, correct: np.ndarray, *, alpha: float, fitted_on: str = ""
+    relative_error: Float[np.ndarray, " m"], correct: Bool[np.ndarray, " m"], *, alpha: float, fitted_on: str = ""
 ) -> ConfidenceCalibration:
     """Fit :class:`ConfidenceCalibration` by maximum likelihood (Newton's method on the logistic loss).
 
@@ -164,7 +164,9 @@ def fit_calibration(
     return ConfidenceCalibration(float(intercept), float(slope), float(alpha), fitted_on, int(e.size))
 
 
-def calibration_scores(confidence: np.ndarray, correct: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+def calibration_scores(
+    confidence: Float[np.ndarray, " m"], correct: Bool[np.ndarray, " m"], threshold: float = 0.5
+) -> dict[str, float]:
     """How well ``confidence`` separates correct from wrong matches.
 
     Returns ``precision`` (correct among confidence > threshold), ``recall`` (of all correct
@@ -206,7 +208,7 @@ def collect_cycle_errors(
     alpha: float = 0.1,
     protocol: str = "standard",
     device: torch.device | str = "cpu",
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[Float[np.ndarray, " m"], Bool[np.ndarray, " m"]]:
     """Every valid keypoint of ``batches``: its relative cycle error and whether it is correct at ``alpha``.
 
     ``model`` runs each pair both ways; the forward flow's keypoints are scored with the library's
