@@ -59,6 +59,7 @@ class EvaluateConfig:
 
     checkpoint: str | None = None  # a training checkpoint (actr_core.training); wins over --model
     model: str | None = None  # a registered builder name (actr_core.models.model_entries), random weights
+    seed: int = 0  # seeds the random weights of --model, so two runs score the same model
     shards: str | None = None  # shard set URL (any fsspec URL) made by pipelines/make_shards.py
     split: str = "test"  # split of the shard set to score (model selection uses "val", never this)
     protocol: str = "standard"  # scoring protocol, one of actr_core.metrics.PROTOCOLS (docs/evaluation.md)
@@ -105,7 +106,8 @@ def load_model(cfg: EvaluateConfig) -> tuple[nn.Module, str, tuple[int, int]]:
         from actr_core.models import build_model
 
         side = cfg.image_size or (256, 256)
-        return build_model(cfg.model).to(cfg.device), f"{cfg.model} (untrained)", tuple(side)
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg.model).to(cfg.device), f"{cfg.model} (untrained, seed {cfg.seed})", tuple(side)
     raise ValueError("give --checkpoint PATH or --model NAME")
 
 
