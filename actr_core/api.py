@@ -313,6 +313,14 @@ class Matcher:
             raise ValueError("the released ACTR checkpoints take 256×256 input only")
         return cls(load_official_actr(path), (256, 256), **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, name: str, **kwargs: Any) -> "Matcher":
+        """A released ACTR checkpoint by name (``"actr-spair"``, ``"actr-pfpascal"``), downloaded
+        into the cache once and checked (:func:`actr_core.hub.load_pretrained`, docs/hub.md)."""
+        from actr_core.hub import load_pretrained
+
+        return load_pretrained(name, **kwargs)
+
     def _forward(self, src: Tensor, trg: Tensor) -> Tensor:
         dtype = PRECISIONS[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):

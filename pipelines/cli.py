@@ -85,6 +85,7 @@ COMMANDS = {
     "make-shards": ("write or --verify WebDataset shards (synthetic, spair, pfpascal, pfwillow)", _delegate("make_shards")),
     "train": ("train a model with Ray Train (local by default)", _delegate("train")),
     "evaluate": ("evaluate a checkpoint or builder on shards; netCDF, table and figures", _delegate("evaluate")),
+    "calibrate": ("fit a checkpoint's match confidence on the val split, score it on test", _delegate("calibrate")),
     "params": ("parameter counts beside the paper's Table 3", _delegate("param_count")),
     "download": ("download weights and data sets by name (cached, checked, resumable)", _delegate("download")),
     "reproduce": ("evaluate a released checkpoint beside the paper's Table 1", _delegate("reproduce")),

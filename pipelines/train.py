@@ -284,7 +284,9 @@ def _check_shards(cfg: TrainConfig, world: int) -> None:
     if manifest is None:
         raise FileNotFoundError(f"{cfg.shards}: no shard set there (no manifest.json); write one with `actr make-shards`")
     where = f"{cfg.shards.rstrip('/')}/manifest.json"
-    check_manifest(manifest, where)  # DataError (a ValueError) naming every problem
+    check_manifest(manifest, where, allow_incomplete=cfg.allow_incomplete)  # DataError (a ValueError) naming every problem
+    if cfg.allow_incomplete and not manifest.get("complete", False):
+        print(f"warning: {where}: training on an incomplete shard set (--allow-incomplete; kept in config.yaml)", file=sys.stderr)
     for split in dict.fromkeys((cfg.train_split, cfg.val_split)):
         if split not in manifest["splits"]:
             raise ValueError(f"{where}: no {split!r} split (it has {sorted(manifest['splits'])})")
@@ -298,6 +300,7 @@ def _check_shards(cfg: TrainConfig, world: int) -> None:
         rank=0,
         world_size=world,
         max_batches=cfg.steps_per_epoch or None,
+        allow_incomplete=cfg.allow_incomplete,
     )
     if train.plan(max(1, cfg.loader_workers)).batches_per_rank[0] < 1:
         raise ValueError(

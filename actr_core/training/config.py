@@ -54,6 +54,7 @@ class TrainConfig:
     shards: str = "shards/synthetic"  # the shard set's folder, holding manifest.json
     train_split: str = "train"  # the split trained on
     val_split: str = "val"  # model selection happens on this split, never on "test"
+    allow_incomplete: bool = False  # train on an interrupted shard set's shards (logged; kept in config.yaml)
     image_size: int = 256  # model input side H = W; shards are resized to it (paper Sec. 4.1: 256; ACTR_h 512)
     augment: bool = True  # the released code's training augmentation (photometric set + box-preserving crop)
     batch_size: int = 8  # per Ray worker (paper: 8 at 256, 6 at 512)

@@ -303,9 +303,16 @@ def fit(
         shuffle_buffer=cfg.shuffle_buffer,
         max_batches=cfg.steps_per_epoch or None,
         images="uint8",  # normalised on the training device (move_batch)
+        allow_incomplete=cfg.allow_incomplete,
     )
     val_data = ShardDataset(
-        cfg.shards, cfg.val_split, batch_size=cfg.val_batch_size, transforms=[resize], seed=cfg.seed, images="uint8"
+        cfg.shards,
+        cfg.val_split,
+        batch_size=cfg.val_batch_size,
+        transforms=[resize],
+        seed=cfg.seed,
+        images="uint8",
+        allow_incomplete=cfg.allow_incomplete,
     )
 
     def batches(data):  # the shards in this process, or a DataLoader of loader_workers processes

@@ -170,6 +170,7 @@ def test_dataset_downloaded_extracted_and_read(server, tmp_path, monkeypatch):
 def test_load_pretrained_from_a_drive_folder(server, monkeypatch):
     from tiny_released import TINY_RELEASED
 
+    from actr_core import Matcher
     from actr_core.models import load_official_actr
 
     data = released_checkpoint_bytes()
@@ -183,7 +184,7 @@ def test_load_pretrained_from_a_drive_folder(server, monkeypatch):
     monkeypatch.setattr(gdown, "download_folder", lambda **kwargs: listing)  # the folder listing (gdown scrapes Drive)
     art = dataclasses.replace(hub.ARTEFACTS["actr-spair"], model_config=TINY_RELEASED)
     monkeypatch.setitem(hub.ARTEFACTS, "actr-spair", art)
-    matcher = hub.load_pretrained("actr-spair", progress=False)
+    matcher = Matcher.from_pretrained("actr-spair", progress=False)
     expected = load_official_actr(torch.load(io.BytesIO(data), weights_only=True), config=TINY_RELEASED)
     assert matcher.input_size == (64, 64)
     for (name, ours), (_, theirs) in zip(matcher.model.state_dict().items(), expected.state_dict().items(), strict=True):

@@ -115,6 +115,7 @@ EXIT_CASES = [
     (["params", "--only", "no_such_model"], 2, "no registered model named ['no_such_model']"),
     (["quickstart", "--train-config", "{tmp}/none.yaml"], 2, "none.yaml: No such file"),
     (["quickstart", "--epochs", "many"], 2, "--epochs"),
+    (["calibrate", "--checkpoint", "{tmp}/none.pt", "--shards", "{shards}"], 2, "none.pt"),
     (["download", "nope"], 2, "no artefact named 'nope'"),
     (["reproduce", "--benchmark", "caltech"], 2, "--benchmark must be one of"),
     (["nonsense"], 2, "unknown command 'nonsense'"),

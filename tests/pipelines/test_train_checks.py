@@ -78,6 +78,8 @@ def test_an_incomplete_or_inconsistent_manifest(shards, tmp_path, capsys, no_ray
     manifest = json.loads((shards / "manifest.json").read_text())
     (broken / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     assert "complete" in _fails(_argv(broken, tmp_path / "runs"), capsys)
+    assert train.preflight(*_cfg(broken, tmp_path / "runs", "--allow-incomplete")) is False  # asked for: accepted, said
+    assert "training on an incomplete shard set" in capsys.readouterr().err
     manifest["totals"]["samples"] += 1
     (broken / "manifest.json").write_text(json.dumps(manifest))
     assert "total" in _fails(_argv(broken, tmp_path / "runs"), capsys)
