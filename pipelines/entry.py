@@ -16,6 +16,7 @@ Every command also takes ``--quiet`` (print errors only) and ``--verbose`` (debu
 """
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -43,6 +44,7 @@ EXIT_USER_ERROR = 2
 DEBUG_ENV = "ACTR_DEBUG"  # set (to anything but "" or "0") for tracebacks, as --verbose does
 COMMON_OPTIONS = "Every command also takes --quiet (errors only) and --verbose (debug logs, tracebacks; or ACTR_DEBUG=1)."
 _QUIET, _VERBOSE = "--quiet", "--verbose"
+_SILENT = False  # set by run() for the duration of a --quiet command
 _BOX = re.compile(r"[╭╮╰╯│─━┃┏┓┗┛]+")
 
 T = TypeVar("T")
@@ -119,7 +121,7 @@ def parse_config(
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
-            return tyro.cli(
+            parsed = tyro.cli(
                 cls,
                 args=list(argv),
                 prog=prog,
@@ -134,6 +136,9 @@ def parse_config(
             raise  # --help
         logging.getLogger(__name__).debug("%s", errors.getvalue())
         raise UsageError(_first_problem(errors.getvalue())) from None
+    if _SILENT and dataclasses.is_dataclass(parsed) and not isinstance(parsed, type) and hasattr(parsed, "progress"):
+        parsed = dataclasses.replace(parsed, progress=False)  # --quiet: no progress bars either
+    return parsed
 
 
 def check_device(name: str) -> str:
@@ -174,6 +179,8 @@ def run(command: Callable[[list[str], str], int | None], argv: Sequence[str] | N
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     sink = open(os.devnull, "w") if quiet else None  # noqa: SIM115 - closed below
+    global _SILENT
+    _SILENT = quiet
     try:
         with contextlib.redirect_stdout(sink) if sink else contextlib.nullcontext():
             status = command(words, prog)
@@ -192,6 +199,7 @@ def run(command: Callable[[list[str], str], int | None], argv: Sequence[str] | N
         print(f"{prog}: error: {_message(error)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     finally:
+        _SILENT = False
         if sink:
             sink.close()
     return EXIT_OK if status is None else int(status)

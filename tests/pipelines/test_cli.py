@@ -201,3 +201,11 @@ def test_missing_optional_package_is_a_user_error(capsys):
     assert run(command, [], prog="actr evaluate") == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["actr evaluate: error: needs the optional package 'xarray': pip install 'actr_core[all]'"]
+
+
+def test_quiet_silences_progress_bars(tmp_path, capsys):
+    args = ["make-shards", "--out", str(tmp_path / "s"), "--pairs", "10", "--size", "64", "--workers", "0"]
+    assert main([*args, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main([*args[:2], str(tmp_path / "t"), *args[3:]]) == 0
+    assert "pair/s" in capsys.readouterr().err  # the bar is there without --quiet
