@@ -85,6 +85,7 @@ def _yaml_mapping_rule(info: Any) -> Any:
 def _first_problem(tyro_error: str) -> str:
     """The first paragraph of a tyro error box, in one line (the box's title is the kind of error)."""
     lines = [_BOX.sub(" ", line).strip() for line in tyro_error.splitlines()]
+    lines = ["" if set(line) <= set("-=+| ") else line for line in lines]  # rules drawn in ASCII (no UTF-8 stderr)
     while lines and not lines[0]:
         lines.pop(0)
     paragraph: list[str] = []
@@ -119,8 +120,9 @@ def parse_config(
     registry.primitive_rule(_yaml_mapping_rule)
     text = "\n\n".join(part for part in (description, COMMON_OPTIONS) if part)
     errors = io.StringIO()
+    wide = {} if {"-h", "--help"} & set(argv) else {"COLUMNS": "100000"}  # an error's words unwrapped (paths intact)
     try:
-        with contextlib.redirect_stderr(errors):
+        with contextlib.redirect_stderr(errors), _environment(wide):
             parsed = tyro.cli(
                 cls,
                 args=list(argv),
@@ -139,6 +141,21 @@ def parse_config(
     if _SILENT and dataclasses.is_dataclass(parsed) and not isinstance(parsed, type) and hasattr(parsed, "progress"):
         parsed = dataclasses.replace(parsed, progress=False)  # --quiet: no progress bars either
     return parsed
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Any:
+    """Environment variables set for the duration of a ``with`` block, then restored."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def check_device(name: str) -> str:

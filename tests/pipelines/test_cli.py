@@ -209,3 +209,26 @@ def test_quiet_silences_progress_bars(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     assert main([*args[:2], str(tmp_path / "t"), *args[3:]]) == 0
     assert "pair/s" in capsys.readouterr().err  # the bar is there without --quiet
+
+
+def test_a_long_error_stays_whole_in_one_line(tmp_path):
+    import dataclasses
+
+    from pipelines.entry import UsageError, _first_problem, parse_config
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        out: str = ""  # a folder
+
+        def __post_init__(self) -> None:
+            if self.out:
+                raise ValueError(f"--out {self.out}: is a file; give a folder")
+
+    long = str(tmp_path / ("a" * 120) / "file")
+    with pytest.raises(UsageError) as error:
+        parse_config(Config, ["--out", long], prog="x")
+    assert f"--out {long}: is a file" in str(error.value) and "\n" not in str(error.value)
+    ascii_box = (
+        " Value error \n ----------- \n  Error parsing Config: bad value \n  ----------- \n  For full helptext, see x --help \n"
+    )
+    assert _first_problem(ascii_box) == "Error parsing Config: bad value"  # the box as drawn without UTF-8
