@@ -33,3 +33,17 @@ def no_typecheck():
     """Fixture form of :func:`jaxtyping_disabled`."""
     with jaxtyping_disabled():
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_train_shards(tmp_path_factory):
+    """A synthetic shard set small enough for a training run in seconds: 8 train and 4 val pairs at
+    64 px, 4 per shard (read only; shared by the training tests)."""
+    from actr_core.data import ShardSettings, make_shards
+
+    path = tmp_path_factory.mktemp("shards") / "tiny"
+    settings = ShardSettings(
+        source="synthetic", splits=("train", "val"), pairs=(("train", 8), ("val", 4)), size=(64, 64), samples_per_shard=4
+    )
+    make_shards(str(path), settings, progress=False)
+    return path

@@ -21,16 +21,9 @@ from pipelines.entry import run
 TINY = {"image_size": [64, 64], "warn_random_init": False}
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from actr_core.data import ShardSettings, make_shards
-
-    path = tmp_path_factory.mktemp("shards") / "tiny"
-    settings = ShardSettings(
-        source="synthetic", splits=("train", "val"), pairs=(("train", 8), ("val", 4)), size=(64, 64), samples_per_shard=4
-    )
-    make_shards(str(path), settings, progress=False)
-    return path
+@pytest.fixture
+def shards(tiny_train_shards: Path) -> Path:
+    return tiny_train_shards
 
 
 @pytest.fixture

@@ -106,21 +106,9 @@ def test_resume_from_the_framework_then_from_the_option(tmp_path):
     assert resume_source(cfg, restored) == (restored, True)
 
 
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory) -> Path:
-    from actr_core.data import ShardSettings, make_shards
-
-    path = tmp_path_factory.mktemp("shards") / "tiny"
-    settings = ShardSettings(
-        source="synthetic", splits=("train", "val"), pairs=(("train", 8), ("val", 4)), size=(64, 64), samples_per_shard=4
-    )
-    make_shards(str(path), settings, progress=False)
-    return path
-
-
-def test_fit_in_one_process_writes_checkpoints_and_resumes_after_a_stop(tiny_shards, tmp_path, capsys):
+def test_fit_in_one_process_writes_checkpoints_and_resumes_after_a_stop(tiny_train_shards, tmp_path, capsys):
     cfg = TrainConfig(
-        name="one", runs_dir=str(tmp_path), shards=str(tiny_shards), model="actr_tiny",
+        name="one", runs_dir=str(tmp_path), shards=str(tiny_train_shards), model="actr_tiny",
         model_kwargs={"image_size": [64, 64], "warn_random_init": False}, image_size=64, augment=False,
         batch_size=2, val_batch_size=4, epochs=1, steps_per_epoch=2, head_lr=3e-4, backbone_lr=1e-4,
         val_peer=False, progress=False,
@@ -153,10 +141,10 @@ def test_fit_in_one_process_writes_checkpoints_and_resumes_after_a_stop(tiny_sha
     assert load_checkpoint(cfg.run_dir / "model_final.pt").rng == {}
 
 
-def test_fit_names_a_split_too_small_for_one_batch(tiny_shards, tmp_path):
+def test_fit_names_a_split_too_small_for_one_batch(tiny_train_shards, tmp_path):
     kwargs = {"image_size": [64, 64], "warn_random_init": False}
     cfg = TrainConfig(
-        name="small", runs_dir=str(tmp_path), shards=str(tiny_shards), model="actr_tiny", model_kwargs=kwargs, batch_size=64
+        name="small", runs_dir=str(tmp_path), shards=str(tiny_train_shards), model="actr_tiny", model_kwargs=kwargs, batch_size=64
     )
     with pytest.raises(ValueError, match="no full batch of 64"):
         fit(cfg)
