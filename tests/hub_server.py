@@ -89,6 +89,13 @@ def _handler(state: Loopback) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def isolate_hub(monkeypatch, cache: Path) -> None:
+    """A fresh download cache at ``cache``; both offline variables unset (a test sets what it tests)."""
+    monkeypatch.setenv(hub.CACHE_ENV, str(cache))
+    monkeypatch.delenv(hub.OFFLINE_ENV, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
 @contextlib.contextmanager
 def loopback_server() -> Iterator[Loopback]:
     """Serve a :class:`Loopback` on 127.0.0.1 for the duration of the block."""

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hub_server import loopback_server, released_checkpoint_bytes, served_artefact, spair_archive_bytes, tar_with
+from hub_server import isolate_hub, loopback_server, released_checkpoint_bytes, served_artefact, spair_archive_bytes, tar_with
 
 from actr_core import hub
 from actr_core.data import SPairReader
@@ -25,9 +25,7 @@ PAYLOAD = bytes(range(256)) * 8192  # 2 MiB
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
     """A fresh cache; both offline variables unset (each test sets what it means to test)."""
-    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(hub.OFFLINE_ENV, raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    isolate_hub(monkeypatch, tmp_path / "cache")
 
 
 @pytest.fixture

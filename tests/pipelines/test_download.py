@@ -3,7 +3,7 @@
 import hashlib
 
 import pytest
-from hub_server import loopback_server, served_artefact, spair_archive_bytes
+from hub_server import isolate_hub, loopback_server, served_artefact, spair_archive_bytes
 
 from actr_core import hub
 from actr_core.data import SPairReader
@@ -12,9 +12,7 @@ from pipelines.cli import main
 
 @pytest.fixture
 def server(monkeypatch, tmp_path):
-    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(hub.OFFLINE_ENV, raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    isolate_hub(monkeypatch, tmp_path / "cache")
     with loopback_server() as state:
         yield state
 

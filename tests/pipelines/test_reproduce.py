@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 import xarray as xr
-from hub_server import loopback_server, released_checkpoint_bytes, served_artefact, spair_archive_bytes
+from hub_server import isolate_hub, loopback_server, released_checkpoint_bytes, served_artefact, spair_archive_bytes
 from tiny_released import TINY_RELEASED
 
 from actr_core import hub
@@ -16,9 +16,7 @@ from pipelines.cli import main
 @pytest.fixture
 def served(monkeypatch, tmp_path):
     """actr-spair and spair moved onto a loopback server; an empty cache; both offline variables unset."""
-    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(hub.OFFLINE_ENV, raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    isolate_hub(monkeypatch, tmp_path / "cache")
     with loopback_server() as server:
         spair = served_artefact(server, hub.ARTEFACTS["spair"], spair_archive_bytes(tmp_path / "build", pairs_per_split=5))
         weights = served_artefact(server, hub.ARTEFACTS["actr-spair"], released_checkpoint_bytes(), model_config=TINY_RELEASED)
