@@ -1,19 +1,26 @@
-"""Calibrated match confidence: a monotone map from the relative cycle error to P(match is correct).
+"""Calibrated match confidence: a monotone map from a match's disagreement measures to P(match is correct).
 
 Axis legend: b batch · n keypoints · 2 (x, y) · h w flow grid · m matches pooled over pairs.
 
-The cycle error of a match sends its source point into the target with the forward flow and back
-with the backward flow; the distance to where it started, in source-image pixels, is the cycle
-error, and divided by the source image's longer side it is the **relative cycle error** — the same
-``d = max(height, width)`` that PCK's image threshold uses, so a relative error is read on the
-scale of α. It ranks matches well but says nothing about probability by itself. A
-:class:`ConfidenceCalibration` turns it into one: a logistic curve in the log relative error,
+Two model-agnostic measures of how much a match can be trusted, both read from flows alone:
 
-    P(correct at α) = σ(a + b · log(max(e_rel, ε))),   b < 0,
+* **cycle**: the source point is sent into the target with the forward flow and back with the
+  backward flow; the distance to where it started (:func:`cycle_displacement`);
+* **flip**: the pair is matched once more with both images mirrored left–right; the distance between
+  the two predicted target points, the mirrored one mapped back (:func:`flip_displacement`).
+
+Each is measured in source-image pixels and, divided by the source image's longer side, as a
+**relative error** — the same ``d = max(height, width)`` that PCK's image threshold uses, so it is
+read on the scale of α. They rank matches but say nothing about probability by themselves. A
+:class:`ConfidenceCalibration` turns them into one: a logistic model in their logarithms,
+
+    P(correct at α) = σ(a + Σ_k b_k · log(max(e_k, ε))),   every b_k < 0,
 
 fitted by maximum likelihood (Newton's method, numpy only) on the validation split of a shard set,
 where correctness is the library's PCK rule (:func:`actr_core.metrics.pck_per_keypoint`, standard
-protocol). It is stored as a few numbers in ``calibration.json`` beside the checkpoint, where
+protocol). A measure whose fitted slope is not negative (it does not add to the others on these
+matches) is left out and the rest refitted, so a larger disagreement never raises the confidence.
+The result is stored as a few numbers in ``calibration.json`` beside the checkpoint, where
 :meth:`actr_core.Matcher.from_checkpoint` finds it.
 """
 
@@ -34,22 +41,26 @@ from actr_core.flow import sample_flow, transfer_keypoints
 
 __all__ = [
     "CALIBRATION_FILE",
+    "FEATURES",
     "CalibrationError",
     "ConfidenceCalibration",
     "calibration_scores",
-    "collect_cycle_errors",
+    "collect_match_features",
     "cycle_displacement",
     "fit_calibration",
+    "flip_displacement",
+    "mirror_flow",
     "relative_cycle_error",
 ]
 
 CALIBRATION_FILE = "calibration.json"  # beside a checkpoint; read by Matcher.from_checkpoint
-EPS = 1e-6  # floor of the relative cycle error before the log (a millionth of the image side)
+FEATURES: tuple[str, ...] = ("cycle", "flip")  # the disagreement measures, in the order they are fitted
+EPS = 1e-6  # floor of a relative error before the log (a millionth of the image side)
 _RIDGE = 1e-6  # L2 penalty of the Newton fit: keeps it finite when the classes separate perfectly
 
 
 class CalibrationError(ValueError):
-    """The matches cannot be calibrated: too few of one kind, or a cycle error that does not rank them."""
+    """The matches cannot be calibrated: too few of one kind, or no measure that ranks them."""
 
 
 def cycle_displacement(
@@ -65,10 +76,32 @@ def cycle_displacement(
     return there + sample_flow(flow_ts, there) - points
 
 
+def mirror_flow(flow: Float[Tensor, "b 2 h w"]) -> Float[Tensor, "b 2 h w"]:
+    """The flow of the left–right mirrored pair, expressed on the unmirrored grid (an involution).
+
+    Convention:
+        Mirroring an image of width W maps pixel x to W − 1 − x (pixel centres at integers); on the
+        flow grid of width w = W/4 that is cell x to w − 1 − x, so the grid is reversed along x and
+        the x component changes sign.
+    """
+    return torch.cat([-flow[:, :1], flow[:, 1:]], dim=1).flip(-1)
+
+
+def flip_displacement(
+    flow_st: Float[Tensor, "b 2 h w"], flow_st_mirrored: Float[Tensor, "b 2 h w"], points: Float[Tensor, "b n 2"]
+) -> Float[Tensor, "b n 2"]:
+    """Where ``flow_st`` sends each point minus where the mirrored pair's flow sends it (grid cells).
+
+    ``flow_st_mirrored`` is the model's flow for both images mirrored left–right, as it came out of
+    the model (:func:`mirror_flow` maps it back here).
+    """
+    return sample_flow(flow_st, points) - sample_flow(mirror_flow(flow_st_mirrored), points)
+
+
 def relative_cycle_error(
     displacement: Float[Tensor, "b n 2"], grid_size: tuple[int, int], image_size: tuple[int, int]
 ) -> tuple[Float[Tensor, "b n"], Float[Tensor, "b n"]]:
-    """Cycle displacement in grid cells → ``(error in image pixels, error / max(image H, W))``.
+    """A displacement in grid cells (cycle or flip) → ``(length in image pixels, length / max(image H, W))``.
 
     Each axis is scaled by its own cell size (``W/w`` for x, ``H/h`` for y), so an image resized
     unequally along its axes gets its error in its own pixels.
@@ -81,31 +114,47 @@ def relative_cycle_error(
 
 @dataclasses.dataclass(frozen=True)
 class ConfidenceCalibration:
-    """``P(correct at α) = σ(intercept + slope · log(max(relative cycle error, 1e-6)))``.
+    """``P(correct at α) = σ(intercept + Σ_k slopes[k] · log(max(relative error of features[k], 1e-6)))``.
 
     Attributes:
-        intercept, slope: the logistic curve (``slope < 0``: a larger cycle error, a lower confidence).
+        intercept, slopes: the logistic model, one slope per feature, each negative (a larger
+            disagreement, a lower confidence).
         alpha: the PCK tolerance that defined a correct match when fitting.
+        features: the measures it reads, names from :data:`FEATURES` (``"cycle"``, ``"flip"``).
         fitted_on: where the fitting matches came from (e.g. ``"shards/synthetic split val"``).
         n_matches: how many matches it was fitted on.
     """
 
     intercept: float
-    slope: float
+    slopes: tuple[float, ...]
     alpha: float
+    features: tuple[str, ...] = ("cycle",)
     fitted_on: str = ""
     n_matches: int = 0
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.intercept) and math.isfinite(self.slope) and self.slope < 0):
-            raise ValueError(f"a calibration needs a finite intercept and a negative slope, got {self.intercept}, {self.slope}")
+        object.__setattr__(self, "slopes", tuple(float(v) for v in self.slopes))
+        object.__setattr__(self, "features", tuple(self.features))
+        unknown = sorted(set(self.features) - set(FEATURES))
+        if unknown or len(set(self.features)) != len(self.features) or len(self.slopes) != len(self.features):
+            raise ValueError(
+                f"a calibration needs one slope per distinct feature of {FEATURES}, got {self.features}, {self.slopes}"
+            )
+        if not (math.isfinite(self.intercept) and all(math.isfinite(v) and v < 0 for v in self.slopes)):
+            raise ValueError(f"a calibration needs a finite intercept and negative slopes, got {self.intercept}, {self.slopes}")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
 
-    def __call__(self, relative_error: Float[Tensor, "*m"]) -> Float[Tensor, "*m"]:
-        """Confidence in (0, 1) of each relative cycle error (NaN stays NaN)."""
-        logit = self.intercept + self.slope * relative_error.double().clamp_min(EPS).log()
-        return torch.sigmoid(logit).to(relative_error.dtype)
+    def __call__(self, **relative_errors: Float[Tensor, "*m"]) -> Float[Tensor, "*m"]:
+        """Confidence in (0, 1) from each feature's relative error (``cycle=..., flip=...``; NaN stays NaN)."""
+        missing = [name for name in self.features if name not in relative_errors]
+        if missing:
+            raise ValueError(f"this calibration reads {self.features}; missing {missing}")
+        first = relative_errors[self.features[0]]
+        logit = torch.full_like(first, self.intercept, dtype=torch.float64)
+        for name, slope in zip(self.features, self.slopes, strict=True):
+            logit = logit + slope * relative_errors[name].double().clamp_min(EPS).log()
+        return torch.sigmoid(logit).to(first.dtype)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the numbers as JSON (temporary name, then rename: never half a file)."""
@@ -120,48 +169,70 @@ class ConfidenceCalibration:
         """Read a file written by :meth:`save`; a damaged one is a one-line ``ValueError`` naming it."""
         try:
             data = json.loads(Path(path).read_text())
-            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+            fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})  # JSON has lists
         except (json.JSONDecodeError, TypeError, KeyError, ValueError) as err:
             raise ValueError(f"{path}: not a confidence calibration ({err})") from None
 
 
 def fit_calibration(
-    relative_error: Float[np.ndarray, " m"], correct: Bool[np.ndarray, " m"], *, alpha: float, fitted_on: str = ""
+    relative_errors: Mapping[str, Float[np.ndarray, " m"]],
+    correct: Bool[np.ndarray, " m"],
+    *,
+    alpha: float,
+    fitted_on: str = "",
 ) -> ConfidenceCalibration:
     """Fit :class:`ConfidenceCalibration` by maximum likelihood (Newton's method on the logistic loss).
 
     Args:
-        relative_error: ``(m,)`` relative cycle errors of the matches (finite, ≥ 0).
+        relative_errors: feature name (of :data:`FEATURES`) → ``(m,)`` relative errors of the
+            matches (finite, ≥ 0); every feature given is tried.
         correct: ``(m,)`` bool, whether each match is correct at ``alpha``.
         alpha: the PCK tolerance behind ``correct`` (recorded).
         fitted_on: a note on the data (recorded).
 
+    A feature whose slope comes out ≥ 0 is dropped (the one with the largest slope first) and the
+    rest refitted, until every slope is negative.
+
     Raises:
-        CalibrationError: fewer than two matches of each kind, or a fit in which a larger cycle error
-            does not mean a lower confidence (the cycle error does not rank this model's matches).
+        CalibrationError: fewer than two matches of each kind, or no feature in which a larger error
+            means a lower confidence (nothing ranks this model's matches).
     """
-    e = np.asarray(relative_error, dtype=np.float64).ravel()
     y = np.asarray(correct, dtype=bool).ravel()
-    if e.shape != y.shape or not np.isfinite(e).all() or (e < 0).any():
-        raise ValueError(f"relative_error must be finite and >= 0, one per match; got {e.shape} for {y.shape} labels")
+    names = [name for name in FEATURES if name in relative_errors]
+    if not names or set(relative_errors) - set(FEATURES):
+        raise ValueError(f"relative_errors must map names of {FEATURES} to arrays, got {sorted(relative_errors)}")
+    logs = {}
+    for name in names:
+        e = np.asarray(relative_errors[name], dtype=np.float64).ravel()
+        if e.shape != y.shape or not np.isfinite(e).all() or (e < 0).any():
+            raise ValueError(f"{name} errors must be finite and >= 0, one per match; got {e.shape} for {y.shape} labels")
+        logs[name] = np.log(np.maximum(e, EPS))
     if min(y.sum(), (~y).sum()) < 2:
         raise CalibrationError(f"fitting needs at least 2 correct and 2 wrong matches, got {int(y.sum())} and {int((~y).sum())}")
-    x = np.log(np.maximum(e, EPS))
-    design = np.stack([np.ones_like(x), (x - x.mean()) / max(x.std(), EPS)], 1)  # standardised for conditioning
-    theta = np.zeros(2)
+    while names:
+        intercept, slopes = _logistic_fit(np.stack([logs[name] for name in names], 1), y)
+        if (slopes < 0).all():
+            return ConfidenceCalibration(intercept, tuple(slopes), float(alpha), tuple(names), fitted_on, int(y.size))
+        names.pop(int(np.argmax(slopes)))
+    raise CalibrationError("no error measure ranks these matches (every fitted slope >= 0); no calibration")
+
+
+def _logistic_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Maximum-likelihood logistic regression of ``y`` on the columns of ``x``: (intercept, slopes)."""
+    mean, std = x.mean(0), np.maximum(x.std(0), EPS)
+    design = np.concatenate([np.ones((len(x), 1)), (x - mean) / std], 1)  # standardised for conditioning
+    theta = np.zeros(design.shape[1])
     for _ in range(100):
         p = 0.5 * (1.0 + np.tanh(0.5 * (design @ theta)))  # the logistic function, without overflow
         grad = design.T @ (p - y) + _RIDGE * theta
-        hess = (design * (p * (1 - p))[:, None]).T @ design + _RIDGE * np.eye(2)
+        hess = (design * (p * (1 - p))[:, None]).T @ design + _RIDGE * np.eye(len(theta))
         step = np.linalg.solve(hess, grad)
         theta -= step
         if np.abs(step).max() < 1e-10:
             break
-    slope = theta[1] / max(x.std(), EPS)
-    intercept = theta[0] - slope * x.mean()
-    if not slope < 0:
-        raise CalibrationError(f"the cycle error does not rank these matches (fitted slope {slope:.3g} >= 0); no calibration")
-    return ConfidenceCalibration(float(intercept), float(slope), float(alpha), fitted_on, int(e.size))
+    slopes = theta[1:] / std
+    return float(theta[0] - slopes @ mean), slopes
 
 
 def calibration_scores(
@@ -201,19 +272,20 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def collect_cycle_errors(
+def collect_match_features(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
     *,
     alpha: float = 0.1,
     protocol: str = "standard",
     device: torch.device | str = "cpu",
-) -> tuple[Float[np.ndarray, " m"], Bool[np.ndarray, " m"]]:
-    """Every valid keypoint of ``batches``: its relative cycle error and whether it is correct at ``alpha``.
+) -> tuple[dict[str, Float[np.ndarray, " m"]], Bool[np.ndarray, " m"]]:
+    """Every valid keypoint of ``batches``: its relative error per feature and whether it is correct at ``alpha``.
 
-    ``model`` runs each pair both ways; the forward flow's keypoints are scored with the library's
-    PCK rule under ``protocol`` (as :func:`actr_core.metrics.evaluate` scores them), and the
-    relative cycle error is measured at the source keypoints in the model's input frame.
+    ``model`` runs each pair forward, backward and mirrored (one call on the three stacked); the
+    forward flow's keypoints are scored with the library's PCK rule under ``protocol`` (as
+    :func:`actr_core.metrics.evaluate` scores them), and the relative errors of :data:`FEATURES` are
+    measured at the source keypoints in the model's input frame.
     """
     from actr_core.data.pipeline import prepare_batch
     from actr_core.flow import rescale_keypoints
@@ -222,22 +294,34 @@ def collect_cycle_errors(
 
     scoring = get_protocol(protocol)
     model.eval()
-    errors, labels = [], []
+    errors: dict[str, list[np.ndarray]] = {name: [] for name in FEATURES}
+    labels = []
     for raw in batches:
         batch = prepare_batch(raw, device)
         src, trg, valid = batch["src_image"], batch["trg_image"], batch["valid_kps"]
-        forward = model(src, trg)
-        flow_st, flow_ts = forward.flow.float(), model(trg, src).flow.float()
+        b = src.shape[0]
+        output = model(torch.cat([src, trg, src.flip(-1)]), torch.cat([trg, src, trg.flip(-1)]))
+        flows = output.flow.float()
+        forward = dataclasses.replace(output, **{f.name: _first(getattr(output, f.name), b) for f in dataclasses.fields(output)})
         pred = predict_keypoints(scoring, model, forward, batch)
         gt = ground_truth_keypoints(scoring, batch)
         threshold, _ = pair_thresholds(scoring, batch)
         correct = pck_per_keypoint(pred.to(gt.dtype), gt, threshold.to(gt.dtype), alpha, valid).correct
         input_size = (int(src.shape[-2]), int(src.shape[-1]))
-        grid = (int(flow_st.shape[-2]), int(flow_st.shape[-1]))
+        grid = (int(flows.shape[-2]), int(flows.shape[-1]))
         on_grid = rescale_keypoints(batch["src_kps"].float(), input_size, grid)
-        _, relative = relative_cycle_error(cycle_displacement(flow_st, flow_ts, on_grid), grid, input_size)
-        errors.append(relative[valid].cpu().numpy())
+        flow_st, flow_ts, mirrored = flows[:b], flows[b : 2 * b], flows[2 * b :]
+        for name, displacement in (
+            ("cycle", cycle_displacement(flow_st, flow_ts, on_grid)),
+            ("flip", flip_displacement(flow_st, mirrored, on_grid)),
+        ):
+            errors[name].append(relative_cycle_error(displacement, grid, input_size)[1][valid].cpu().numpy())
         labels.append(correct[valid].cpu().numpy())
-    if not errors:
-        raise ValueError("no batches to collect cycle errors from")
-    return np.concatenate(errors), np.concatenate(labels)
+    if not labels:
+        raise ValueError("no batches to collect match features from")
+    return {name: np.concatenate(v) for name, v in errors.items()}, np.concatenate(labels)
+
+
+def _first(value: Any, b: int) -> Any:
+    """The first ``b`` rows of a batched output field (None stays None)."""
+    return None if value is None else value[:b]

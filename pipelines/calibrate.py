@@ -2,9 +2,10 @@
 
     python -m pipelines.calibrate --checkpoint runs/quickstart/model_best.pt --shards shards/synthetic
 
-Every valid keypoint of the ``--fit-split`` pairs gives one match: its relative cycle error and
-whether it is correct at ``--alpha`` (the library's PCK rule, standard protocol). A logistic curve
-in the log relative error is fitted to them (:func:`actr_core.calibration.fit_calibration`) and
+Every valid keypoint of the ``--fit-split`` pairs gives one match: its relative cycle and flip
+errors (:mod:`actr_core.calibration`) and whether it is correct at ``--alpha`` (the library's PCK
+rule, standard protocol). A logistic model in the log relative errors is fitted to them
+(:func:`actr_core.calibration.fit_calibration`) and
 written to ``calibration.json`` beside the checkpoint, where ``actr match --checkpoint`` and
 ``Matcher.from_checkpoint`` find it. The same is then measured on the ``--test-split`` pairs, never
 used for fitting: precision and recall of the matches with confidence > ``--min-confidence``, and
@@ -46,14 +47,14 @@ class CalibrateConfig:
 
 
 def _errors(model: Any, cfg: CalibrateConfig, split: str, size: tuple[int, int]):
-    from actr_core.calibration import collect_cycle_errors
+    from actr_core.calibration import collect_match_features
     from actr_core.data import Resize, ShardDataset
 
     data = ShardDataset(
         cfg.shards, split, batch_size=cfg.batch_size, training=False, transforms=[Resize(size)], rank=0, world_size=1,
         max_batches=cfg.limit or None, images="uint8",
     )  # fmt: skip
-    return collect_cycle_errors(model, data.loader(num_workers=0), alpha=cfg.alpha, device=cfg.device)
+    return collect_match_features(model, data.loader(num_workers=0), alpha=cfg.alpha, device=cfg.device)
 
 
 def main(cfg: CalibrateConfig) -> dict:
@@ -70,8 +71,9 @@ def main(cfg: CalibrateConfig) -> dict:
     calibration = fit_calibration(errors, correct, alpha=cfg.alpha, fitted_on=f"{cfg.shards} split {cfg.fit_split}")
     path = calibration.save(cfg.out / CALIBRATION_FILE if cfg.out else cfg.checkpoint.parent / CALIBRATION_FILE)
 
-    def scores(e, y):
-        return calibration_scores(calibration(torch.from_numpy(e)).numpy(), y, cfg.min_confidence)
+    def scores(errors, y):
+        confidence = calibration(**{name: torch.from_numpy(e) for name, e in errors.items()})
+        return calibration_scores(confidence.numpy(), y, cfg.min_confidence)
 
     report = {"calibration": dataclasses.asdict(calibration), "path": str(path), "fit": scores(errors, correct), "test": None}
     if cfg.test_split:

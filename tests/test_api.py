@@ -137,13 +137,32 @@ def test_cycle_error_in_pixels_and_relative_to_the_longer_side():
 def test_a_calibration_makes_the_confidence_a_probability_of_its_relative_error():
     from actr_core.calibration import ConfidenceCalibration
 
-    cal = ConfidenceCalibration(-3.0, -1.6, 0.1, "test", 100)
+    cal = ConfidenceCalibration(-3.0, (-1.6,), 0.1, ("cycle",), "test", 100)
     m = Matcher(WarpModel(), (32, 48), calibration=cal)
     res = m(_img(21, 30, 10), _img(40, 50, 250), torch.tensor([[4.0, 7.0], [20.0, 3.0]]))
     assert res.calibrated and res.calibration_alpha == 0.1
-    torch.testing.assert_close(res.confidence, cal(res.cycle_error_relative), rtol=1e-6, atol=0)
+    torch.testing.assert_close(res.confidence, cal(cycle=res.cycle_error_relative), rtol=1e-6, atol=0)
     uncalibrated = Matcher(WarpModel(), (32, 48))(_img(21, 30, 10), _img(40, 50, 250), torch.tensor([[4.0, 7.0]]))
     assert uncalibrated.confidence.item() != pytest.approx(res.confidence[0].item(), rel=1e-3)
+
+
+def test_a_calibration_reading_the_flip_error_matches_the_mirrored_pair_too():
+    from actr_core.calibration import ConfidenceCalibration, flip_displacement, relative_cycle_error
+    from actr_core.flow import rescale_keypoints
+    from actr_core.imaging import normalise_image
+
+    cal = ConfidenceCalibration(-3.0, (-1.2, -0.8), 0.1, ("cycle", "flip"))
+    model = WarpModel()
+    src, trg, kps = _img(21, 30, 10), _img(40, 50, 250), torch.tensor([[4.0, 7.0], [20.0, 3.0]])
+    res = Matcher(model, (32, 48), calibration=cal)(src, trg, kps)
+    # the flip error by hand: the model on the mirrored pair, its flow mapped back, both sampled at the points
+    s, t = (normalise_image(load_image(im, (32, 48))[None]) for im in (src, trg))
+    with torch.no_grad():
+        forward, mirrored = model(s, t).flow, model(s.flip(-1), t.flip(-1)).flow
+    on_grid = rescale_keypoints(kps[None], (21, 30), (8, 12))
+    flip = relative_cycle_error(flip_displacement(forward, mirrored, on_grid), (8, 12), (21, 30))[1][0]
+    assert (flip > 0).all()  # this model is not mirror-symmetric
+    torch.testing.assert_close(res.confidence, cal(cycle=res.cycle_error_relative, flip=flip), rtol=1e-5, atol=1e-7)
 
 
 def test_from_checkpoint_picks_up_the_calibration_beside_it(tmp_path):
@@ -158,9 +177,9 @@ def test_from_checkpoint_picks_up_the_calibration_beside_it(tmp_path):
 
     path = save_checkpoint(tmp_path / "model_best.pt", model=ToyMatcher(), builder=TOY_NAME, config={"image_size": 32})
     assert Matcher.from_checkpoint(path).calibration is None and Matcher.from_checkpoint(path).input_size == (32, 32)
-    ConfidenceCalibration(-3.0, -1.6, 0.1, "val", 10).save(tmp_path / "calibration.json")
+    ConfidenceCalibration(-3.0, (-1.6,), 0.1, ("cycle",), "val", 10).save(tmp_path / "calibration.json")
     m = Matcher.from_checkpoint(path, input_size=(48, 64))
-    assert m.calibration == ConfidenceCalibration(-3.0, -1.6, 0.1, "val", 10) and m.input_size == (48, 64)
+    assert m.calibration == ConfidenceCalibration(-3.0, (-1.6,), 0.1, ("cycle",), "val", 10) and m.input_size == (48, 64)
     assert Matcher.from_checkpoint(path, calibration=None).calibration is None
 
 

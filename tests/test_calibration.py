@@ -1,5 +1,5 @@
-"""Calibrated match confidence: the cycle error, the logistic fit, its scores, its file, and the
-collection of matches from batches scored with the library's PCK rule."""
+"""Calibrated match confidence: the cycle and flip errors, the logistic fit, its scores, its file,
+and the collection of matches from batches scored with the library's PCK rule."""
 
 import itertools
 import math
@@ -13,9 +13,11 @@ from actr_core.calibration import (
     CalibrationError,
     ConfidenceCalibration,
     calibration_scores,
-    collect_cycle_errors,
+    collect_match_features,
     cycle_displacement,
     fit_calibration,
+    flip_displacement,
+    mirror_flow,
     relative_cycle_error,
 )
 from actr_core.data import collate
@@ -49,35 +51,72 @@ def test_convention_relative_cycle_error_scales_each_axis_by_its_own_cells():
     assert pixels.item() != pytest.approx(5 * 20.0)  # not one cell size for both axes
 
 
-def _draws(intercept, slope, n, seed=0):
+def test_convention_mirror_flow_undoes_the_mirrored_pairs_flow():
+    # a pair related by x -> x + f(x, y); mirrored left-right (cell x -> w - 1 - x on a grid of width w),
+    # the same correspondence reads g(x', y) = -f(w - 1 - x', y) in x and f_y(w - 1 - x', y) in y
+    f = torch.randn(2, 2, 5, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.empty_like(f)
+    for x in range(7):
+        g[:, 0, :, x] = -f[:, 0, :, 6 - x]
+        g[:, 1, :, x] = f[:, 1, :, 6 - x]
+    torch.testing.assert_close(mirror_flow(g), f, rtol=0, atol=0)
+    torch.testing.assert_close(mirror_flow(mirror_flow(f)), f, rtol=0, atol=0)  # an involution
+    pts = torch.tensor([[[0.0, 0.0], [3.25, 2.5], [6.0, 4.0]]] * 2, dtype=torch.float64)
+    torch.testing.assert_close(flip_displacement(f, g, pts), torch.zeros_like(pts), rtol=0, atol=1e-12)
+    shifted = g.clone()
+    shifted[:, 0] += 1.5  # the mirrored pass predicts 1.5 cells further right in its frame: left here
+    expected = torch.zeros_like(pts)
+    expected[..., 0] = 1.5
+    torch.testing.assert_close(flip_displacement(f, shifted, pts), expected, rtol=0, atol=1e-12)
+
+
+def _draws(intercept, slopes, n, seed=0):
+    """Relative errors of len(slopes) independent features and labels drawn from the logistic model."""
     rng = np.random.default_rng(seed)
-    e = np.exp(rng.uniform(np.log(1e-3), np.log(0.5), n))
-    p = 1 / (1 + np.exp(-(intercept + slope * np.log(e))))
+    e = np.exp(rng.uniform(np.log(1e-3), np.log(0.5), (len(slopes), n)))
+    p = 1 / (1 + np.exp(-(intercept + np.asarray(slopes) @ np.log(e))))
     return e, rng.random(n) < p
 
 
-def test_fit_recovers_a_known_logistic_curve_and_is_monotone():
-    e, y = _draws(-4.0, -1.5, 20_000)
-    cal = fit_calibration(e, y, alpha=0.1, fitted_on="draws")
-    # maximum likelihood on 20,000 draws: standard errors about 0.05 (intercept) and 0.02 (slope)
-    assert cal.intercept == pytest.approx(-4.0, abs=0.25) and cal.slope == pytest.approx(-1.5, abs=0.1)
+def test_fit_recovers_a_known_logistic_model_and_is_monotone():
+    e, y = _draws(-4.0, [-1.5, -0.7], 20_000)
+    cal = fit_calibration({"cycle": e[0], "flip": e[1]}, y, alpha=0.1, fitted_on="draws")
+    # maximum likelihood on 20,000 draws: standard errors about 0.07 (intercept) and 0.02 (slopes)
+    assert cal.features == ("cycle", "flip") and cal.intercept == pytest.approx(-4.0, abs=0.35)
+    assert cal.slopes == pytest.approx((-1.5, -0.7), abs=0.1)
     assert (cal.alpha, cal.fitted_on, cal.n_matches) == (0.1, "draws", 20_000)
-    conf = cal(torch.tensor([1e-9, 1e-3, 0.01, 0.1, 1.0, 10.0]))
+    grid = torch.tensor([1e-9, 1e-3, 0.01, 0.1, 1.0, 10.0], dtype=torch.float64)
+    conf = cal(cycle=grid, flip=torch.full_like(grid, 0.01))
     assert (conf.diff() <= 0).all() and (conf > 0).all() and (conf < 1).all()
-    assert conf[0] == conf[1 - 1] and conf[0] == cal(torch.tensor([1e-6]))  # floored at 1e-6
-    assert torch.isnan(cal(torch.tensor([float("nan")]))).all()
+    assert (cal(cycle=grid[:1], flip=grid[3:4]) < cal(cycle=grid[:1], flip=grid[2:3])).all()  # both lower it
+    assert conf[0] == conf[1 - 1] and conf[0] == cal(cycle=grid.new_tensor([1e-6]), flip=grid.new_tensor([0.01]))  # floor
+    assert torch.isnan(cal(cycle=torch.tensor([float("nan")]), flip=torch.tensor([0.1]))).all()
+    with pytest.raises(ValueError, match="missing \\['flip'\\]"):
+        cal(cycle=grid)
+
+
+def test_fit_leaves_out_a_feature_that_does_not_lower_the_confidence():
+    e, y = _draws(-4.0, [-1.5, 0.0], 20_000)
+    noise = np.exp(np.random.default_rng(1).uniform(np.log(1e-3), np.log(0.5), y.size))
+    backwards = np.where(y, 0.4, 0.001) * noise / noise  # wrong matches have the smaller error
+    cal = fit_calibration({"cycle": e[0], "flip": backwards}, y, alpha=0.1)
+    assert cal.features == ("cycle",) and cal.slopes[0] == pytest.approx(-1.5, abs=0.1)
 
 
 def test_fit_refuses_what_cannot_be_calibrated():
-    e, y = _draws(-4.0, -1.5, 200)
+    e, y = _draws(-4.0, [-1.5], 200)
     with pytest.raises(CalibrationError, match="at least 2 correct and 2 wrong"):
-        fit_calibration(e, np.ones_like(y), alpha=0.1)
-    with pytest.raises(CalibrationError, match="does not rank these matches"):
-        fit_calibration(e, e > np.median(e), alpha=0.1)  # larger errors more often correct
-    with pytest.raises(ValueError, match="finite and >= 0"):
-        fit_calibration(np.array([0.1, np.nan, 0.2, 0.3]), np.array([1, 0, 1, 0], bool), alpha=0.1)
-    with pytest.raises(ValueError, match="negative slope"):
-        ConfidenceCalibration(0.0, 0.5, 0.1)
+        fit_calibration({"cycle": e[0]}, np.ones_like(y), alpha=0.1)
+    with pytest.raises(CalibrationError, match="no error measure ranks these matches"):
+        fit_calibration({"cycle": e[0]}, e[0] > np.median(e[0]), alpha=0.1)  # larger errors more often correct
+    with pytest.raises(ValueError, match="cycle errors must be finite and >= 0"):
+        fit_calibration({"cycle": np.array([0.1, np.nan, 0.2, 0.3])}, np.array([1, 0, 1, 0], bool), alpha=0.1)
+    with pytest.raises(ValueError, match="must map names of"):
+        fit_calibration({"blur": e[0]}, y, alpha=0.1)
+    with pytest.raises(ValueError, match="negative slopes"):
+        ConfidenceCalibration(0.0, (0.5,), 0.1)
+    with pytest.raises(ValueError, match="one slope per distinct feature"):
+        ConfidenceCalibration(0.0, (-0.5,), 0.1, ("cycle", "flip"))
 
 
 def test_scores_on_a_hand_example_and_auc_equals_the_pairwise_count():
@@ -92,7 +131,7 @@ def test_scores_on_a_hand_example_and_auc_equals_the_pairwise_count():
 
 
 def test_calibration_file_round_trip_and_a_damaged_file(tmp_path):
-    cal = ConfidenceCalibration(-3.0, -1.6, 0.1, "val", 400)
+    cal = ConfidenceCalibration(-3.0, (-1.6, -0.4), 0.1, ("cycle", "flip"), "val", 400)
     path = cal.save(tmp_path / "calibration.json")
     assert ConfidenceCalibration.load(path) == cal and not list(tmp_path.glob(".*.tmp"))
     path.write_text('{"intercept": 1.0}')
@@ -103,9 +142,11 @@ def test_calibration_file_round_trip_and_a_damaged_file(tmp_path):
 def test_collected_matches_are_scored_as_evaluate_scores_them():
     reader = SyntheticPairs("val", 6, config=SyntheticConfig(size=(64, 64)))
     batches = [collate([build_sample(reader.load(i), 64) for i in range(j, j + 3)]) for j in (0, 3)]
-    errors, correct = collect_cycle_errors(IdentityPredictor(), batches, alpha=0.1)
+    errors, correct = collect_match_features(IdentityPredictor(), batches, alpha=0.1)
     results = evaluate(IdentityPredictor(), batches, references=("identity",), progress=False)
     expected = keypoint_correctness(results, 0.1, "model").values[results["keypoint_valid"].values.astype(bool)]
-    assert errors.shape == correct.shape == expected.shape and correct.dtype == bool
+    assert set(errors) == {"cycle", "flip"} and correct.dtype == bool
+    assert errors["cycle"].shape == errors["flip"].shape == correct.shape == expected.shape
     np.testing.assert_array_equal(correct, expected.astype(bool))
-    assert 0 < correct.mean() < 1 and (errors == 0).all()  # zero flow both ways: no cycle error
+    assert 0 < correct.mean() < 1  # zero flow in every direction: no cycle error, no flip disagreement
+    assert (errors["cycle"] == 0).all() and (errors["flip"] == 0).all()

@@ -117,7 +117,7 @@ def test_the_calibration_beside_the_checkpoint_is_used(photos, checkpoint, tmp_p
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(checkpoint, run / "model_best.pt")
-    ConfidenceCalibration(-3.0, -1.6, 0.1, "val", 100).save(run / "calibration.json")
+    ConfidenceCalibration(-3.0, (-1.6,), 0.1, ("cycle",), "val", 100).save(run / "calibration.json")
     out = tmp_path / "out"
     assert (
         _match(photos / "a.png", photos / "b.png", "--checkpoint", run / "model_best.pt", "--out", out, "--min-confidence", "0")[
@@ -127,7 +127,7 @@ def test_the_calibration_beside_the_checkpoint_is_used(photos, checkpoint, tmp_p
     )
     report = _strict_json(out / "matches.json")
     assert report["calibrated"] is True and report["calibration_alpha"] == 0.1 and all(report["confident"])
-    expected = ConfidenceCalibration(-3.0, -1.6, 0.1)(torch.tensor(report["cycle_error_relative"], dtype=torch.float64))
+    expected = ConfidenceCalibration(-3.0, (-1.6,), 0.1)(cycle=torch.tensor(report["cycle_error_relative"], dtype=torch.float64))
     np.testing.assert_allclose(report["confidence"], expected.numpy(), rtol=1e-6)
 
 
