@@ -23,6 +23,7 @@ CHANGELOG = (ROOT / "CHANGELOG.md").read_text()
 
 # 0.1.0 item -> where it is now ("module:name", "module:Config.field", "cli:command --flag") or why it went.
 MOVED: dict[str, str] = {  # a value is where the item is now, or "removed: why"
+    "actr_core.data:BATCH_KEYS": "removed: a batch is a typed PairBatch (actr_core.data:PairBatch); its dataclass fields are the schema",
     "actr_core.data:split_by_node": "removed: the epoch plan (actr_core.data:plan_epoch) assigns shards to ranks and workers",
     "actr_core.data:split_by_worker": "removed: the epoch plan (actr_core.data:plan_epoch) assigns shards to ranks and workers",
     "actr_core.models:ACTRReleased": "actr_core.models:actr_released",

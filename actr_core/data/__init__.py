@@ -1,6 +1,6 @@
 """Data: benchmark readers over fsspec, synthetic pairs, samples with ground-truth flow, shards, loading.
 
-See ``docs/data.md``. The batch schema lives in :mod:`actr_core.data.schema`.
+See ``docs/data.md``. A batch is a :class:`PairBatch` (:mod:`actr_core.data.schema`).
 """
 
 from actr_core.data.errors import DataError, SkipLog
@@ -17,7 +17,7 @@ from actr_core.data.pipeline import (
 from actr_core.data.readers import READERS, PairReader, PFPascalReader, PFWillowReader, SPairReader, open_reader
 from actr_core.data.records import PairRecord
 from actr_core.data.samples import PairSample, PseudoFlow, build_sample, decode_sample, encode_sample, pseudo_flow
-from actr_core.data.schema import BATCH_KEYS, SCHEMA_VERSION
+from actr_core.data.schema import SCHEMA_VERSION, PairBatch
 from actr_core.data.shards import (
     ShardSettings,
     VerifyReport,
@@ -38,7 +38,6 @@ from actr_core.data.transforms import (
 )
 
 __all__ = [
-    "BATCH_KEYS",
     "IMAGE_MODES",
     "PHOTOS",
     "READERS",
@@ -47,6 +46,7 @@ __all__ = [
     "Compose",
     "DataError",
     "EpochPlan",
+    "PairBatch",
     "PairReader",
     "PairRecord",
     "PairSample",

@@ -10,8 +10,8 @@ Stages (a ``webdataset.DataPipeline`` built per epoch in each loader worker)::
     -> each shard read whole through webdataset's gopen (fsspec registered for the URL's scheme),
        its sha256 checked against the manifest, then split into samples by webdataset's tar iteration
     -> shuffle buffer of encoded samples (training, ``wds.shuffle``) -> decode (JPEG/PNG, npy, JSON)
-    -> transforms (augmentation) -> ``wds.batched`` with :func:`collate` (the batch schema,
-       ``actr_core.data.schema``) -> the plan's batch count
+    -> transforms (augmentation) -> ``wds.batched`` with :func:`collate` (a
+       :class:`~actr_core.data.schema.PairBatch`) -> the plan's batch count
 
 Epoch guarantees (:func:`plan_epoch` computes them; ``ShardDataset.plan`` exposes them):
 
@@ -50,11 +50,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.gopen import gopen, gopen_schemes
 
+from actr_core.batch import normalise_uint8
 from actr_core.data.errors import DataError, SkipLog, check_on_error
 from actr_core.data.samples import PairSample, decode_sample
-from actr_core.data.schema import MANIFEST_NAME, SPAIR_FLAGS, SRC_IMAGE, TRG_IMAGE
+from actr_core.data.schema import MANIFEST_NAME, SPAIR_FLAGS, PairBatch
 from actr_core.data.shards import check_manifest, manifest_problems, read_manifest, sha256_hex, shard_urls, tar_samples
-from actr_core.imaging import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "EpochPlan",
@@ -221,33 +221,15 @@ def _check_image_mode(images: str) -> str:
     return images
 
 
-def _normalise(images: Tensor) -> Tensor:
-    """uint8 (b, 3, H, W) images, any strides -> contiguous ImageNet-normalised float32 on their device:
-    (x/255 - mean)/std as x·a - c with a = 1/(255 std), c = mean/std (equal to
-    ``actr_core.imaging.normalise_image`` to float rounding)."""
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
-    scale, shift = 1.0 / (255.0 * std), torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1) / std
-    return images.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).sub_(shift)
-
-
-def prepare_batch(batch: Mapping[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+def prepare_batch(batch: PairBatch, device: torch.device | str | None = None) -> PairBatch:
     """A batch ready for a model on ``device``: every tensor moved there (non-blocking), uint8 images
-    (``images="uint8"`` batches) turned into contiguous ImageNet-normalised float32 there.
-
-    Float images pass through unchanged, so this serves batches of either image mode; lists of
-    strings pass through. ``device=None`` keeps every tensor where it is.
+    (``images="uint8"`` batches) turned into contiguous ImageNet-normalised float32 there
+    (:meth:`PairBatch.normalised`). ``device=None`` keeps every tensor where it is; a batch of float
+    images with ``device=None`` comes back as it is.
     """
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, Tensor):
-            if device is not None:
-                value = value.to(device, non_blocking=True)
-            if key in (SRC_IMAGE, TRG_IMAGE) and value.dtype == torch.uint8:
-                if value.ndim != 4 or value.shape[1] != 3:
-                    raise ValueError(f"{key} must be (b, 3, H, W), got shape {tuple(value.shape)}")
-                value = _normalise(value)
-        out[key] = value
-    return out
+    if not isinstance(batch, PairBatch):
+        raise TypeError(f"a batch must be a PairBatch (actr_core.data), got {type(batch).__name__}")
+    return (batch if device is None else batch.to(device, non_blocking=True)).normalised()
 
 
 def _padded(rows: Sequence[Tensor], n: int, fill: float | bool, dtype: torch.dtype) -> Tensor:
@@ -257,8 +239,8 @@ def _padded(rows: Sequence[Tensor], n: int, fill: float | bool, dtype: torch.dty
     return out
 
 
-def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images: str = "normalised") -> dict[str, Any]:
-    """Stack samples into a batch of the schema (``actr_core.data.schema``).
+def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images: str = "normalised") -> PairBatch:
+    """Stack samples into a :class:`~actr_core.data.schema.PairBatch`.
 
     ``images``: "normalised" gives ImageNet-normalised float32 images, ready for a model;
     "uint8" gives the raw RGB bytes (b, 3, H, W) in channels-last memory (each decoded (H, W, 3)
@@ -283,33 +265,31 @@ def collate(samples: Sequence[PairSample], pad_kps_to: int | None = None, images
     # the bulky tensors through default_collate, which stacks straight into shared memory in a loader
     # worker (handing the batch over then copies nothing); uint8 images as (b, H, W, 3) bytes, channels-last
     pictures = {}
-    for key in (SRC_IMAGE, TRG_IMAGE):
+    for key in ("src_image", "trg_image"):
         if images == "uint8":
             pictures[key] = default_collate([getattr(s, key).permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2)
         else:
-            pictures[key] = default_collate([_normalise(getattr(s, key)[None])[0] for s in samples])
-    batch: dict[str, Any] = {
+            pictures[key] = default_collate([normalise_uint8(getattr(s, key)[None])[0] for s in samples])
+    flagged = all(all(flag in s.flags for flag in SPAIR_FLAGS) for s in samples)
+    return PairBatch(
         **pictures,
-        "src_kps": _padded([s.src_kps for s in samples], n, 0.0, torch.float32),
-        "trg_kps": _padded([s.trg_kps for s in samples], n, 0.0, torch.float32),
-        "valid_kps": _padded([s.valid_kps for s in samples], n, False, torch.bool),
-        "annotated_kps": _padded([torch.ones(len(s.src_kps), dtype=torch.bool) for s in samples], n, False, torch.bool),
-        "flow": default_collate([s.flow.float() for s in samples]),
-        "valid_flow": default_collate([s.valid_flow for s in samples]),
-        "src_kps_orig": _padded([s.src_kps_orig for s in samples], n, 0.0, torch.float32),
-        "trg_kps_orig": _padded([s.trg_kps_orig for s in samples], n, 0.0, torch.float32),
-        "src_size": torch.tensor([s.src_size for s in samples], dtype=torch.int64),
-        "trg_size": torch.tensor([s.trg_size for s in samples], dtype=torch.int64),
-        "src_bbox": torch.stack([s.src_bbox.float() for s in samples]),
-        "trg_bbox": torch.stack([s.trg_bbox.float() for s in samples]),
-    }
-    if all(all(flag in s.flags for flag in SPAIR_FLAGS) for s in samples):
-        for flag in SPAIR_FLAGS:
-            batch[flag] = torch.tensor([s.flags[flag] for s in samples], dtype=torch.int64)
-    batch.update(
-        category=[s.category for s in samples], pair_id=[s.pair_id for s in samples], dataset=[s.dataset for s in samples]
+        src_kps=_padded([s.src_kps for s in samples], n, 0.0, torch.float32),
+        trg_kps=_padded([s.trg_kps for s in samples], n, 0.0, torch.float32),
+        valid_kps=_padded([s.valid_kps for s in samples], n, False, torch.bool),
+        annotated_kps=_padded([torch.ones(len(s.src_kps), dtype=torch.bool) for s in samples], n, False, torch.bool),
+        flow=default_collate([s.flow.float() for s in samples]),
+        valid_flow=default_collate([s.valid_flow for s in samples]),
+        src_kps_orig=_padded([s.src_kps_orig for s in samples], n, 0.0, torch.float32),
+        trg_kps_orig=_padded([s.trg_kps_orig for s in samples], n, 0.0, torch.float32),
+        src_size=torch.tensor([s.src_size for s in samples], dtype=torch.int64),
+        trg_size=torch.tensor([s.trg_size for s in samples], dtype=torch.int64),
+        src_bbox=torch.stack([s.src_bbox.float() for s in samples]),
+        trg_bbox=torch.stack([s.trg_bbox.float() for s in samples]),
+        category=tuple(s.category for s in samples),
+        pair_id=tuple(s.pair_id for s in samples),
+        dataset=tuple(s.dataset for s in samples),
+        flags={flag: torch.tensor([s.flags[flag] for s in samples], dtype=torch.int64) for flag in SPAIR_FLAGS if flagged},
     )
-    return batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,7 +446,7 @@ class ShardDataset(IterableDataset):
             sample = transform(sample, generator)
         return sample
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[PairBatch]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         plan = self.plan(num_workers)

@@ -191,7 +191,7 @@ def _rewrite(fs, path, edit):
 
 def _read(memory_root, on_error="raise", split="test", training=False):
     dataset = ShardDataset(memory_root, split, batch_size=2, training=training, rank=0, world_size=1, on_error=on_error)
-    return [p for batch in dataset for p in batch["pair_id"]], dataset
+    return [p for batch in dataset for p in batch.pair_id], dataset
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])

@@ -1,15 +1,17 @@
-"""The shard reading pipeline: batch schema, epoch guarantees across simulated ranks and workers."""
+"""The shard reading pipeline: PairBatch batches, epoch guarantees across simulated ranks and workers."""
 
 import collections
+import dataclasses
 
 import pytest
 import torch
+from batches import assert_same_batch
 from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import float32_tolerance
 
 from actr_core.data import (
-    BATCH_KEYS,
+    PairBatch,
     ShardDataset,
     build_sample,
     collate,
@@ -20,7 +22,6 @@ from actr_core.data import (
     train_transforms,
 )
 from actr_core.data.pipeline import _gopen_fsspec
-from actr_core.data.schema import SPAIR_FLAGS
 from actr_core.imaging import IMAGENET_STD, normalise_image
 
 # x·a − c against (x/255 − mean)/std: 8 roundings at the scale of the terms, at most 1/std (not of the result)
@@ -36,7 +37,7 @@ def _pair_ids(url: str, split: str, *, training: bool, batch_size: int, epoch: i
         dataset = ShardDataset(url, split, batch_size=batch_size, training=training, rank=rank, world_size=RANKS, **kwargs)
         dataset.set_epoch(epoch)
         loader = dataset.loader(WORKERS)
-        got = [batch["pair_id"] for batch in loader]
+        got = [batch.pair_id for batch in loader]
         assert len(got) == len(loader)  # __len__ is the plan's batch count
         per_rank.append([p for batch in got for p in batch])
         batches.append(got)
@@ -76,17 +77,23 @@ def test_training_epochs_reshuffle(tiny_shards):
 def test_batches_follow_the_schema(tiny_shards):
     dataset = ShardDataset(tiny_shards, "val", batch_size=4, rank=0, world_size=1)
     batch = next(iter(dataset))
-    assert set(BATCH_KEYS) <= set(batch)
-    b, n = batch["valid_kps"].shape
+    assert isinstance(batch, PairBatch) and len(batch) == 4 and batch.input_size == (32, 48)
+    b, n = batch.valid_kps.shape
     assert b == 4 and n == 8
-    assert batch["src_image"].shape == (4, 3, 32, 48) and batch["src_image"].dtype == torch.float32
-    assert batch["flow"].shape == (4, 2, 8, 12) and batch["valid_flow"].dtype == torch.bool
-    for key in ("src_kps", "trg_kps", "src_kps_orig", "trg_kps_orig"):
-        assert batch[key].shape == (4, n, 2) and batch[key].dtype == torch.float32
-    assert batch["src_size"].dtype == torch.int64 and batch["src_size"].tolist() == [[32, 48]] * 4
-    assert batch["src_bbox"].shape == (4, 4)
-    assert batch["dataset"] == ["synthetic"] * 4 and len(batch["pair_id"]) == 4
-    assert not any(flag in batch for flag in SPAIR_FLAGS)
+    assert batch.src_image.shape == (4, 3, 32, 48) and batch.src_image.dtype == torch.float32
+    assert batch.trg_image.shape == (4, 3, 32, 48) and batch.trg_image.dtype == torch.float32
+    assert batch.flow.shape == (4, 2, 8, 12) and batch.flow.dtype == torch.float32
+    assert batch.valid_flow.shape == (4, 8, 12) and batch.valid_flow.dtype == torch.bool
+    for kps in (batch.src_kps, batch.trg_kps, batch.src_kps_orig, batch.trg_kps_orig):
+        assert kps.shape == (4, n, 2) and kps.dtype == torch.float32
+    for mask in (batch.valid_kps, batch.annotated_kps):
+        assert mask.shape == (4, n) and mask.dtype == torch.bool
+    for size in (batch.src_size, batch.trg_size):
+        assert size.dtype == torch.int64 and size.tolist() == [[32, 48]] * 4
+    for box in (batch.src_bbox, batch.trg_bbox):
+        assert box.shape == (4, 4) and box.dtype == torch.float32
+    assert batch.dataset == ("synthetic",) * 4 and len(batch.pair_id) == len(batch.category) == 4
+    assert batch.flags == {}  # synthetic pairs have no SPair flags
 
 
 def test_collated_images_equal_normalise_image(tiny_shards):
@@ -96,30 +103,29 @@ def test_collated_images_equal_normalise_image(tiny_shards):
     samples = [dataset._decode(next(encoded)), dataset._decode(next(encoded))]
     batch = collate(samples)
     expected = normalise_image(torch.stack([s.src_image for s in samples]))
-    torch.testing.assert_close(batch["src_image"], expected, atol=NORMALISATION_TOL, rtol=0)
+    torch.testing.assert_close(batch.src_image, expected, atol=NORMALISATION_TOL, rtol=0)
 
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_uint8_batches_through_workers_equal_normalised_batches(tiny_shards, augment):
     """images="uint8" batches (channels-last bytes, through worker processes) become, after
-    prepare_batch, the batches images="normalised" gives; every other key is identical."""
+    prepare_batch, the batches images="normalised" gives; every other field is identical."""
     kwargs = dict(batch_size=3, training=True, rank=0, world_size=1, transforms=train_transforms() if augment else ())
     raw = list(ShardDataset(tiny_shards, "train", images="uint8", **kwargs).loader(2))
     ready = list(ShardDataset(tiny_shards, "train", images="normalised", **kwargs).loader(2))
     assert len(raw) == len(ready) > 0
     for a, b in zip(raw, ready, strict=True):
-        image = a["src_image"]
-        assert image.dtype == torch.uint8 and image.shape == b["src_image"].shape
+        image = a.src_image
+        assert image.dtype == torch.uint8 and image.shape == b.src_image.shape
         assert image.is_contiguous(memory_format=torch.channels_last)  # (b, H, W, 3) bytes
         prepared = prepare_batch(a)
         for key in ("src_image", "trg_image"):
-            assert prepared[key].is_contiguous() and prepared[key].dtype == torch.float32
+            got = getattr(prepared, key)
+            assert got.is_contiguous() and got.dtype == torch.float32
             # exact: on the CPU both modes normalise with the same elementwise steps and constants
-            torch.testing.assert_close(prepared[key], b[key], atol=0, rtol=0)
-            torch.testing.assert_close(prepared[key], normalise_image(a[key]), atol=NORMALISATION_TOL, rtol=0)
-        for key, value in b.items():
-            if key not in ("src_image", "trg_image"):
-                assert torch.equal(prepared[key], value) if isinstance(value, torch.Tensor) else prepared[key] == value, key
+            torch.testing.assert_close(got, getattr(b, key), atol=0, rtol=0)
+            torch.testing.assert_close(got, normalise_image(getattr(a, key)), atol=NORMALISATION_TOL, rtol=0)
+        assert_same_batch(dataclasses.replace(prepared, src_image=b.src_image, trg_image=b.trg_image), b)
 
 
 def test_persistent_workers_follow_set_epoch(tiny_shards):
@@ -131,38 +137,33 @@ def test_persistent_workers_follow_set_epoch(tiny_shards):
     seen = []
     for epoch in (0, 1, 0):
         dataset.set_epoch(epoch)
-        seen.append([p for batch in loader for p in batch["pair_id"]])
+        seen.append([p for batch in loader for p in batch.pair_id])
     fresh = []
     for epoch in (0, 1):
         other = ShardDataset(tiny_shards, "train", **kwargs)
         other.set_epoch(epoch)
-        fresh.append([p for batch in other.loader(2, persistent_workers=False) for p in batch["pair_id"]])
+        fresh.append([p for batch in other.loader(2, persistent_workers=False) for p in batch.pair_id])
     assert seen[0] == seen[2] == fresh[0]
     assert seen[1] == fresh[1] != fresh[0]
 
 
 def test_worker_batches_equal_in_process_batches(tiny_shards):
-    """A batch from a worker process (default DataLoader transfer) is a plain dict equal to the in-process
+    """A batch from a worker process (default DataLoader transfer) is a PairBatch equal to the in-process
     batch, strides included (the uint8 images stay channels-last)."""
     kwargs = dict(batch_size=3, rank=0, world_size=1, images="uint8")
     via_worker = list(ShardDataset(tiny_shards, "test", **kwargs).loader(1, pin_memory=False, prefetch_factor=3))
     in_process = list(ShardDataset(tiny_shards, "test", **kwargs).loader(0))
     assert len(via_worker) == len(in_process) > 0
     for got, want in zip(via_worker, in_process, strict=True):
-        assert type(got) is dict and list(got) == list(want)
-        for key, value in want.items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(got[key], value) and got[key].stride() == value.stride(), key
-            else:
-                assert got[key] == value, key
+        assert type(got) is PairBatch
+        assert_same_batch(got, want, strides=True)
 
 
-def test_prepare_batch_passes_float_batches_and_rejects_bad_images(tiny_shards):
+def test_prepare_batch_passes_float_batches_and_rejects_bad_image_modes(tiny_shards):
     batch = next(iter(ShardDataset(tiny_shards, "val", batch_size=2, rank=0, world_size=1)))
+    assert prepare_batch(batch) is batch  # float images, nothing to move: unchanged
     prepared = prepare_batch(batch, "cpu")
-    assert all(prepared[k] is batch[k] for k in batch)  # float images and everything else unchanged
-    with pytest.raises(ValueError, match=r"src_image must be \(b, 3, H, W\)"):
-        prepare_batch({"src_image": torch.zeros(2, 4, 8, 8, dtype=torch.uint8)})
+    assert all(getattr(prepared, f.name) is getattr(batch, f.name) for f in dataclasses.fields(batch) if f.name != "flags")
     with pytest.raises(ValueError, match="images must be one of"):
         ShardDataset(tiny_shards, "val", batch_size=2, rank=0, world_size=1, images="float16")
     with pytest.raises(ValueError, match="images must be one of"):
@@ -175,10 +176,11 @@ def test_collate_pads_keypoints_and_keeps_flags(builders, memory_root):
     builders.spair(memory_root)
     samples = [build_sample(r, 32) for r in SPairReader(memory_root, "train")]  # 4, 5, 6 keypoints
     batch = collate(samples)
-    assert batch["valid_kps"].sum(1).tolist() == [4, 5, 6]
-    assert batch["src_kps"][0, 4:].abs().sum() == 0 and batch["src_kps_orig"][1, 5:].abs().sum() == 0
-    assert batch["viewpoint_variation"].tolist() == [1, 1, 1] and batch["occlusion"].dtype == torch.int64
-    assert collate(samples, pad_kps_to=10)["valid_kps"].shape == (3, 10)
+    assert batch.valid_kps.sum(1).tolist() == [4, 5, 6]
+    assert batch.src_kps[0, 4:].abs().sum() == 0 and batch.src_kps_orig[1, 5:].abs().sum() == 0
+    assert batch.flags["viewpoint_variation"].tolist() == [1, 1, 1] and batch.flags["occlusion"].dtype == torch.int64
+    assert set(batch.flags) == {"viewpoint_variation", "scale_variation", "truncation", "occlusion"}
+    assert collate(samples, pad_kps_to=10).valid_kps.shape == (3, 10)
     with pytest.raises(ValueError, match="more than pad_kps_to"):
         collate(samples, pad_kps_to=5)
 
@@ -187,7 +189,7 @@ def test_training_augmentation_in_the_loader(tiny_shards):
     dataset = ShardDataset(tiny_shards, "train", batch_size=4, training=True, transforms=train_transforms(), rank=0, world_size=1)
     batches = list(dataset.loader(0))
     assert len(batches) == dataset.plan(1).batches_per_rank[0] == 5
-    assert all(b["flow"].shape == (4, 2, 8, 12) for b in batches)
+    assert all(b.flow.shape == (4, 2, 8, 12) for b in batches)
 
 
 def test_file_url_and_local_path(tmp_path, tiny_settings_factory):
@@ -195,7 +197,7 @@ def test_file_url_and_local_path(tmp_path, tiny_settings_factory):
 
     make_shards(str(tmp_path / "s"), tiny_settings_factory(pairs=(("train", 3), ("val", 3), ("test", 5))), progress=False)
     for url in (str(tmp_path / "s"), f"file://{tmp_path}/s"):
-        ids = [p for b in ShardDataset(url, "test", batch_size=2, rank=0, world_size=1) for p in b["pair_id"]]
+        ids = [p for b in ShardDataset(url, "test", batch_size=2, rank=0, world_size=1) for p in b.pair_id]
         assert len(ids) == 5
 
 

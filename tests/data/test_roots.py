@@ -82,8 +82,8 @@ def test_pfpascal_flip_arithmetic_reaches_the_shards(memory_root, builders):
         settings = ShardSettings(source="pfpascal", root=f"{memory_root}/data", splits=("train",), size=40, pfpascal_flip=flip)
         make_shards(f"{memory_root}/{flip}", settings, progress=False)
         batch = next(iter(ShardDataset(f"{memory_root}/{flip}", "train", batch_size=3, rank=0, world_size=1)))
-        row = batch["pair_id"].index(next(p for p in batch["pair_id"] if p.endswith("-flip")))
-        flipped[flip] = batch["src_kps_orig"][row][batch["annotated_kps"][row]]
+        row = batch.pair_id.index(next(p for p in batch.pair_id if p.endswith("-flip")))
+        flipped[flip] = batch.src_kps_orig[row][batch.annotated_kps[row]]
     difference = (flipped["one_based"] - flipped["released"]).numpy()  # keypoints are stored to 1e-4 px
     np.testing.assert_allclose(difference, [[1.0, 0.0]] * len(difference), rtol=0, atol=1e-3)
 

@@ -8,6 +8,7 @@ import time
 
 import fsspec
 import pytest
+from batches import assert_same_batch
 
 from actr_core.data import DataError, ShardDataset, ShardSettings, check_manifest, make_shards, read_manifest, verify_shards
 from actr_core.data.shards import LOCK_NAME, manifest_problems, plan_shards, sha256_hex, tar_samples
@@ -70,7 +71,7 @@ def test_png_images(memory_root, tiny_settings_factory):
         memory_root, tiny_settings_factory(image_format="png", pairs=(("train", 1), ("val", 1), ("test", 2))), progress=False
     )
     batch = next(iter(ShardDataset(memory_root, "test", batch_size=2, rank=0, world_size=1)))
-    assert batch["src_image"].shape == (2, 3, 32, 48)
+    assert batch.src_image.shape == (2, 3, 32, 48)
     assert any(
         name.endswith(".png") for _, members in tar_samples(_files(memory_root)["test-000000.tar"], "t") for name in members
     )
@@ -152,9 +153,9 @@ def test_benchmark_sources(memory_root, builders, source, splits):
     manifest = make_shards(out, settings, progress=False)
     assert manifest["totals"]["samples"] == 3 * len(splits)
     batch = next(iter(ShardDataset(out, splits[-1], batch_size=3, rank=0, world_size=1)))
-    assert batch["dataset"] == [source] * 3 and batch["flow"].shape == (3, 2, 8, 12)
-    assert batch["valid_flow"].any()
-    assert ("viewpoint_variation" in batch) == (source == "spair")
+    assert batch.dataset == (source,) * 3 and batch.flow.shape == (3, 2, 8, 12)
+    assert batch.valid_flow.any()
+    assert ("viewpoint_variation" in batch.flags) == (source == "spair")
 
 
 def test_limit_and_plan(memory_root, builders):
@@ -270,7 +271,7 @@ def test_readers_refuse_a_bad_manifest_naming_the_problem(memory_root, tiny_sett
     )
     if incomplete:  # an interrupted run's shards can still be read on request
         dataset = ShardDataset(memory_root, "train", batch_size=2, rank=0, world_size=1, allow_incomplete=True)
-        assert sum(len(b["pair_id"]) for b in dataset) == sum(count for _, count, _ in dataset.shards) > 0
+        assert sum(len(b.pair_id) for b in dataset) == sum(count for _, count, _ in dataset.shards) > 0
     else:
         with pytest.raises(DataError, match=match):
             ShardDataset(memory_root, "train", batch_size=2, rank=0, world_size=1, allow_incomplete=True)
@@ -392,10 +393,4 @@ def test_shards_of_the_0_1_0_member_layout_read_the_same(memory_root, tiny_setti
     old = list(ShardDataset(memory_root, "test", batch_size=2, rank=0, world_size=1))
     assert len(old) == len(new) == 3
     for a, b in zip(old, new, strict=True):
-        assert all(torch_equal(a[k], b[k]) for k in b)
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+        assert_same_batch(a, b)
