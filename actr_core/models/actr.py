@@ -34,8 +34,8 @@ released soft-argmax and flow upsampler, the released loss). Every variant is th
 other stages injected; ``forward`` has no branches on the variant.
 """
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, cast
+from collections.abc import Sequence
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from actr_core.batch import PairBatch
 from actr_core.blocks import BiasedCrossAttention, ReweightedTargetBlock, attention_probs
 from actr_core.blocks._checks import check_divisible
 from actr_core.flow import resize_flow
@@ -76,9 +77,6 @@ __all__ = [
 
 #: ViTBackbone returns exactly one prefix token ([cls]) before the patch tokens
 NUM_PREFIX_TOKENS = 1
-
-#: keys of the batch schema the loss reads (actr_core.data schema: ground-truth flow and its mask)
-_LOSS_KEYS = ("flow", "valid_flow")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -470,19 +468,16 @@ class ACTR(CorrespondenceModel):
             correlations=corr,
         )
 
-    def loss(self, output: MatchOutput, batch: Mapping[str, Any]) -> Float[Tensor, ""]:
-        """The injected flow loss of ``output.flow`` against ``batch["flow"]`` over
-        ``batch["valid_flow"]`` (as described, paper Eq. 4: per-sample mean over valid cells, then
+    def loss(self, output: MatchOutput, batch: PairBatch) -> Float[Tensor, ""]:
+        """The injected flow loss of ``output.flow`` against ``batch.flow`` over
+        ``batch.valid_flow`` (as described, paper Eq. 4: per-sample mean over valid cells, then
         mean over samples; as released, all valid cells of the batch pooled), plus the correlation
         term when the model has one (not in the paper)."""
-        missing = [key for key in _LOSS_KEYS if key not in batch]
-        if missing:
-            raise ValueError(f"batch has no {missing} (keys: {sorted(batch)}): the flow loss needs {_LOSS_KEYS}")
-        loss = self.flow_loss(output.flow, batch["flow"], batch["valid_flow"])
+        loss = self.flow_loss(output.flow, batch.flow, batch.valid_flow)
         if self.correlation_loss is not None:
             if output.correlations is None:
                 raise ValueError("the correlation loss needs output.correlations, which this output does not carry")
-            loss = loss + self.correlation_loss(output.correlations, batch["flow"], batch["valid_flow"])
+            loss = loss + self.correlation_loss(output.correlations, batch.flow, batch.valid_flow)
         return loss
 
     def extra_repr(self) -> str:

@@ -18,12 +18,12 @@ special-case a model.
 
 import abc
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from actr_core.batch import PairBatch
 from actr_core.flow import FLOW_STRIDE, rescale_keypoints, transfer_keypoints
 
 __all__ = ["MatchOutput", "CorrespondenceModel", "check_image", "check_image_pair", "parameter_count"]
@@ -114,8 +114,8 @@ class CorrespondenceModel(nn.Module, abc.ABC):
         """Match ``src`` to ``trg`` (ImageNet-normalised images of the same size)."""
 
     @abc.abstractmethod
-    def loss(self, output: MatchOutput, batch: Mapping[str, Any]) -> Float[Tensor, ""]:
-        """The model's own training objective on ``output = self(batch["src_image"], batch["trg_image"])``."""
+    def loss(self, output: MatchOutput, batch: PairBatch) -> Float[Tensor, ""]:
+        """The model's own training objective on ``output = self(batch.src_image, batch.trg_image)``."""
 
     def transfer(
         self,

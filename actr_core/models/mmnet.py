@@ -41,6 +41,7 @@ from jaxtyping import Bool, Float
 from timm.models.resnet import Bottleneck, ResNet
 from torch import Tensor, nn
 
+from actr_core.batch import PairBatch
 from actr_core.blocks.coarse_to_fine import correlation_pyramid, reverse_correlation
 from actr_core.blocks.correlation_keypoints import (
     CorrelationKeypointLoss,
@@ -292,15 +293,15 @@ class MMNet(CorrespondenceModel):
             flow = resize_flow(flow, grid)
         return MMNetOutput(flow=flow, correlations=finest.unsqueeze(1), pyramid=tuple(pyramid), image_size=size)
 
-    def loss(self, output: MatchOutput, batch: Mapping[str, Any]) -> Float[Tensor, ""]:
+    def loss(self, output: MatchOutput, batch: PairBatch) -> Float[Tensor, ""]:
         """MMNet's objective: per level and direction, BCE of the softmaxed correlation row at every
         valid keypoint against its blurred target (released ``cross_entropy_loss2d``), each term
         summed over keypoints and divided by the batch size, then summed over levels and directions.
 
-        Uses ``batch["src_kps"]``, ``batch["trg_kps"]`` (input-frame pixels) and ``batch["valid_kps"]``.
+        Uses ``batch.src_kps``, ``batch.trg_kps`` (input-frame pixels) and ``batch.valid_kps``.
         """
         out = _as_mmnet_output(output)
-        src_kps, trg_kps, valid = batch["src_kps"], batch["trg_kps"], batch["valid_kps"]
+        src_kps, trg_kps, valid = batch.src_kps, batch.trg_kps, batch.valid_kps
         total = out.pyramid[0].new_zeros(())
         for level, corr in enumerate(out.pyramid):
             grid = tuple(corr.shape[1:3])

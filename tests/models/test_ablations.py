@@ -5,6 +5,7 @@ import pytest
 import torch
 from tolerances import float32_tolerance
 
+from actr_core.batch import PairBatch
 from actr_core.blocks import DualWindowFlowSR
 from actr_core.flow import resize_flow
 from actr_core.models import ABLATIONS, ACTR, actr_tiny, baseline, parameter_count
@@ -57,7 +58,7 @@ def test_variant_runs_and_trains_every_parameter(variant: str) -> None:
     assert out.coarse_flows.shape == (2, m, 2, h, w)
     assert torch.isfinite(out.flow).all() and torch.isfinite(out.flows_per_path).all()
     valid = torch.rand(2, 4 * h, 4 * w, generator=gen) < 0.3
-    loss = model.loss(out, {"flow": torch.randn(out.flow.shape, generator=gen), "valid_flow": valid})
+    loss = model.loss(out, PairBatch.build(src, trg, flow=torch.randn(out.flow.shape, generator=gen), valid_flow=valid))
     loss.backward()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n, p in params if p.grad is None]

@@ -10,7 +10,9 @@ import pytest
 import torch
 from tolerances import float32_tolerance
 
+from actr_core.batch import PairBatch
 from actr_core.blocks import BiasedCrossAttention, CorrelationCrossEntropy, masked_flow_loss, soft_argmax
+from actr_core.flow import FLOW_STRIDE
 from actr_core.models import (
     ACTR,
     ACTRConfig,
@@ -49,13 +51,15 @@ def _images(batch: int, size: tuple[int, int], seed: int = 1) -> tuple[torch.Ten
     return torch.randn(batch, 3, *size, generator=gen), torch.randn(batch, 3, *size, generator=gen)
 
 
-def _batch(output: MatchOutput, seed: int = 2) -> dict[str, torch.Tensor]:
+def _batch(output: MatchOutput, seed: int = 2) -> PairBatch:
     gen = torch.Generator().manual_seed(seed)
     flow = output.flow.detach()
-    valid = torch.rand(flow.shape[0], *flow.shape[2:], generator=gen) < 0.3
+    b, _, h, w = flow.shape
+    valid = torch.rand(b, h, w, generator=gen) < 0.3
     target = torch.randn(flow.shape, generator=gen) * 3.0
     target = torch.where(valid.unsqueeze(1), target, torch.nan)  # NaN in invalid cells must not leak
-    return {"flow": target, "valid_flow": valid}
+    images = torch.zeros(b, 3, h * FLOW_STRIDE, w * FLOW_STRIDE)  # the loss reads only the flow
+    return PairBatch.build(images, images, flow=target, valid_flow=valid)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +148,7 @@ def test_loss_is_eq4_masked_flow_loss(tiny: ACTR) -> None:
     batch = _batch(out)
     loss = tiny.loss(out, batch)
     assert loss.shape == ()
-    expected = masked_flow_loss(out.flow, batch["flow"], batch["valid_flow"])
+    expected = masked_flow_loss(out.flow, batch.flow, batch.valid_flow)
     torch.testing.assert_close(loss, expected, atol=0, rtol=0)  # exact: the loss is this call
     assert torch.isfinite(loss)
 
@@ -153,11 +157,9 @@ def test_loss_errors_name_the_problem(tiny: ACTR, no_typecheck: None) -> None:
     src, trg = _images(1, SMALL)
     with torch.no_grad():
         out = tiny(src, trg)
-    with pytest.raises(ValueError, match="valid_flow"):
-        tiny.loss(out, {"flow": out.flow})
-    wrong = torch.zeros(1, 2, 8, 8)
+    images = torch.zeros(1, 3, 32, 32)  # another frame than the model's input: a (1, 2, 8, 8) flow
     with pytest.raises(ValueError, match=r"\(1, 2, 8, 8\)"):
-        tiny.loss(out, {"flow": wrong, "valid_flow": torch.ones(1, 8, 8, dtype=torch.bool)})
+        tiny.loss(out, PairBatch.build(images, images, flow=torch.zeros(1, 2, 8, 8)))
 
 
 def test_transfer_moves_keypoints_by_the_flow(tiny: ACTR) -> None:
@@ -369,8 +371,8 @@ def test_conv_tiny_loss_adds_the_correlation_term_to_eq4() -> None:
     with torch.no_grad():
         out = model(src, trg)
     batch = _batch(out)
-    flow_term = masked_flow_loss(out.flow, batch["flow"], batch["valid_flow"])
-    corr_term = CorrelationCrossEntropy(1.0)(out.correlations, batch["flow"], batch["valid_flow"])
+    flow_term = masked_flow_loss(out.flow, batch.flow, batch.valid_flow)
+    corr_term = CorrelationCrossEntropy(1.0)(out.correlations, batch.flow, batch.valid_flow)
     torch.testing.assert_close(model.loss(out, batch), flow_term + corr_term, atol=0, rtol=0)  # exact: the same calls
     assert _conv_tiny(correlation_loss_weight=0.0).correlation_loss is None
 
@@ -469,11 +471,8 @@ def test_grad_checkpointing_gives_the_same_gradients(builder: str) -> None:
         for module in model.modules():  # dropout-free models: every recomputation gives the same values
             assert not isinstance(module, torch.nn.Dropout) or module.p == 0
         out = model(src, trg)
-        batch = {
-            "flow": torch.randn(out.flow.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
-            "valid_flow": torch.ones(out.flow.shape[0], *out.flow.shape[2:], dtype=torch.bool),
-        }
-        loss = model.loss(out, batch)
+        target = torch.randn(out.flow.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        loss = model.loss(out, PairBatch.build(src, trg, flow=target))  # valid everywhere
         loss.backward()
         grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     torch.testing.assert_close(grads[1][0], grads[0][0])

@@ -23,7 +23,7 @@ class ConstantFlow(CorrespondenceModel):
         return MatchOutput(flow=flow)
 
     def loss(self, output, batch):
-        return (output.flow - batch["flow"]).abs().mean()
+        return (output.flow - batch.flow).abs().mean()
 
 
 def test_match_output_is_frozen_and_optional_fields_default_to_none():

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tolerances import float32_tolerance
 
+from actr_core.batch import PairBatch
 from actr_core.blocks.coarse_to_fine import reverse_correlation
 from actr_core.models.base import CorrespondenceModel, parameter_count
 from actr_core.models.mmnet import (
@@ -34,13 +35,14 @@ def tiny() -> MMNet:
     return mmnet_tiny()
 
 
-def _batch(b: int, n: int = 5) -> dict:
+def _batch(b: int, n: int = 5) -> PairBatch:
     g = torch.Generator().manual_seed(1)
     src = torch.rand(b, n, 2, generator=g) * torch.tensor([W - 1, H - 1])
     trg = torch.rand(b, n, 2, generator=g) * torch.tensor([W - 1, H - 1])
     valid = torch.rand(b, n, generator=g) > 0.3
     valid[:, 0] = True
-    return {"src_kps": src, "trg_kps": trg, "valid_kps": valid}
+    images = torch.zeros(b, 3, H, W)  # the loss reads only the keypoints
+    return PairBatch.build(images, images, src, trg, valid)
 
 
 def test_is_a_matcher(tiny):
@@ -77,10 +79,10 @@ def test_loss_is_sum_over_levels_and_directions(tiny):
     for corr in out.pyramid:
         grid = corr.shape[1:3]
         scale = torch.tensor([grid[1] / W, grid[0] / H])
-        src = (batch["src_kps"] + 0.5) * scale - 0.5
-        trg = (batch["trg_kps"] + 0.5) * scale - 0.5
-        total = total + tiny.criterion(corr, src, trg, batch["valid_kps"])
-        total = total + tiny.criterion(reverse_correlation(corr), trg, src, batch["valid_kps"])
+        src = (batch.src_kps + 0.5) * scale - 0.5
+        trg = (batch.trg_kps + 0.5) * scale - 0.5
+        total = total + tiny.criterion(corr, src, trg, batch.valid_kps)
+        total = total + tiny.criterion(reverse_correlation(corr), trg, src, batch.valid_kps)
     # per term a blurred target (4 + 9), a log-softmax and a sum over the finest level's cells, 8 terms added
     cells = out.pyramid[-1].shape[1] * out.pyramid[-1].shape[2]
     torch.testing.assert_close(tiny.loss(out, batch), total, atol=float32_tolerance(total, terms=2 * cells + 13 + 8), rtol=0)
@@ -201,14 +203,8 @@ def test_resnet101_forward_backward_smoke():
     model = mmnet_resnet101().train()
     out = model(torch.randn(1, 3, 32, 64), torch.randn(1, 3, 32, 64))
     assert out.flow.shape == (1, 2, 8, 16)
-    model.loss(
-        out,
-        {
-            "src_kps": torch.tensor([[[10.0, 20.0]]]),
-            "trg_kps": torch.tensor([[[50.0, 40.0]]]),
-            "valid_kps": torch.ones(1, 1, dtype=torch.bool),
-        },
-    ).backward()
+    images = torch.zeros(1, 3, 32, 64)
+    model.loss(out, PairBatch.build(images, images, torch.tensor([[[10.0, 20.0]]]), torch.tensor([[[50.0, 40.0]]]))).backward()
     assert model.multiscale[2].inputs[22].weight.grad is not None
     # random ResNet features give correlations in the hundreds (saturated softmax): still finite
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

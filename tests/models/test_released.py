@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tiny_released import TINY_RELEASED, tiny_released_model
 from tolerances import float32_tolerance
 
+from actr_core.batch import PairBatch
 from actr_core.blocks import biased_cross_attention
 from actr_core.blocks.released import (
     HeadSummedCorrelation,
@@ -291,9 +292,9 @@ def test_batch_elements_are_independent():
 def test_every_trainable_parameter_gets_a_gradient_and_backbone_is_frozen():
     torch.manual_seed(0)
     model = tiny_released_model(freeze_backbone=False).train()
-    out = model(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64))
-    batch = {"flow": torch.randn(2, 2, 16, 16), "valid_flow": torch.rand(2, 16, 16) > 0.5}
-    loss = model.loss(out, batch)
+    src, trg = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    out = model(src, trg)
+    loss = model.loss(out, PairBatch.build(src, trg, flow=torch.randn(2, 2, 16, 16), valid_flow=torch.rand(2, 16, 16) > 0.5))
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     for name, p in model.named_parameters():
@@ -319,7 +320,7 @@ def test_transfer_and_loss_use_the_model_interface(no_typecheck):
     moved = model.transfer(out, kps)
     assert moved.shape == (1, 2, 2) and torch.isfinite(moved).all()
     with pytest.raises(ValueError, match="has shape"):
-        model.loss(out, {"flow": torch.zeros(1, 2, 8, 8), "valid_flow": torch.ones(1, 8, 8, dtype=torch.bool)})
+        model.loss(out, PairBatch.build(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32), flow=torch.zeros(1, 2, 8, 8)))
 
 
 @pytest.mark.parametrize(
