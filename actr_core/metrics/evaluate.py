@@ -35,6 +35,7 @@ import xarray as xr
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from actr_core.batch import SPAIR_FLAGS, PairBatch
 from actr_core.data.pipeline import prepare_batch
 from actr_core.files import write_atomic
 from actr_core.metrics.bootstrap import BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, paired_bootstrap
@@ -70,8 +71,7 @@ __all__ = [
 
 # PCK tolerances reported by default: paper Table 1 (0.05, 0.1, 0.15) plus 0.01 (DenseMatching's list).
 DEFAULT_ALPHAS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15)
-# SPair-71k pair-level difficulty annotations (PairAnnotation JSON), reported as splits when present.
-SPAIR_FLAGS: tuple[str, ...] = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
+# SPAIR_FLAGS (actr_core.batch): SPair-71k pair-level difficulty annotations, reported as splits when present.
 # A list of PCK tolerances: any sequence of floats or a 1-D numpy array.
 Alphas = Sequence[float] | np.ndarray
 THRESHOLD_DEFINITIONS: Mapping[str, str] = {
@@ -129,21 +129,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_batch(batch: Mapping[str, Any], protocol: ScoringProtocol) -> None:
-    required = ["src_image", "trg_image", "src_kps", "trg_kps", "valid_kps", "src_size", "trg_size"]
-    if protocol.frame != "input":
-        required += ["src_kps_orig", "trg_kps_orig"]
-    missing = [k for k in required if k not in batch]
-    if missing:
-        raise ValueError(f"batch lacks {missing}; it must follow the batch schema of actr_core.data")
-    b, n = batch["valid_kps"].shape
-    if tuple(batch["src_kps"].shape) != (b, n, 2) or tuple(batch["trg_kps"].shape) != (b, n, 2):
-        raise ValueError(
-            f"src_kps {tuple(batch['src_kps'].shape)} and trg_kps {tuple(batch['trg_kps'].shape)} "
-            f"must be (b, n, 2) = ({b}, {n}, 2) like valid_kps"
-        )
-
-
 def _nan_where_invalid(x: Tensor, valid: Tensor) -> np.ndarray:
     out = torch.where(valid.unsqueeze(-1), x, torch.full_like(x, float("nan")))
     return out.detach().cpu().numpy()
@@ -151,7 +136,7 @@ def _nan_where_invalid(x: Tensor, valid: Tensor) -> np.ndarray:
 
 def score_batch(
     model: nn.Module,
-    batch: Mapping[str, Any],
+    batch: PairBatch,
     protocol: ScoringProtocol,
     alphas: Alphas,
     output: Any = None,
@@ -161,9 +146,8 @@ def score_batch(
     ``model`` is a matcher or a reference predictor; an output with a ``fallback`` field (the
     reference predictors') has its fall-backs to identity recorded.
     """
-    _check_batch(batch, protocol)
     if output is None:
-        output = model(batch["src_image"], batch["trg_image"])
+        output = model(batch.src_image, batch.trg_image)
     valid = scored_keypoints(protocol, batch)
     pred = predict_keypoints(protocol, model, output, batch)
     gt = ground_truth_keypoints(protocol, batch)
@@ -173,13 +157,11 @@ def score_batch(
     n_correct = torch.stack([pck_per_keypoint(pred, gt, threshold, a, valid).correct.sum(dim=1) for a in alphas])
     b = valid.shape[0]
     meta: dict[str, list[Any]] = {
-        "pair_id": list(batch.get("pair_id") or [f"pair{i}" for i in range(b)]),
-        "category": list(batch.get("category") or ["all"] * b),
-        "dataset": list(batch.get("dataset") or ["unknown"] * b),
+        "pair_id": list(batch.pair_id),
+        "category": list(batch.category),
+        "dataset": list(batch.dataset),
     }
-    for flag in SPAIR_FLAGS:
-        if flag in batch:
-            meta[flag] = [int(v) for v in torch.as_tensor(batch[flag]).tolist()]
+    meta.update({flag: [int(v) for v in values.tolist()] for flag, values in batch.flags.items()})
     fallback = getattr(output, "fallback", None)
     fallback = np.zeros(b, dtype=bool) if fallback is None else torch.as_tensor(fallback).cpu().numpy().astype(bool)
     status = list(getattr(output, "status", None) or ["fallback"] * b)
@@ -228,7 +210,7 @@ def _describe_reference(name: str, module: nn.Module) -> str:
 
 def evaluate(
     model: nn.Module,
-    batches: Iterable[Mapping[str, Any]],
+    batches: Iterable[PairBatch],
     *,
     protocol: str | ScoringProtocol = "standard",
     alphas: Alphas = DEFAULT_ALPHAS,
@@ -245,7 +227,7 @@ def evaluate(
     Args:
         model: ``model(src, trg)`` returns an output with ``.flow``; ``model.transfer(output,
             src_kps, valid)`` returns target keypoints in input-frame pixels.
-        batches: iterable of batches in the schema of ``actr_core.data`` (reader or shards); read once.
+        batches: iterable of :class:`~actr_core.data.PairBatch` (from shards, or built by hand); read once.
         protocol: ``"standard"`` (default), ``"standard-input"`` or ``"released"``, or a
             :class:`ScoringProtocol`. Scoring only; choose models on the validation split.
         alphas: PCK tolerances.
@@ -281,8 +263,7 @@ def evaluate(
             bar = tqdm(batches, total=total, disable=not progress, desc=f"PCK ({protocol.name})", unit="batch")
             for batch in bar:
                 batch = prepare_batch(batch, device)
-                height, width = batch["src_image"].shape[-2:]
-                input_size = (int(height), int(width))
+                input_size = batch.input_size
                 scores[MODEL].append(score_batch(model, batch, protocol, alphas))
                 for name, reference in refs.items():
                     scores[name].append(score_batch(reference, batch, protocol, alphas))

@@ -33,12 +33,13 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from actr_core.batch import PairBatch
 from actr_core.flow import check_size, rescale_keypoints, resize_flow
 from actr_core.metrics.thresholds import THRESHOLD_KINDS, bbox_threshold, bkp_threshold, img_threshold, rescale_boxes
 
@@ -274,55 +275,60 @@ def nearest_transfer(
 
 
 # ---------------------------------------------------------------------------------------------
-# Batch-level helpers (batch schema of actr_core.data; sizes are (height, width)).
+# Batch-level helpers (PairBatch of actr_core.batch; sizes are (height, width)).
 
 
-def _sizes(batch: Mapping[str, Any], key: str) -> list[tuple[int, int]]:
-    return [(int(h), int(w)) for h, w in batch[key].tolist()]
+class _Side(NamedTuple):
+    """One side (source or target) of a batch."""
+
+    kps: Tensor  # (b, n, 2) input-frame pixels
+    kps_orig: Tensor  # (b, n, 2) original pixels
+    sizes: list[tuple[int, int]]  # original (height, width) per pair
+    bbox: Tensor  # (b, 4) original pixels
 
 
-def _input_size(batch: Mapping[str, Any]) -> tuple[int, int]:
-    h, w = batch["src_image"].shape[-2:]
-    return int(h), int(w)
+def _side(batch: PairBatch, side: str) -> _Side:
+    """The ``side`` ("source"/"target") fields of a batch."""
+    if side == "target":
+        return _Side(batch.trg_kps, batch.trg_kps_orig, _sizes(batch.trg_size), batch.trg_bbox)
+    return _Side(batch.src_kps, batch.src_kps_orig, _sizes(batch.src_size), batch.src_bbox)
+
+
+def _sizes(sizes: Tensor) -> list[tuple[int, int]]:
+    return [(int(h), int(w)) for h, w in sizes.tolist()]
 
 
 def _per_pair(fn, values: Tensor, from_sizes: list[tuple[int, int]], to_sizes: list[tuple[int, int]]) -> Tensor:
     return torch.stack([fn(values[i], from_sizes[i], to_sizes[i]) for i in range(values.shape[0])])
 
 
-def _frame_sizes(protocol: ScoringProtocol, batch: Mapping[str, Any], side: str) -> list[tuple[int, int]]:
-    prefix = "trg" if side == "target" else "src"
+def _frame_sizes(protocol: ScoringProtocol, batch: PairBatch, side: str) -> list[tuple[int, int]]:
     if protocol.frame == "original":
-        return _sizes(batch, f"{prefix}_size")
-    size = protocol.frame_size if protocol.frame == "fixed" and protocol.frame_size is not None else _input_size(batch)
-    return [(int(size[0]), int(size[1]))] * batch[f"{prefix}_kps"].shape[0]
+        return _side(batch, side).sizes
+    size = protocol.frame_size if protocol.frame == "fixed" and protocol.frame_size is not None else batch.input_size
+    return [(int(size[0]), int(size[1]))] * len(batch)
 
 
 def _original_to_frame(protocol: ScoringProtocol) -> Any:
     return corner_rescale if protocol.keypoint_scaling == "corner" else rescale_keypoints
 
 
-def keypoints_in_frame(protocol: ScoringProtocol, batch: Mapping[str, Any], side: str) -> Float[Tensor, "b n 2"]:
+def keypoints_in_frame(protocol: ScoringProtocol, batch: PairBatch, side: str) -> Float[Tensor, "b n 2"]:
     """The ``side`` ("source"/"target") keypoints of a batch in the protocol's measurement frame."""
-    prefix = "trg" if side == "target" else "src"
+    fields = _side(batch, side)
     if protocol.frame == "input":
-        return batch[f"{prefix}_kps"]
-    original = batch[f"{prefix}_kps_orig"]
+        return fields.kps
     if protocol.frame == "original":
-        return original
-    to_sizes = _frame_sizes(protocol, batch, side)
-    return _per_pair(_original_to_frame(protocol), original, _sizes(batch, f"{prefix}_size"), to_sizes)
+        return fields.kps_orig
+    return _per_pair(_original_to_frame(protocol), fields.kps_orig, fields.sizes, _frame_sizes(protocol, batch, side))
 
 
-def scored_keypoints(protocol: ScoringProtocol, batch: Mapping[str, Any]) -> Bool[Tensor, "b n"]:
-    """The keypoint rows the protocol scores: ``valid_kps`` ("in_frame"), or ``annotated_kps``
-    ("annotated"; a batch without that key, made by hand, falls back to ``valid_kps``)."""
-    if protocol.keypoints == "annotated" and "annotated_kps" in batch:
-        return batch["annotated_kps"]
-    return batch["valid_kps"]
+def scored_keypoints(protocol: ScoringProtocol, batch: PairBatch) -> Bool[Tensor, "b n"]:
+    """The keypoint rows the protocol scores: ``valid_kps`` ("in_frame") or ``annotated_kps`` ("annotated")."""
+    return batch.annotated_kps if protocol.keypoints == "annotated" else batch.valid_kps
 
 
-def ground_truth_keypoints(protocol: ScoringProtocol, batch: Mapping[str, Any]) -> Float[Tensor, "b n 2"]:
+def ground_truth_keypoints(protocol: ScoringProtocol, batch: PairBatch) -> Float[Tensor, "b n 2"]:
     """Ground-truth target keypoints in the measurement frame."""
     return keypoints_in_frame(protocol, batch, "target")
 
@@ -333,47 +339,41 @@ class _TransfersKeypoints(Protocol):
     def transfer(self, output: Any, src_kps: Tensor, valid: Tensor | None = None) -> Tensor: ...
 
 
-def predict_keypoints(
-    protocol: ScoringProtocol, model: nn.Module, output: Any, batch: Mapping[str, Any]
-) -> Float[Tensor, "b n 2"]:
+def predict_keypoints(protocol: ScoringProtocol, model: nn.Module, output: Any, batch: PairBatch) -> Float[Tensor, "b n 2"]:
     """Predicted target keypoints in the measurement frame (NaN for invalid keypoints).
 
     ``model`` is a Matcher (``actr_core.models``): ``model.transfer(output, src_kps, valid)`` gives
     target keypoints in input-frame pixels; ``output.flow`` is read by the ``nearest`` lookup.
     """
     valid = scored_keypoints(protocol, batch)
-    input_size = _input_size(batch)
     if protocol.lookup == "nearest":
-        size = protocol.frame_size if protocol.frame == "fixed" and protocol.frame_size is not None else input_size
+        size = protocol.frame_size if protocol.frame == "fixed" and protocol.frame_size is not None else batch.input_size
         query = keypoints_in_frame(protocol, batch, "source")
         return nearest_transfer(output.flow, query, valid, size, protocol.query_rounding)
-    pred = cast(_TransfersKeypoints, model).transfer(output, batch["src_kps"], valid)  # pixels of the input frame
+    pred = cast(_TransfersKeypoints, model).transfer(output, batch.src_kps, valid)  # pixels of the input frame
     if protocol.frame == "input":
         return pred
     to_sizes = _frame_sizes(protocol, batch, "target")
-    return _per_pair(rescale_keypoints, pred, [input_size] * pred.shape[0], to_sizes)
+    return _per_pair(rescale_keypoints, pred, [batch.input_size] * pred.shape[0], to_sizes)
 
 
-def pair_thresholds(protocol: ScoringProtocol, batch: Mapping[str, Any]) -> tuple[Float[Tensor, " b"], list[str]]:
+def pair_thresholds(protocol: ScoringProtocol, batch: PairBatch) -> tuple[Float[Tensor, " b"], list[str]]:
     """Threshold ``d`` per pair in the measurement frame, and the kind used for each pair."""
-    prefix = "trg" if protocol.threshold_side == "target" else "src"
-    b = batch[f"{prefix}_kps"].shape[0]
-    datasets = batch.get("dataset") or [None] * b
-    kinds = [threshold_kind(protocol, name) for name in datasets]
+    fields = _side(batch, protocol.threshold_side)
+    b, dtype = len(batch), fields.kps.dtype
+    kinds = [threshold_kind(protocol, name) for name in batch.dataset]
     to_sizes = _frame_sizes(protocol, batch, protocol.threshold_side)
-    dtype = batch[f"{prefix}_kps"].dtype
     candidates: dict[str, Tensor] = {}
     if "bbox" in kinds:
-        box = batch[f"{prefix}_bbox"]
+        box = fields.bbox
         if protocol.frame == "input":
-            box = _per_pair(_rescale_box, box, _sizes(batch, f"{prefix}_size"), to_sizes)
+            box = _per_pair(_rescale_box, box, fields.sizes, to_sizes)
         elif protocol.frame == "fixed":
             scale = _original_to_frame(protocol)
-            corners = box.reshape(b, 2, 2)
-            box = _per_pair(scale, corners, _sizes(batch, f"{prefix}_size"), to_sizes).reshape(b, 4)
+            box = _per_pair(scale, box.reshape(b, 2, 2), fields.sizes, to_sizes).reshape(b, 4)
         candidates["bbox"] = bbox_threshold(box)
     if "img" in kinds:
-        candidates["img"] = img_threshold(torch.tensor(to_sizes, device=batch[f"{prefix}_kps"].device), dtype)
+        candidates["img"] = img_threshold(torch.tensor(to_sizes, device=fields.kps.device), dtype)
     if "bkp" in kinds:
         kps = keypoints_in_frame(protocol, batch, protocol.threshold_side)
         scored = scored_keypoints(protocol, batch)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from actr_core.data import PairBatch
 from actr_core.flow import rescale_keypoints
 from actr_core.models.base import CorrespondenceModel, MatchOutput
 
@@ -20,7 +21,7 @@ class ConstantFlowMatcher(CorrespondenceModel):
         flow = self.displacement.view(1, 2, 1, 1).expand(b, 2, h // self.flow_stride, w // self.flow_stride)
         return MatchOutput(flow=flow.clone())
 
-    def loss(self, output: MatchOutput, batch) -> Tensor:
+    def loss(self, output: MatchOutput, batch: PairBatch) -> Tensor:
         return output.flow.sum() * 0.0
 
 
@@ -37,36 +38,31 @@ def make_batch(
     dataset=None,
     category=None,
     flags=None,
-) -> dict:
-    """A batch in the schema, from original-pixel keypoints; input-frame keypoints follow the convention."""
+) -> PairBatch:
+    """A batch from original-pixel keypoints; input-frame keypoints follow the convention."""
     src_o = torch.as_tensor(src_kps_orig, dtype=torch.float32)
     trg_o = torch.as_tensor(trg_kps_orig, dtype=torch.float32)
-    b, n, _ = src_o.shape
-    valid = torch.ones(b, n, dtype=torch.bool) if valid is None else torch.as_tensor(valid, dtype=torch.bool)
+    b = src_o.shape[0]
     src_size = list(src_size) * (b // len(src_size))
     trg_size = list(trg_size) * (b // len(trg_size))
-    src_in = torch.stack([rescale_keypoints(src_o[i], src_size[i], input_size) for i in range(b)])
-    trg_in = torch.stack([rescale_keypoints(trg_o[i], trg_size[i], input_size) for i in range(b)])
     full = [[0.0, 0.0, float(w), float(h)] for h, w in trg_size]
-    batch = {
-        "src_image": torch.zeros(b, 3, *input_size),
-        "trg_image": torch.zeros(b, 3, *input_size),
-        "src_kps": src_in,
-        "trg_kps": trg_in,
-        "valid_kps": valid,
-        "src_kps_orig": src_o,
-        "trg_kps_orig": trg_o,
-        "src_size": torch.tensor(src_size, dtype=torch.int64),
-        "trg_size": torch.tensor(trg_size, dtype=torch.int64),
-        "src_bbox": torch.tensor(src_bbox if src_bbox is not None else full, dtype=torch.float32),
-        "trg_bbox": torch.tensor(trg_bbox if trg_bbox is not None else full, dtype=torch.float32),
-        "category": list(category) if category is not None else ["cat"] * b,
-        "pair_id": [f"p{i}" for i in range(b)],
-        "dataset": list(dataset) if dataset is not None else ["spair"] * b,
-    }
-    for key, values in (flags or {}).items():
-        batch[key] = torch.tensor(values, dtype=torch.int64)
-    return batch
+    return PairBatch.build(
+        torch.zeros(b, 3, *input_size),
+        torch.zeros(b, 3, *input_size),
+        torch.stack([rescale_keypoints(src_o[i], src_size[i], input_size) for i in range(b)]),
+        torch.stack([rescale_keypoints(trg_o[i], trg_size[i], input_size) for i in range(b)]),
+        None if valid is None else torch.as_tensor(valid, dtype=torch.bool),
+        src_kps_orig=src_o,
+        trg_kps_orig=trg_o,
+        src_size=torch.tensor(src_size, dtype=torch.int64),
+        trg_size=torch.tensor(trg_size, dtype=torch.int64),
+        src_bbox=torch.tensor(src_bbox if src_bbox is not None else full, dtype=torch.float32),
+        trg_bbox=torch.tensor(trg_bbox if trg_bbox is not None else full, dtype=torch.float32),
+        category=category if category is not None else ["cat"] * b,
+        pair_id=[f"p{i}" for i in range(b)],
+        dataset=dataset if dataset is not None else ["spair"] * b,
+        flags={key: torch.tensor(values, dtype=torch.int64) for key, values in (flags or {}).items()},
+    )
 
 
 @pytest.fixture

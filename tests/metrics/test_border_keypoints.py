@@ -65,8 +65,8 @@ def _released_pck(alpha: float, displacement_px: tuple[float, float]) -> float:
 
 
 def test_released_scores_keypoints_on_the_far_border(border_batch, matcher_factory):
-    assert border_batch["valid_kps"][0].tolist() == [True, True, False, False, True]  # x = W, y = H are outside
-    assert border_batch["annotated_kps"][0].tolist() == [True] * 5
+    assert border_batch.valid_kps[0].tolist() == [True, True, False, False, True]  # x = W, y = H are outside
+    assert border_batch.annotated_kps[0].tolist() == [True] * 5
     matcher = matcher_factory((1.0, 0.0))  # one H/4 cell: 4 px at 64, 32 px at 512
     alphas = (0.05, 0.1, 0.15)
     released = evaluate(matcher, [border_batch], protocol="released", alphas=alphas, progress=False, references=("identity",))
@@ -82,8 +82,8 @@ def test_released_scores_keypoints_on_the_far_border(border_batch, matcher_facto
 def test_inner_edge_is_scored_and_seeds_pseudo_flow(border_batch):
     """x = W - 0.5 is inside (pixel-centre convention): scored by standard, and a pseudo-flow seed;
     the border keypoints outside the image are neither (the same validity rule)."""
-    valid = border_batch["valid_kps"][0]
-    src, trg = border_batch["src_kps"][0], border_batch["trg_kps"][0]
+    valid = border_batch.valid_kps[0]
+    src, trg = border_batch.src_kps[0], border_batch.trg_kps[0]
     flow, filled = pseudo_flow(src, trg, valid, (64, 64))
     _, edge_filled = pseudo_flow(src[4:], trg[4:], valid[4:], (64, 64))
     assert bool(edge_filled.any()) and bool((filled & edge_filled).eq(edge_filled).all())

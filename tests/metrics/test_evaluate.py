@@ -1,6 +1,7 @@
 """The evaluator: aggregation (per image vs per keypoint, NaN pairs), splits, counts, files, table,
 the predictor dimension (model beside the references) and the bootstrap differences."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -55,7 +56,7 @@ def crafted(batch_factory):
         category=["dog"],
         flags={"viewpoint_variation": [0], "occlusion": [1]},
     )
-    second["pair_id"] = ["p3"]
+    second = dataclasses.replace(second, pair_id=("p3",))
     return [first, second]
 
 
@@ -165,15 +166,14 @@ def test_h_ne_w_inputs_and_batch(batch_factory, shift_matcher):
     assert np.nanmax(ds["distance"].values) < 1e-4
 
 
-def test_errors(shift_matcher, batch_factory):
+def test_errors(shift_matcher, batch_factory, no_typecheck):
     with pytest.raises(ValueError, match="no batches"):
         evaluate(shift_matcher, [], progress=False)
     with pytest.raises(ValueError, match="alphas"):
         evaluate(shift_matcher, [], alphas=(0.0,), progress=False)
     batch = batch_factory([[[1.0, 1.0]]], [[[1.0, 1.0]]])
-    del batch["trg_size"]
-    with pytest.raises(ValueError, match="trg_size"):
-        evaluate(shift_matcher, [batch], progress=False)
+    with pytest.raises(TypeError, match="a batch must be a PairBatch .actr_core.data., got dict"):
+        evaluate(shift_matcher, [{"src_image": batch.src_image}], progress=False)
 
 
 def test_identity_beside_the_model_on_the_same_pairs(crafted, shift_matcher):

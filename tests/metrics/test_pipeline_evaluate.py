@@ -1,5 +1,7 @@
 """pipelines/evaluate.py end to end with a fake matcher and hand-made batches (model and data loading swapped)."""
 
+import dataclasses
+
 import torch
 
 import pipelines.evaluate as pipeline
@@ -17,8 +19,7 @@ def test_main_writes_results_table_and_figures(tmp_path, monkeypatch, capsys, ba
         category=["a", "b"],
     )
     torch.manual_seed(0)
-    batch["src_image"] = torch.randn_like(batch["src_image"])
-    batch["trg_image"] = torch.randn_like(batch["trg_image"])
+    batch = dataclasses.replace(batch, src_image=torch.randn_like(batch.src_image), trg_image=torch.randn_like(batch.trg_image))
     monkeypatch.setattr(pipeline, "load_model", lambda cfg: (shift_matcher, "shift", (64, 64)))
     monkeypatch.setattr(pipeline, "open_batches", lambda cfg, size: ([batch], 1))
     cfg = pipeline.parse_args(["--model", "fake", "--out", str(tmp_path), "--alphas", "0.1", "0.2", "--no-progress"])

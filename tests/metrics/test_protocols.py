@@ -24,11 +24,11 @@ from actr_core.metrics.protocols import (
 
 
 def _score(protocol, matcher, batch, alpha):
-    output = matcher(batch["src_image"], batch["trg_image"])
+    output = matcher(batch.src_image, batch.trg_image)
     pred = predict_keypoints(protocol, matcher, output, batch)
     gt = ground_truth_keypoints(protocol, batch)
     threshold, kinds = pair_thresholds(protocol, batch)
-    return pck(pred, gt, threshold, alpha, batch["valid_kps"]), threshold, kinds, pred
+    return pck(pred, gt, threshold, alpha, batch.valid_kps), threshold, kinds, pred
 
 
 def test_convention_standard_uses_target_box_released_uses_source_box(batch_factory, shift_matcher):
@@ -107,11 +107,11 @@ def test_standard_input_frame_measures_in_input_pixels(batch_factory, shift_matc
     batch = batch_factory(
         [[[100.0, 200.0]]], [[[132.0, 200.0]]], input_size=(64, 32), src_size=[(512, 256)], trg_size=[(512, 256)]
     )
-    output = shift_matcher(batch["src_image"], batch["trg_image"])
+    output = shift_matcher(batch.src_image, batch.trg_image)
     pred = predict_keypoints(STANDARD_INPUT, shift_matcher, output, batch)
-    torch.testing.assert_close(pred, batch["trg_kps"])
+    torch.testing.assert_close(pred, batch.trg_kps)
     pred_orig = predict_keypoints(STANDARD, shift_matcher, output, batch)
-    torch.testing.assert_close(pred_orig, batch["trg_kps_orig"])
+    torch.testing.assert_close(pred_orig, batch.trg_kps_orig)
 
 
 def test_threshold_kind_auto_and_fixed():

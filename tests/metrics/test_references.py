@@ -9,6 +9,7 @@ from skimage import data
 from skimage.transform import ProjectiveTransform, warp
 from tolerances import float32_tolerance
 
+from actr_core.data import PairBatch
 from actr_core.flow import rescale_keypoints, transfer_keypoints
 from actr_core.imaging import normalise_image
 from actr_core.metrics import (
@@ -74,7 +75,7 @@ def test_identity_is_scored_exactly_like_a_zero_flow_model(protocol, batch_facto
     still = score_batch(matcher_factory((0.0, 0.0)), batch, protocol, (0.1,))
     np.testing.assert_allclose(identity.pred, still.pred, rtol=0, atol=float32_tolerance(still.pred, terms=8))
     if protocol is STANDARD:  # source pixel position carried from 500 x 300 to 400 x 240 by pixel centres
-        expected = rescale_keypoints(batch["src_kps_orig"], (300, 500), (240, 400)).numpy()
+        expected = rescale_keypoints(batch.src_kps_orig, (300, 500), (240, 400)).numpy()
         np.testing.assert_allclose(identity.pred, expected, rtol=0, atol=float32_tolerance(expected, terms=8))
 
 
@@ -176,15 +177,11 @@ def test_evaluate_with_the_peer_round_trips_through_netcdf(tmp_path, matcher_fac
     src, trg = _warped_pair()
     src_kps = torch.tensor([[[20.0, 20.0], [100.0, 15.0], [64.0, 48.0]]] * 2)
     trg_kps = apply_homography(torch.from_numpy(TRUE_H)[None].expand(2, 3, 3), src_kps)
-    size = torch.tensor([[96, 128]] * 2)
-    batch = {
-        "src_image": torch.cat([src, torch.zeros_like(src)]), "trg_image": torch.cat([trg, torch.zeros_like(trg)]),
-        "src_kps": src_kps, "trg_kps": trg_kps, "valid_kps": torch.ones(2, 3, dtype=torch.bool),
-        "src_kps_orig": rescale(src_kps, (96, 128), (96, 128)), "trg_kps_orig": trg_kps.clone(),
-        "src_size": size, "trg_size": size.clone(), "src_bbox": torch.tensor([[0.0, 0.0, 128.0, 96.0]] * 2),
-        "trg_bbox": torch.tensor([[0.0, 0.0, 128.0, 96.0]] * 2), "category": ["astronaut", "blank"],
-        "pair_id": ["textured", "blank"], "dataset": ["synthetic"] * 2,
-    }  # fmt: skip
+    batch = PairBatch.build(
+        torch.cat([src, torch.zeros_like(src)]), torch.cat([trg, torch.zeros_like(trg)]), src_kps, trg_kps,
+        src_kps_orig=rescale(src_kps, (96, 128), (96, 128)), trg_kps_orig=trg_kps.clone(),
+        category=["astronaut", "blank"], pair_id=["textured", "blank"], dataset=["synthetic"] * 2,
+    )  # fmt: skip
     ds = evaluate(matcher_factory((0.0, 0.0)), [batch], alphas=(0.05, 0.1), progress=False)
     assert ds["predictor"].values.tolist() == ["model", "identity", "classical_peer"]
     peer = ds.sel(predictor="classical_peer")
