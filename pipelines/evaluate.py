@@ -16,22 +16,22 @@ evaluation writes there; a second one fails at once (exit status 2). An interrup
 refused unless ``--allow-incomplete``, which is then said in the table and in ``results.nc``.
 
 Two small functions know the outside world and are the ones to swap: :func:`load_model`
-(checkpoint or builder name → matcher) and :func:`open_batches` (shards → batches in the schema).
+(checkpoint or builder name → matcher) and :func:`open_batches` (shards → ``PairBatch`` batches).
 """
 
 import dataclasses
 import errno
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
 from torch import nn
 
+from actr_core.data import PairBatch
 from actr_core.data.pipeline import prepare_batch
 from actr_core.files import folder_lock, write_files_atomic
 from actr_core.metrics import (
@@ -111,7 +111,7 @@ def load_model(cfg: EvaluateConfig) -> tuple[nn.Module, str, tuple[int, int]]:
     raise ValueError("give --checkpoint PATH or --model NAME")
 
 
-def open_batches(cfg: EvaluateConfig, size: tuple[int, int]) -> tuple[Iterable[Mapping[str, Any]], int]:
+def open_batches(cfg: EvaluateConfig, size: tuple[int, int]) -> tuple[Iterable[PairBatch], int]:
     """Batches (schema of ``actr_core.data``) of ``cfg.split``, read at the model's input ``size``:
     every sample exactly once, in a fixed order; and how many batches there are."""
     from actr_core.data import Resize, ShardDataset
@@ -138,14 +138,14 @@ def open_batches(cfg: EvaluateConfig, size: tuple[int, int]) -> tuple[Iterable[M
 # ---------------------------------------------------------------------------------------------
 
 
-def _first_pair(batch: Mapping[str, Any], minimum: int) -> int:
-    counts = batch["valid_kps"].sum(dim=1)
+def _first_pair(batch: PairBatch, minimum: int) -> int:
+    counts = batch.valid_kps.sum(dim=1)
     best = int(torch.argmax(counts))
     return next((i for i, c in enumerate(counts.tolist()) if c >= minimum), best)
 
 
 def make_figures(
-    model: nn.Module, batch: Mapping[str, Any], results: xr.Dataset, out: Path, cfg: EvaluateConfig, name: str
+    model: nn.Module, batch: PairBatch, results: xr.Dataset, out: Path, cfg: EvaluateConfig, name: str
 ) -> list[Path]:
     """The four figures for one pair of ``batch`` (the first with enough valid keypoints)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -154,20 +154,20 @@ def make_figures(
     batch = prepare_batch(batch, device)
     model.eval()
     with torch.no_grad():
-        output = model(batch["src_image"], batch["trg_image"])
-        pred = model.transfer(output, batch["src_kps"], batch["valid_kps"])
+        output = model(batch.src_image, batch.trg_image)
+        pred = model.transfer(output, batch.src_kps, batch.valid_kps)
     i = _first_pair(batch, MIN_MATCHES_FOR_WARP)
-    valid = batch["valid_kps"][i]
+    valid = batch.valid_kps[i]
     n = int(valid.shape[0])
-    pair = batch["pair_id"][i] if "pair_id" in batch else None
+    pair = batch.pair_id[i] or None  # "": an unnamed pair
     if pair is not None and pair in results["pair"].values:
         correct = keypoint_correctness(results, cfg.figure_alpha, MODEL).sel(pair=pair).values[:n]
         label = f"{pair}: PCK@{cfg.figure_alpha:g} {results.attrs['protocol']} protocol"
     else:
         correct = np.zeros(n, dtype=bool)
         label = "pair not in the results"
-    src, trg = batch["src_image"][i], batch["trg_image"][i]
-    kps = (batch["src_kps"][i], pred[i], batch["trg_kps"][i])
+    src, trg = batch.src_image[i], batch.trg_image[i]
+    kps = (batch.src_kps[i], pred[i], batch.trg_kps[i])
     written.append(plot_matches(src, trg, *kps, correct, out / "matches.png", valid=valid, title=label))
     if int(valid.sum()) >= MIN_MATCHES_FOR_WARP:
         written.append(plot_tps_warps(src, trg, *kps, out / "tps_warp.png", valid=valid, title=str(pair)))
@@ -177,8 +177,8 @@ def make_figures(
             None if per_path is None else per_path[i],
             output.flow[i],
             out / "path_flows.png",
-            gt=batch.get("flow", [None] * (i + 1))[i],
-            valid_gt=batch.get("valid_flow", [None] * (i + 1))[i],
+            gt=batch.flow[i] if batch.valid_flow[i].any() else None,  # none: no ground-truth flow
+            valid_gt=batch.valid_flow[i],
             title=f"{name}: flows of {pair}",
         )
     )
@@ -218,9 +218,9 @@ def _evaluate_into(cfg: EvaluateConfig, out: Path) -> xr.Dataset:
     model, name, size = load_model(cfg)
     batches, total = open_batches(cfg, size)
     incomplete = list(getattr(getattr(batches, "dataset", None), "incomplete", None) or [])
-    first: list[Mapping[str, Any]] = []
+    first: list[PairBatch] = []
 
-    def keep_first(source: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+    def keep_first(source: Iterable[PairBatch]) -> Iterator[PairBatch]:
         for batch in source:
             if not first:
                 first.append(batch)

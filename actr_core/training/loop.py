@@ -14,7 +14,7 @@ and reuses them, and the all-reduce gives every rank the same totals.
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from jaxtyping import Shaped
 from torch import Tensor, nn
 
 from actr_core.blocks import masked_flow_loss
+from actr_core.data.schema import PairBatch
 from actr_core.metrics import IDENTITY, REFERENCE_NAMES, ScoringProtocol, get_protocol, reference_predictor, score_batch
 from actr_core.training.optim import unwrap_model
 from actr_core.training.step import StepResult, StepSettings, autocast_context, move_batch, train_step
@@ -44,7 +45,7 @@ def all_reduce_sum(values: Shaped[Tensor, "*shape"]) -> Shaped[Tensor, "*shape"]
 
 def train_epoch(
     model: nn.Module,
-    batches: Iterable[Mapping[str, Any]],
+    batches: Iterable[PairBatch],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     *,
@@ -63,7 +64,7 @@ def train_epoch(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     losses: list[float] = []
-    iterator: Iterator[Mapping[str, Any]] = iter(batches)
+    iterator: Iterator[PairBatch] = iter(batches)
     for i in range(steps):
         try:
             batch = next(iterator)
@@ -103,12 +104,11 @@ class ValidationResult:
     flow_epe: float = math.nan
 
 
-def _flow_epe(flow: Tensor, batch: Mapping[str, Any]) -> float:
+def _flow_epe(flow: Tensor, batch: PairBatch) -> float:
     """Eq. 4 of ``flow`` against the batch's flow (pixels of the flow grid); NaN when the grids differ."""
-    target = batch.get("flow")
-    if target is None or tuple(target.shape) != tuple(flow.shape):
+    if tuple(batch.flow.shape) != tuple(flow.shape):
         return math.nan
-    return float(masked_flow_loss(flow.float(), target.float(), batch["valid_flow"]))
+    return float(masked_flow_loss(flow.float(), batch.flow.float(), batch.valid_flow))
 
 
 class ValidationReferences:
@@ -117,7 +117,7 @@ class ValidationReferences:
     The references (:mod:`actr_core.metrics.references`) do not learn: their score on a
     validation pair is the same at every epoch. Each pair's outcome (correct and valid keypoints,
     fall-back) is kept under (protocol, α, input size, ``pair_id``); a batch whose pairs are all
-    known is not run again. Batches without ``pair_id`` are scored every time. Keep one instance
+    known is not run again. A batch with an unnamed pair (``pair_id`` "") is scored every time. Keep one instance
     per training run (per rank) and pass it to every :func:`validate` call.
 
     Args:
@@ -136,12 +136,10 @@ class ValidationReferences:
         self.batches_run = 0  # batches the references were actually run on (the rest came from the cache)
 
     def score(
-        self, batch: Mapping[str, Any], protocol: ScoringProtocol, alpha: float
+        self, batch: PairBatch, protocol: ScoringProtocol, alpha: float
     ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per reference: correct keypoints, valid keypoints and fall-back, each ``(b,)``, for ``batch``."""
-        ids = batch.get("pair_id")
-        size = tuple(batch["src_image"].shape[-2:])
-        keys = [(protocol, float(alpha), size, pair) for pair in ids] if ids else None
+        keys = [(protocol, float(alpha), batch.input_size, pair) for pair in batch.pair_id] if all(batch.pair_id) else None
         if keys is None or not all(key in self._known for key in keys):
             self.batches_run += 1
             fresh: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -165,7 +163,7 @@ class ValidationReferences:
 @torch.no_grad()
 def validate(
     model: nn.Module,
-    batches: Iterable[Mapping[str, Any]],
+    batches: Iterable[PairBatch],
     *,
     device: torch.device,
     alpha: float,
@@ -201,7 +199,7 @@ def validate(
                 break
             batch = move_batch(batch, device)
             with autocast_context(device, autocast_dtype):
-                output = matcher(batch["src_image"], batch["trg_image"])
+                output = matcher(batch.src_image, batch.trg_image)
                 loss = matcher.loss(output, batch)
                 epe = _flow_epe(output.flow, batch)
             scores = score_batch(matcher, batch, protocol, (alpha,), output=output)

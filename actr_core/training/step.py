@@ -11,14 +11,14 @@ gradients are synchronised; the loss is taken from the inner model).
 import contextlib
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from actr_core.blocks.device_table import PRECISIONS, autocast_dtype
 from actr_core.data.pipeline import prepare_batch
+from actr_core.data.schema import PairBatch
 from actr_core.training.optim import unwrap_model
 
 if TYPE_CHECKING:
@@ -79,15 +79,15 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """A new dict with every tensor on ``device`` (non-blocking) and uint8 images normalised there
-    (:func:`actr_core.data.prepare_batch`); lists of strings pass through."""
+def move_batch(batch: PairBatch, device: torch.device) -> PairBatch:
+    """The batch with every tensor on ``device`` (non-blocking) and uint8 images normalised there
+    (:func:`actr_core.data.prepare_batch`)."""
     return prepare_batch(batch, device)
 
 
 def train_step(
     model: nn.Module,
-    batch: Mapping[str, Any],
+    batch: PairBatch,
     optimizer: torch.optim.Optimizer,
     *,
     settings: StepSettings = StepSettings(),
@@ -97,7 +97,7 @@ def train_step(
 
     Args:
         model: a matcher (or DDP around one); put in train mode here.
-        batch: a batch of the data schema, already on the model's device.
+        batch: a :class:`~actr_core.data.PairBatch`, already on the model's device.
         optimizer: steps once (unless ``scaler`` skips the step).
         settings: autocast dtype and clipping.
         scaler: a ``torch.amp.GradScaler`` for float16 training, else None.
@@ -108,9 +108,8 @@ def train_step(
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    src = batch["src_image"]
-    with autocast_context(src.device, settings.autocast_dtype):
-        output = model(src, batch["trg_image"])
+    with autocast_context(batch.src_image.device, settings.autocast_dtype):
+        output = model(batch.src_image, batch.trg_image)
         loss = cast("CorrespondenceModel", unwrap_model(model)).loss(output, batch)
     loss_value = float(loss.detach())
     if scaler is None and not math.isfinite(loss_value):

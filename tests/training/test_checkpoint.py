@@ -72,8 +72,8 @@ def test_round_trip_is_self_describing(tmp_path):
     batch = make_batch()
     with torch.no_grad():
         torch.testing.assert_close(
-            rebuilt(batch["src_image"], batch["trg_image"]).flow,  # exact: same weights
-            model.eval()(batch["src_image"], batch["trg_image"]).flow,
+            rebuilt(batch.src_image, batch.trg_image).flow,  # exact: same weights
+            model.eval()(batch.src_image, batch.trg_image).flow,
             atol=0,
             rtol=0,
         )
@@ -255,8 +255,8 @@ def test_actr_conv_tiny_round_trip_with_nested_overrides_and_batchnorm_buffers(t
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(
-            rebuilt(batch["src_image"], batch["trg_image"]).flow,
-            model(batch["src_image"], batch["trg_image"]).flow,
+            rebuilt(batch.src_image, batch.trg_image).flow,
+            model(batch.src_image, batch.trg_image).flow,
             atol=0,
             rtol=0,
         )  # same ops, same weights

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from actr_core.blocks import masked_flow_loss
-from actr_core.data import collate
+from actr_core.data import PairBatch, collate
 from actr_core.data.samples import build_sample
 from actr_core.data.synthetic import SyntheticConfig, SyntheticPairs
 from actr_core.metrics import IdentityPredictor, best_constant_flow, get_protocol, score_batch
@@ -26,7 +26,7 @@ LR = 2e-3  # measured: at 64 px, 2e-3 learns within 200 steps for seeds 0, 1, 2 
 ALPHA = 0.1
 
 
-def _pairs(split: str, n: int) -> dict:
+def _pairs(split: str, n: int) -> PairBatch:
     reader = SyntheticPairs(split, n, config=SyntheticConfig(size=(SIZE, SIZE)), seed=0)
     return collate([build_sample(reader.load(i), SIZE) for i in range(n)])
 
@@ -47,21 +47,23 @@ def test_short_training_beats_the_best_constant_flow_and_identity_on_held_out_ph
     optimizer = build_optimizer(model, backbone_lr=LR, head_lr=LR, weight_decay=0.05)
     scheduler = build_scheduler(optimizer, total_steps=STEPS, warmup_steps=10, schedule="cosine", min_ratio=0.1)
     order = torch.Generator().manual_seed(0)
-    keys = ("src_image", "trg_image", "flow", "valid_flow")
     losses = []
     for _ in range(STEPS):
         pick = torch.randint(TRAIN_PAIRS, (BATCH,), generator=order)
-        result = train_step(model, {k: train[k][pick] for k in keys}, optimizer, settings=StepSettings())
+        picked = PairBatch.build(
+            train.src_image[pick], train.trg_image[pick], flow=train.flow[pick], valid_flow=train.valid_flow[pick]
+        )
+        result = train_step(model, picked, optimizer, settings=StepSettings())
         scheduler.step()
         losses.append(result.loss)
     assert sum(losses[-20:]) < 0.8 * sum(losses[:20])  # the training loss fell
 
     model.eval()
     with torch.no_grad():
-        output = model(val["src_image"], val["trg_image"])
+        output = model(val.src_image, val.trg_image)
         identity = IdentityPredictor()
-        identity_output = identity(val["src_image"], val["trg_image"])
-    flow, valid = val["flow"], val["valid_flow"]
+        identity_output = identity(val.src_image, val.trg_image)
+    flow, valid = val.flow, val.valid_flow
     model_loss = float(masked_flow_loss(output.flow, flow, valid))
     constant = best_constant_flow(flow, valid).view(1, 2, 1, 1).expand_as(flow).contiguous()
     constant_loss = float(masked_flow_loss(constant, flow, valid))

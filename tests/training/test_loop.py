@@ -1,5 +1,6 @@
 """train_step / train_epoch / validate on a stand-in matcher: learning, clipping, freeze, errors, DDP."""
 
+import dataclasses
 import math
 
 import pytest
@@ -32,7 +33,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     model = ToyMatcher()
     opt = _optimizer(model)
     batch = make_batch(b=3, size=(32, 48))
-    batch["flow"][:] = batch["flow"][:1].clone()  # one shift for the whole batch: learnable by the bias
+    batch.flow[:] = batch.flow[:1].clone()  # one shift for the whole batch: learnable by the bias
     losses = [train_step(model, batch, opt).loss for _ in range(20)]
     assert losses[-1] < 0.5 * losses[0]
     assert model.training
@@ -118,9 +119,8 @@ def test_validate_perfect_model_scores_one_and_loss_zero():
     torch.nn.init.zeros_(model.head.weight)
     torch.nn.init.zeros_(model.head.bias)
     batch = make_batch(b=3)
-    batch["flow"].zero_()
-    batch["trg_kps"] = batch["src_kps"].clone()
-    batch["trg_kps_orig"] = batch["src_kps_orig"].clone()
+    batch.flow.zero_()
+    batch = dataclasses.replace(batch, trg_kps=batch.src_kps.clone(), trg_kps_orig=batch.src_kps_orig.clone())
     model.train()
     result = validate(model, [batch, batch], device=CPU, alpha=0.1)
     assert result.pck == 1.0 and result.loss == 0.0  # exact: every keypoint correct, every error 0
@@ -147,9 +147,7 @@ def test_validate_reports_eq4_beside_the_objective():
     batches = [make_batch(seed=i) for i in range(3)]
     result = validate(model, batches, device=CPU, alpha=0.1)
     with torch.no_grad():
-        per_batch = [
-            float(masked_flow_loss(model(b["src_image"], b["trg_image"]).flow, b["flow"], b["valid_flow"])) for b in batches
-        ]
+        per_batch = [float(masked_flow_loss(model(b.src_image, b.trg_image).flow, b.flow, b.valid_flow)) for b in batches]
     expected = sum(per_batch) / 3
     assert result.flow_epe == pytest.approx(expected, abs=float32_tolerance(expected, terms=len(per_batch)))
     assert result.loss == pytest.approx(3 * expected, abs=float32_tolerance(3 * expected, terms=len(per_batch)))
@@ -157,7 +155,7 @@ def test_validate_reports_eq4_beside_the_objective():
 
 def test_validate_skips_pairs_without_keypoints():
     batch = make_batch(b=2)
-    batch["valid_kps"][1] = False
+    batch.valid_kps[1] = False
     result = validate(ToyMatcher(), [batch], device=CPU, alpha=0.1)
     assert result.pairs == 1
 
@@ -185,9 +183,9 @@ def _identity_pck_by_hand(batches, alpha=0.1):
     the target box side is 2W - 1 = 95 original px, so identity is right on a pair when 8|s| <= 95 alpha."""
     per_pair = []
     for batch in batches:
-        shift = batch["flow"][:, :, 0, 0].norm(dim=1)
+        shift = batch.flow[:, :, 0, 0].norm(dim=1)
         for i in range(shift.shape[0]):
-            if batch["valid_kps"][i].any():
+            if batch.valid_kps[i].any():
                 per_pair.append(float(8 * shift[i] <= 95 * alpha))
     return sum(per_pair) / len(per_pair)
 
@@ -213,16 +211,16 @@ def test_validation_references_are_computed_once_per_pair():
     assert second.references == first.references and second.pairs == first.pairs
     validate(ToyMatcher(), batches, device=CPU, alpha=0.2, references=references)  # another alpha: new scores
     assert references.batches_run == 6
-    unnamed = [dict(batches[0], pair_id=None)]
+    unnamed = [dataclasses.replace(batches[0], pair_id=("", ""))]
     validate(ToyMatcher(), unnamed, device=CPU, alpha=0.1, references=references)
     validate(ToyMatcher(), unnamed, device=CPU, alpha=0.1, references=references)
-    assert references.batches_run == 8  # without pair ids there is nothing to key on
+    assert references.batches_run == 8  # unnamed pairs: nothing to key on
 
 
 def test_validate_with_the_peer_counts_its_fallbacks():
     batch = make_batch(b=2)
-    batch["src_image"].zero_()  # blank images: the peer falls back to identity on both pairs
-    batch["trg_image"].zero_()
+    batch.src_image.zero_()  # blank images: the peer falls back to identity on both pairs
+    batch.trg_image.zero_()
     result = validate(ToyMatcher(), [batch], device=CPU, alpha=0.1, references=ValidationReferences())
     assert list(result.references) == ["identity", "classical_peer"]
     assert result.reference_fallbacks == {"identity": 0, "classical_peer": 2}

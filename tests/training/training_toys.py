@@ -1,15 +1,13 @@
-"""A tiny stand-in matcher and batches of the data schema, for the training tests.
+"""A tiny stand-in matcher and PairBatch batches, for the training tests.
 
 Axis legend: b batch · H W input frame · h w flow grid (H/4, W/4) · n keypoints · c channels.
 """
-
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from actr_core.batch import PairBatch
 from actr_core.blocks import masked_flow_loss
 from actr_core.models import CorrespondenceModel, MatchOutput, model_entries, register_model
 
@@ -28,8 +26,8 @@ class ToyMatcher(CorrespondenceModel):
         features = torch.cat([self.backbone(src), self.backbone(trg)], dim=1)
         return MatchOutput(flow=self.head(features))
 
-    def loss(self, output: MatchOutput, batch: Mapping[str, Any]) -> Float[Tensor, ""]:
-        return masked_flow_loss(output.flow, batch["flow"], batch["valid_flow"])
+    def loss(self, output: MatchOutput, batch: PairBatch) -> Float[Tensor, ""]:
+        return masked_flow_loss(output.flow, batch.flow, batch.valid_flow)
 
 
 TOY_NAME = "training_toy"  # registered in actr_core.models' registry for the checkpoint tests
@@ -44,8 +42,8 @@ if TOY_NAME not in {entry.name for entry in model_entries()}:
     register_model(TOY_NAME)(toy_matcher)
 
 
-def make_batch(b: int = 2, size: tuple[int, int] = (32, 48), n: int = 5, seed: int = 0) -> dict[str, Any]:
-    """A batch of the schema whose ground-truth flow is a constant shift per pair (H != W by default)."""
+def make_batch(b: int = 2, size: tuple[int, int] = (32, 48), n: int = 5, seed: int = 0) -> PairBatch:
+    """A batch whose ground-truth flow is a constant shift per pair (H != W by default)."""
     g = torch.Generator().manual_seed(seed)
     H, W = size
     h, w = H // STRIDE, W // STRIDE
@@ -58,21 +56,20 @@ def make_batch(b: int = 2, size: tuple[int, int] = (32, 48), n: int = 5, seed: i
     trg_kps[~valid] = 0
     orig = torch.tensor([[H * 2, W * 2]] * b)
     to_orig = torch.tensor([2.0, 2.0])
-    return {
-        "src_image": torch.randn(b, 3, H, W, generator=g),
-        "trg_image": torch.randn(b, 3, H, W, generator=g),
-        "src_kps": src_kps,
-        "trg_kps": trg_kps,
-        "valid_kps": valid,
-        "flow": shift[:, :, None, None].expand(b, 2, h, w).clone(),
-        "valid_flow": torch.ones(b, h, w, dtype=torch.bool),
-        "src_kps_orig": (src_kps + 0.5) * to_orig - 0.5,
-        "trg_kps_orig": (trg_kps + 0.5) * to_orig - 0.5,
-        "src_size": orig,
-        "trg_size": orig.clone(),
-        "src_bbox": torch.tensor([[0.0, 0.0, W * 2 - 1.0, H * 2 - 1.0]] * b),
-        "trg_bbox": torch.tensor([[0.0, 0.0, W * 2 - 1.0, H * 2 - 1.0]] * b),
-        "category": ["toy"] * b,
-        "pair_id": [f"p{seed}_{i}" for i in range(b)],
-        "dataset": ["synthetic"] * b,
-    }
+    return PairBatch.build(
+        torch.randn(b, 3, H, W, generator=g),
+        torch.randn(b, 3, H, W, generator=g),
+        src_kps,
+        trg_kps,
+        valid,
+        flow=shift[:, :, None, None].expand(b, 2, h, w).clone(),
+        src_kps_orig=(src_kps + 0.5) * to_orig - 0.5,
+        trg_kps_orig=(trg_kps + 0.5) * to_orig - 0.5,
+        src_size=orig,
+        trg_size=orig.clone(),
+        src_bbox=torch.tensor([[0.0, 0.0, W * 2 - 1.0, H * 2 - 1.0]] * b),
+        trg_bbox=torch.tensor([[0.0, 0.0, W * 2 - 1.0, H * 2 - 1.0]] * b),
+        category=["toy"] * b,
+        pair_id=[f"p{seed}_{i}" for i in range(b)],
+        dataset=["synthetic"] * b,
+    )
