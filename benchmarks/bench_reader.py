@@ -47,7 +47,7 @@ def measure_reader(shards: str, split: str, batch_size: int, workers: int) -> di
         if start is None:  # the first batch starts the clock
             start = time.perf_counter()
             continue
-        pairs += len(batch["pair_id"])
+        pairs += len(batch.pair_id)
     elapsed = time.perf_counter() - start
     return {"pairs": pairs, "seconds": elapsed, "pairs_per_second": pairs / elapsed, "actr_core": actr_core.__file__}
 

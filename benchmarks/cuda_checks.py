@@ -144,7 +144,7 @@ def check_autocast_step(name: str, device: str, precision: str) -> dict[str, flo
         tries += 1
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(kind, dtype=dtype):
-            out = model(batch["src_image"], batch["trg_image"])
+            out = model(batch.src_image, batch.trg_image)
             loss = model.loss(out, batch)
         loss_value = float(loss.detach())
         assert bool(torch.isfinite(out.flow).all()), f"{name} {precision}: the flow holds inf/NaN"
@@ -229,7 +229,7 @@ def _gradients(name: str, device: str, checkpointing: bool) -> torch.Tensor:
     height, width = frame(name)
     batch = synthetic_batch(2, height, width, seed=0, device=device)
     torch.manual_seed(0)  # dropout draws the same masks in both runs (checkpointing replays the RNG state)
-    model.loss(model(batch["src_image"], batch["trg_image"]), batch).backward()
+    model.loss(model(batch.src_image, batch.trg_image), batch).backward()
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 

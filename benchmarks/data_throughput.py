@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from actr_core.data import IMAGE_MODES, ShardDataset, read_manifest, train_transforms
+from actr_core.data import IMAGE_MODES, PairBatch, ShardDataset, read_manifest, train_transforms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +61,13 @@ def measure(cfg: Config, augmented: bool, images: str) -> dict[str, float]:
     for epoch in range(cfg.epochs + 1):
         dataset.set_epoch(epoch)
         for batch in loader:
-            every += len(batch["pair_id"])
+            every += len(batch.pair_id)
             if cfg.read:
                 _read_every_byte(batch)
             if start is None:  # the first batch of the first epoch starts the clock
                 start = time.perf_counter()
                 continue
-            pairs += len(batch["pair_id"])
+            pairs += len(batch.pair_id)
     elapsed = time.perf_counter() - start
     del loader  # joins the workers, whose CPU time then counts
     worker_ms = (_children_cpu() - children) / every * 1e3
@@ -81,9 +81,10 @@ def measure(cfg: Config, augmented: bool, images: str) -> dict[str, float]:
     }
 
 
-def _read_every_byte(batch: dict[str, object]) -> None:
+def _read_every_byte(batch: PairBatch) -> None:
     """Touch every page of the batch's buffers, as a consumer that uses all of it would."""
-    storages = {v.untyped_storage().data_ptr(): v.untyped_storage() for v in batch.values() if isinstance(v, torch.Tensor)}
+    fields = [getattr(batch, f.name) for f in dataclasses.fields(batch)] + list(batch.flags.values())
+    storages = {v.untyped_storage().data_ptr(): v.untyped_storage() for v in fields if isinstance(v, torch.Tensor)}
     for storage in storages.values():
         torch.empty(0, dtype=torch.uint8).set_(storage).max()
 

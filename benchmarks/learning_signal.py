@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from actr_core.blocks import CorrelationCrossEntropy, masked_flow_loss
-from actr_core.data import Resize, ShardDataset, prepare_batch
+from actr_core.data import PairBatch, Resize, ShardDataset, prepare_batch
 from actr_core.flow import pool_flow, resize_flow
 from actr_core.metrics import IdentityPredictor, best_constant_flow, get_protocol, score_batch
 from actr_core.models import build_model
@@ -41,11 +41,9 @@ RECIPES: Mapping[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _batches(shards: str, split: str, size: int, batch_size: int, limit: int | None = None) -> list[dict[str, Any]]:
+def _batches(shards: str, split: str, size: int, batch_size: int, limit: int | None = None) -> list[PairBatch]:
     data = ShardDataset(shards, split, batch_size=batch_size, transforms=[Resize(size)], rank=0, world_size=1, max_batches=limit)
-    return [
-        prepare_batch({k: v.clone() if isinstance(v, Tensor) else v for k, v in b.items()}) for b in data.loader(num_workers=0)
-    ]
+    return [prepare_batch(b) for b in data.loader(num_workers=0)]
 
 
 def _norm(grads: Sequence[Tensor | None]) -> float:
@@ -58,17 +56,17 @@ def _fresh_model(builder: str, kwargs: Mapping[str, Any], size: int, seed: int) 
     return build_model(builder, image_size=(size, size), warn_random_init=False, **kwargs)
 
 
-def signal_at_init(batch: Mapping[str, Any], size: int, seed: int = 0) -> list[dict[str, Any]]:
+def signal_at_init(batch: PairBatch, size: int, seed: int = 0) -> list[dict[str, Any]]:
     """Gradient norms of Eq. 4 and of the correlation cross-entropy at initialisation."""
     rows = []
     for label, (builder, kwargs) in RECIPES.items():
         model = _fresh_model(builder, kwargs, size, seed).train()
         corr_params = [p for n, p in model.named_parameters() if ".cross." in n]
         sr_params = list(model.upsampler.parameters())
-        output = model(batch["src_image"], batch["trg_image"])
+        output = model(batch.src_image, batch.trg_image)
         corr = output.correlations
-        eq4 = masked_flow_loss(output.flow, batch["flow"], batch["valid_flow"])
-        ce = CorrelationCrossEntropy(1.0)(corr, batch["flow"], batch["valid_flow"])
+        eq4 = masked_flow_loss(output.flow, batch.flow, batch.valid_flow)
+        ce = CorrelationCrossEntropy(1.0)(corr, batch.flow, batch.valid_flow)
         g_eq4 = torch.autograd.grad(eq4, [corr, *corr_params, *sr_params], retain_graph=True, allow_unused=True)
         g_ce = torch.autograd.grad(ce, [corr, *corr_params], allow_unused=True)
         n_corr = len(corr_params)
@@ -88,14 +86,14 @@ def signal_at_init(batch: Mapping[str, Any], size: int, seed: int = 0) -> list[d
     return rows
 
 
-def _coarse_pck(model: torch.nn.Module, output: Any, batch: Mapping[str, Any]) -> tuple[float, int]:
+def _coarse_pck(model: torch.nn.Module, output: Any, batch: PairBatch) -> tuple[float, int]:
     """PCK of the paths' mean coarse flow, upsampled to the flow grid (what the correlation alone gives)."""
     coarse = output.coarse_flows.mean(dim=1)
     fine = resize_flow(coarse, output.flow.shape[-2:])
     return _pck(model, type(output)(flow=fine), batch)
 
 
-def _pck(model: torch.nn.Module, output: Any, batch: Mapping[str, Any]) -> tuple[float, int]:
+def _pck(model: torch.nn.Module, output: Any, batch: PairBatch) -> tuple[float, int]:
     """Sum of the per-pair PCK@0.1 over the pairs with a valid keypoint, and how many those are."""
     scores = score_batch(model, batch, get_protocol("standard"), (ALPHA,), output=output)
     n_valid = scores.valid.sum(axis=1)
@@ -103,7 +101,7 @@ def _pck(model: torch.nn.Module, output: Any, batch: Mapping[str, Any]) -> tuple
     return float((scores.n_correct[0][scored] / n_valid[scored]).sum()), int(scored.sum())
 
 
-def trained_run(run: Path, batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def trained_run(run: Path, batches: Sequence[PairBatch]) -> dict[str, Any]:
     """The trained model's flow and correlation on the validation pairs."""
     from actr_core.training.checkpoint import load_model_from_checkpoint
 
@@ -111,7 +109,7 @@ def trained_run(run: Path, batches: Sequence[Mapping[str, Any]]) -> dict[str, An
     return {"run": run.name, "model": info["builder"], "epoch": info["epoch"], **correlation_stats(model.eval(), batches)}
 
 
-def untrained(batches: Sequence[Mapping[str, Any]], size: int, seed: int = 0) -> list[dict[str, Any]]:
+def untrained(batches: Sequence[PairBatch], size: int, seed: int = 0) -> list[dict[str, Any]]:
     """The same statistics for each recipe's model at initialisation."""
     rows = []
     for label, (builder, kwargs) in RECIPES.items():
@@ -120,23 +118,23 @@ def untrained(batches: Sequence[Mapping[str, Any]], size: int, seed: int = 0) ->
     return rows
 
 
-def correlation_stats(model: torch.nn.Module, batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def correlation_stats(model: torch.nn.Module, batches: Sequence[PairBatch]) -> dict[str, Any]:
     """PCK, correlation entropy, argmax hits and Eq. 4 of ``model`` on ``batches``."""
     sums = {"final": 0.0, "coarse": 0.0, "identity": 0.0, "pairs": 0, "entropy": 0.0, "hits": 0.0, "cells": 0.0}
     flows, valids, preds = [], [], []
     identity = IdentityPredictor()
     with torch.no_grad():
         for batch in batches:
-            output = model(batch["src_image"], batch["trg_image"])
+            output = model(batch.src_image, batch.trg_image)
             final, pairs = _pck(model, output, batch)
             sums["final"] += final
             sums["coarse"] += _coarse_pck(model, output, batch)[0]
-            sums["identity"] += _pck(identity, identity(batch["src_image"], batch["trg_image"]), batch)[0]
+            sums["identity"] += _pck(identity, identity(batch.src_image, batch.trg_image), batch)[0]
             sums["pairs"] += pairs
             corr = output.correlations  # b m hs ws ht wt
             n = corr.shape[-1] * corr.shape[-2]
-            factor = batch["flow"].shape[-1] // corr.shape[3]
-            target, valid = pool_flow(batch["flow"], batch["valid_flow"], factor)
+            factor = batch.flow.shape[-1] // corr.shape[3]
+            target, valid = pool_flow(batch.flow, batch.valid_flow, factor)
             probs = corr.flatten(-2)  # b m hs ws n
             entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / math.log(n)  # b m hs ws
             hs, ws = corr.shape[2:4]
@@ -149,8 +147,8 @@ def correlation_stats(model: torch.nn.Module, batches: Sequence[Mapping[str, Any
             sums["entropy"] += float(entropy[mask].sum())
             sums["hits"] += float(hit[mask].sum())
             sums["cells"] += float(mask.sum())
-            flows.append(batch["flow"])
-            valids.append(batch["valid_flow"])
+            flows.append(batch.flow)
+            valids.append(batch.valid_flow)
             preds.append(output.flow)
     flow, valid, pred = torch.cat(flows), torch.cat(valids), torch.cat(preds)
     constant = best_constant_flow(flow, valid).view(1, 2, 1, 1).expand_as(flow).contiguous()

@@ -59,6 +59,7 @@ from harness import (
     time_call,
 )
 
+from actr_core.batch import PairBatch
 from actr_core.blocks.released import released_epe_loss
 from actr_core.models import (
     MatchOutput,
@@ -113,8 +114,8 @@ class ReleasedCode(torch.nn.Module):
     def forward(self, src: torch.Tensor, trg: torch.Tensor) -> MatchOutput:
         return MatchOutput(flow=self.net(src, trg))
 
-    def loss(self, output: MatchOutput, batch: dict[str, Any]) -> torch.Tensor:
-        return released_epe_loss(output.flow, batch["flow"], batch["valid_flow"])
+    def loss(self, output: MatchOutput, batch: PairBatch) -> torch.Tensor:
+        return released_epe_loss(output.flow, batch.flow, batch.valid_flow)
 
 
 def released_code_model(repo: str) -> ReleasedCode:
@@ -174,21 +175,19 @@ class CaseSpec:
     train: bool = True  # time training steps for this case (when the run asks for training)
 
 
-def synthetic_batch(batch: int, height: int, width: int, *, seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """A seeded training batch of the shard schema: images, keypoints and a sparse flow target."""
+def synthetic_batch(batch: int, height: int, width: int, *, seed: int, device: str = "cpu") -> PairBatch:
+    """A seeded training batch: images, keypoints and a sparse flow target."""
     g = torch.Generator().manual_seed(seed + 1)
     h, w = height // FLOW_STRIDE, width // FLOW_STRIDE
     size = torch.tensor([width - 1.0, height - 1.0])
-    out = {
-        "src_image": torch.randn(batch, 3, height, width, generator=g),
-        "trg_image": torch.randn(batch, 3, height, width, generator=g),
-        "src_kps": torch.rand(batch, NUM_KEYPOINTS, 2, generator=g) * size,
-        "trg_kps": torch.rand(batch, NUM_KEYPOINTS, 2, generator=g) * size,
-        "valid_kps": torch.ones(batch, NUM_KEYPOINTS, dtype=torch.bool),
-        "flow": (torch.rand(batch, 2, h, w, generator=g) * 2 - 1) * FLOW_RANGE,
-        "valid_flow": torch.rand(batch, h, w, generator=g) < VALID_FLOW_FRACTION,
-    }
-    return {k: v.to(device) for k, v in out.items()}
+    return PairBatch.build(
+        torch.randn(batch, 3, height, width, generator=g),
+        torch.randn(batch, 3, height, width, generator=g),
+        torch.rand(batch, NUM_KEYPOINTS, 2, generator=g) * size,
+        torch.rand(batch, NUM_KEYPOINTS, 2, generator=g) * size,
+        flow=(torch.rand(batch, 2, h, w, generator=g) * 2 - 1) * FLOW_RANGE,
+        valid_flow=torch.rand(batch, h, w, generator=g) < VALID_FLOW_FRACTION,
+    ).to(device)
 
 
 class Case:
@@ -273,7 +272,7 @@ class Case:
     def _train_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            out = self.runner(self.batch["src_image"], self.batch["trg_image"])
+            out = self.runner(self.batch.src_image, self.batch.trg_image)
             loss = self.model.loss(out, self.batch)
         loss.backward()
         self.optimizer.step()

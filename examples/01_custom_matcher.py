@@ -2,6 +2,7 @@
 
 import torch
 
+from actr_core.batch import PairBatch
 from actr_core.blocks import MultiHeadCorrelation, masked_flow_loss, soft_argmax
 from actr_core.flow import resize_flow
 from actr_core.models import CorrespondenceModel, MatchOutput, create_vit
@@ -23,13 +24,13 @@ class CorrelationMatcher(CorrespondenceModel):
         return MatchOutput(flow=resize_flow(coarse, (4 * grid[0], 4 * grid[1])))
 
     def loss(self, output, batch):
-        return masked_flow_loss(output.flow, batch["flow"], batch["valid_flow"])  # Eq. 4
+        return masked_flow_loss(output.flow, batch.flow, batch.valid_flow)  # Eq. 4
 
 
 model = CorrelationMatcher()
 src, trg = torch.randn(2, 3, 64, 96), torch.randn(2, 3, 64, 96)  # any multiple of 16, H ≠ W
 out = model(src, trg)
-batch = {"flow": torch.zeros(2, 2, 16, 24), "valid_flow": torch.rand(2, 16, 24) > 0.5}
+batch = PairBatch.build(src, trg, flow=torch.zeros(2, 2, 16, 24), valid_flow=torch.rand(2, 16, 24) > 0.5)
 model.loss(out, batch).backward()
 kps = model.transfer(out, torch.tensor([[[10.0, 20.0]], [[40.0, 8.0]]]))
 print(f"flow {tuple(out.flow.shape)}, transferred keypoints {kps.tolist()}")

@@ -24,9 +24,9 @@ print(verify_shards(url))
 train = ShardDataset(url, "train", batch_size=4, training=True, transforms=[Resize(64)], rank=0, world_size=1)
 for i, batch in enumerate(train.loader(num_workers=0)):
     print(
-        f"train batch {i}: images {tuple(batch['src_image'].shape)}, flow {tuple(batch['flow'].shape)}, "
-        f"valid keypoints {int(batch['valid_kps'].sum())}"
+        f"train batch {i}: images {tuple(batch.src_image.shape)}, flow {tuple(batch.flow.shape)}, "
+        f"valid keypoints {int(batch.valid_kps.sum())}"
     )
 test = ShardDataset(url, "test", batch_size=3, rank=0, world_size=1)
-seen = [pid for batch in test.loader(num_workers=0) for pid in batch["pair_id"]]
+seen = [pid for batch in test.loader(num_workers=0) for pid in batch.pair_id]
 print(f"test split: {len(seen)} pairs, each once: {len(set(seen)) == len(seen)}")
