@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from actr_core.batch import PairBatch
 from actr_core.flow import sample_flow, transfer_keypoints
 
 __all__ = [
@@ -169,8 +170,9 @@ class ConfidenceCalibration:
         """Read a file written by :meth:`save`; a damaged one is a one-line ``ValueError`` naming it."""
         try:
             data = json.loads(Path(path).read_text())
-            fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})  # JSON has lists
+            fields: dict[str, Any] = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+            fields.update({k: tuple(v) for k, v in fields.items() if isinstance(v, list)})  # JSON has lists
+            return cls(**fields)
         except (json.JSONDecodeError, TypeError, KeyError, ValueError) as err:
             raise ValueError(f"{path}: not a confidence calibration ({err})") from None
 
@@ -274,7 +276,7 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def collect_match_features(
     model: nn.Module,
-    batches: Iterable[Mapping[str, Any]],
+    batches: Iterable[PairBatch],
     *,
     alpha: float = 0.1,
     protocol: str = "standard",
@@ -298,7 +300,7 @@ def collect_match_features(
     labels = []
     for raw in batches:
         batch = prepare_batch(raw, device)
-        src, trg, valid = batch["src_image"], batch["trg_image"], batch["valid_kps"]
+        src, trg, valid = batch.src_image, batch.trg_image, batch.valid_kps
         b = src.shape[0]
         output = model(torch.cat([src, trg, src.flip(-1)]), torch.cat([trg, src, trg.flip(-1)]))
         flows = output.flow.float()
@@ -309,7 +311,7 @@ def collect_match_features(
         correct = pck_per_keypoint(pred.to(gt.dtype), gt, threshold.to(gt.dtype), alpha, valid).correct
         input_size = (int(src.shape[-2]), int(src.shape[-1]))
         grid = (int(flows.shape[-2]), int(flows.shape[-1]))
-        on_grid = rescale_keypoints(batch["src_kps"].float(), input_size, grid)
+        on_grid = rescale_keypoints(batch.src_kps.float(), input_size, grid)
         flow_st, flow_ts, mirrored = flows[:b], flows[b : 2 * b], flows[2 * b :]
         for name, displacement in (
             ("cycle", cycle_displacement(flow_st, flow_ts, on_grid)),
