@@ -11,6 +11,10 @@ so this measures a new photo more than a new kind of motion. Every strength is s
 model, identity (each point predicted where it was) and the classical peer (ORB + RANSAC
 homography at the image's own size, ``actr_core.metrics.ClassicalPeer``) on the same warps.
 
+When the checkpoint has a ``calibration.json`` beside it, each strength also gets the calibrated
+confidence's scores on the model's matches (correct at the same α): precision and recall of
+confidence > 0.5, and AUC (:func:`actr_core.calibration.calibration_scores`).
+
 The default photo is matplotlib's ``grace_hopper.jpg`` (bundled in matplotlib's wheel, never used
 by the project's data). Prints a table and writes ``known_warps.csv`` beside the checkpoint.
 """
@@ -20,10 +24,12 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from actr_core.api import ImageError, Matcher, load_image
+from actr_core.calibration import calibration_scores
 from actr_core.imaging import normalise_image
 from actr_core.metrics import ClassicalPeer, pck
 from actr_core.training.checkpoint import CheckpointError
@@ -37,21 +43,28 @@ def default_photo() -> Path:
 
 
 def score_warps(matcher: Matcher, image: torch.Tensor, strength: float, seeds: Sequence[int], alpha: float) -> dict[str, float]:
-    """Mean PCK@alpha (%) over the warps of ``seeds`` for the model, identity and the classical peer."""
+    """Mean PCK@alpha (%) over the warps of ``seeds`` for the model, identity and the classical peer,
+    plus the calibrated confidence's precision, recall and AUC when ``matcher`` is calibrated."""
     peer = ClassicalPeer()
     threshold = torch.tensor([float(max(image.shape[-2:]))])
     totals = {"model": 0.0, "identity": 0.0, "classical peer": 0.0}
     fallbacks = 0
+    confidences, correct = [], []
     for seed in tqdm(seeds, desc=f"strength {strength:g}", leave=False):
         target, src_kps, trg_kps, valid = known_warp(image, seed=seed, strength=strength)
-        predicted = matcher(image, target, src_kps).keypoints
+        result = matcher(image, target, src_kps)
         fit = peer(normalise_image(image)[None], normalise_image(target)[None])
         fallbacks += int(fit.fallback.sum())
         by_peer = peer.transfer(fit, src_kps[None], valid[None])[0]
-        for name, guess in (("model", predicted), ("identity", src_kps), ("classical peer", by_peer)):
+        for name, guess in (("model", result.keypoints), ("identity", src_kps), ("classical peer", by_peer)):
             totals[name] += 100.0 * float(pck(guess[None], trg_kps[None], threshold, alpha, valid[None])[0])
+        confidences.append(result.confidence[valid].numpy())
+        correct.append(((result.keypoints - trg_kps).norm(dim=-1) <= alpha * threshold)[valid].numpy())
     row = {name: total / len(seeds) for name, total in totals.items()}
     row["peer fall-backs"] = fallbacks
+    if matcher.calibration is not None:
+        scores = calibration_scores(np.concatenate(confidences), np.concatenate(correct))
+        row.update({f"confidence {key}": scores[key] for key in ("precision", "recall", "auc")})
     return row
 
 
@@ -83,6 +96,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         print(
             f"| {r['strength']:g} | {r['model']:.1f} | {r['identity']:.1f} | {r['classical peer']:.1f} | {r['peer fall-backs']} |"
         )
+    if matcher.calibration is not None:
+        print(f"calibrated confidence on the model's matches (correct at α = {args.alpha:g}; confidence > 0.5):")
+        print("| strength | precision | recall | AUC |\n|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['strength']:g} | {r['confidence precision']:.3f} | {r['confidence recall']:.3f} | {r['confidence auc']:.3f} |"
+            )
     out = args.checkpoint.parent / "known_warps.csv"
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -1,6 +1,7 @@
 """benchmarks/known_warps.py: the generalisation check scores the model and both references on the same warps."""
 
 import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from actr_core.api import Matcher, load_image
+from actr_core.calibration import ConfidenceCalibration
 from actr_core.models import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +35,11 @@ def test_peer_recovers_pure_homographies_and_identity_does_not(known_warps):
     # Corners moved by up to 20 % of the image: most points move further than 5 % of its side.
     assert row["identity"] < 60.0
     assert 0.0 <= row["model"] <= 100.0
+    calibration = ConfidenceCalibration(2.0, (-0.5, -0.5), 0.05, ("cycle", "flip"))
+    scores = known_warps.score_warps(Matcher(matcher.model, (64, 64), calibration=calibration), image, 0.2, range(2), 0.05)
+    assert scores["model"] == pytest.approx(row["model"])  # the mirrored pass changes no prediction
+    for key in ("confidence precision", "confidence recall", "confidence auc"):
+        assert math.isnan(scores[key]) or 0.0 <= scores[key] <= 1.0  # NaN: no match selected, or one kind only
 
 
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path):

@@ -30,7 +30,7 @@ class DifferenceModel(CorrespondenceModel):
         return MatchOutput(flow=torch.cat([self.gain * difference, torch.zeros_like(difference)], 1))
 
     def loss(self, output, batch):
-        return masked_flow_loss(output.flow, batch["flow"], batch["valid_flow"])
+        return masked_flow_loss(output.flow, batch.flow, batch.valid_flow)
 
 
 if DIFF_MODEL not in {entry.name for entry in model_entries()}:
