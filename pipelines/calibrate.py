@@ -30,7 +30,7 @@ class CalibrateConfig:
     shards: str = "shards/synthetic"  # shard set URL (pipelines/make_shards.py)
     fit_split: str = "val"  # split the calibration is fitted on (never the test split)
     test_split: str = "test"  # split it is scored on ("" skips scoring)
-    alpha: float = 0.1  # PCK α of a correct match (fraction of the image's longer side: standard protocol)
+    alpha: float = 0.1  # PCK α of a correct match (standard protocol's threshold: the target box for synthetic and SPair pairs)
     min_confidence: float = 0.5  # precision and recall are of matches with confidence above this
     batch_size: int = 20  # pairs per batch
     limit: int = 0  # read only this many batches of each split (0: all)
