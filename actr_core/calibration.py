@@ -284,8 +284,8 @@ def collect_match_features(
 ) -> tuple[dict[str, Float[np.ndarray, " m"]], Bool[np.ndarray, " m"]]:
     """Every valid keypoint of ``batches``: its relative error per feature and whether it is correct at ``alpha``.
 
-    ``model`` runs each pair forward, backward and mirrored (one call on the three stacked); the
-    forward flow's keypoints are scored with the library's PCK rule under ``protocol`` (as
+    ``model`` runs each pair forward, then backward and mirrored (one call on those two stacked); the
+    forward output's keypoints are scored with the library's PCK rule under ``protocol`` (as
     :func:`actr_core.metrics.evaluate` scores them), and the relative errors of :data:`FEATURES` are
     measured at the source keypoints in the model's input frame.
     """
@@ -302,17 +302,16 @@ def collect_match_features(
         batch = prepare_batch(raw, device)
         src, trg, valid = batch.src_image, batch.trg_image, batch.valid_kps
         b = src.shape[0]
-        output = model(torch.cat([src, trg, src.flip(-1)]), torch.cat([trg, src, trg.flip(-1)]))
-        flows = output.flow.float()
-        forward = dataclasses.replace(output, **{f.name: _first(getattr(output, f.name), b) for f in dataclasses.fields(output)})
+        forward = model(src, trg)  # the model's own output type: its transfer may read more than the flow
+        others = model(torch.cat([trg, src.flip(-1)]), torch.cat([src, trg.flip(-1)])).flow.float()
         pred = predict_keypoints(scoring, model, forward, batch)
         gt = ground_truth_keypoints(scoring, batch)
         threshold, _ = pair_thresholds(scoring, batch)
         correct = pck_per_keypoint(pred.to(gt.dtype), gt, threshold.to(gt.dtype), alpha, valid).correct
         input_size = (int(src.shape[-2]), int(src.shape[-1]))
-        grid = (int(flows.shape[-2]), int(flows.shape[-1]))
+        flow_st, flow_ts, mirrored = forward.flow.float(), others[:b], others[b:]
+        grid = (int(flow_st.shape[-2]), int(flow_st.shape[-1]))
         on_grid = rescale_keypoints(batch.src_kps.float(), input_size, grid)
-        flow_st, flow_ts, mirrored = flows[:b], flows[b : 2 * b], flows[2 * b :]
         for name, displacement in (
             ("cycle", cycle_displacement(flow_st, flow_ts, on_grid)),
             ("flip", flip_displacement(flow_st, mirrored, on_grid)),
@@ -322,8 +321,3 @@ def collect_match_features(
     if not labels:
         raise ValueError("no batches to collect match features from")
     return {name: np.concatenate(v) for name, v in errors.items()}, np.concatenate(labels)
-
-
-def _first(value: Any, b: int) -> Any:
-    """The first ``b`` rows of a batched output field (None stays None)."""
-    return None if value is None else value[:b]

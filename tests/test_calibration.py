@@ -1,6 +1,7 @@
 """Calibrated match confidence: the cycle and flip errors, the logistic fit, its scores, its file,
 and the collection of matches from batches scored with the library's PCK rule."""
 
+import dataclasses
 import itertools
 import math
 
@@ -24,6 +25,7 @@ from actr_core.data import collate
 from actr_core.data.samples import build_sample
 from actr_core.data.synthetic import SyntheticConfig, SyntheticPairs
 from actr_core.metrics import IdentityPredictor, evaluate, keypoint_correctness
+from actr_core.models.base import CorrespondenceModel, MatchOutput
 
 
 def _constant(b, h, w, dx, dy):
@@ -150,3 +152,31 @@ def test_collected_matches_are_scored_as_evaluate_scores_them():
     np.testing.assert_array_equal(correct, expected.astype(bool))
     assert 0 < correct.mean() < 1  # zero flow in every direction: no cycle error, no flip disagreement
     assert (errors["cycle"] == 0).all() and (errors["flip"] == 0).all()
+
+
+@dataclasses.dataclass(frozen=True)
+class _SizedOutput(MatchOutput):
+    image_size: tuple[int, int] = (0, 0)  # a per-call field, not per pair (as MMNet's output has)
+
+
+class _SizedModel(CorrespondenceModel):
+    """Zero flow; its transfer reads the output's own image_size, as MMNet's reads its pyramid."""
+
+    def forward(self, src, trg):
+        h, w = src.shape[-2:]
+        return _SizedOutput(flow=src.new_zeros(src.shape[0], 2, h // 4, w // 4), image_size=(h, w))
+
+    def loss(self, output, batch):
+        return output.flow.sum()
+
+    def transfer(self, output, src_kps, valid=None):
+        assert output.image_size == (64, 64) and output.flow.shape[0] == src_kps.shape[0]
+        return super().transfer(output, src_kps, valid)
+
+
+def test_collection_hands_the_models_transfer_its_own_forward_output():
+    reader = SyntheticPairs("val", 2, config=SyntheticConfig(size=(64, 64)))
+    batches = [collate([build_sample(reader.load(i), 64)]) for i in range(2)]  # one pair per batch
+    errors, correct = collect_match_features(_SizedModel(), batches, alpha=0.1)
+    expected, _ = collect_match_features(IdentityPredictor(), batches, alpha=0.1)
+    assert correct.shape == errors["cycle"].shape == expected["cycle"].shape
