@@ -242,7 +242,8 @@ def _calibration_lines(calibration: dict | str | None) -> list[str]:
         title,
         "",
         f"`actr match` reports for each match a confidence: the probability that it is correct at α = {c['alpha']:g} "
-        f"(PCK under the standard protocol, as in the table above), estimated from its relative {' and '.join(c['features'])} errors by a logistic model fitted "
+        f"(PCK under the standard protocol, as in the table above), estimated from its relative {' and '.join(c['features'])} errors"
+        f"{' (flip: how far the match moves when both images are mirrored left–right)' if 'flip' in c['features'] else ''} by a logistic model fitted "
         f"on the {c['n_matches']} matches of {c['fitted_on']} (`calibration.json`: intercept {c['intercept']:.3f}, "
         f"slopes {', '.join(f'{v:.3f}' for v in c['slopes'])} on the log relative errors). Matches with confidence > 0.5 are the confident ones; "
         "precision is the share of them that are correct, recall the share of the correct matches among them, "
