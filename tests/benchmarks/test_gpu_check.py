@@ -15,6 +15,7 @@ from gpu_check import Args, main, make_plan, parse_args, targets
 def test_dry_run_runs_every_code_path_on_cpu(tmp_path, capsys):
     assert main(Args(dry_run=True, out=str(tmp_path))) == 0
     printed = capsys.readouterr().out
+    refusal = gpu_check.cpu_bf16_refusal()  # e.g. PyTorch's AMX kernels under ATEN_CPU_CAPABILITY=default
     checks = list(csv.DictReader((tmp_path / "checks.csv").open()))
     kinds = {row["check"].split("[")[0] for row in checks}
     assert kinds == {
@@ -27,9 +28,10 @@ def test_dry_run_runs_every_code_path_on_cpu(tmp_path, capsys):
         "grad_checkpointing",
         "compile",
     }
-    assert all(row["status"] == "pass" for row in checks), checks
+    expected = {row["check"]: "skip" if refusal and "bf16" in row["check"] else "pass" for row in checks}
+    assert {row["check"]: row["status"] for row in checks} == expected, checks
     bench = {row["case"]: row for row in csv.DictReader((tmp_path / "bench.csv").open())}
-    assert set(bench) == {
+    cases = {
         "actr_tiny@64",
         "actr_tiny@64[bf16]",
         "mmnet_tiny@64",
@@ -39,16 +41,37 @@ def test_dry_run_runs_every_code_path_on_cpu(tmp_path, capsys):
         "actr_tiny@96/b1",
         "actr_tiny@96[bf16+ckpt]/b1",
     }
+    assert set(bench) == {c for c in cases if not (refusal and "bf16" in c)}
     assert all(float(row["forward_median_s"]) > 0 and float(row["train_step_median_s"]) > 0 for row in bench.values())
     frozen, trained = bench["actr_tiny@64[frozen]"], bench["actr_tiny@64"]
     assert int(frozen["trainable_params"]) < int(trained["trainable_params"]) == int(trained["params"])
     rows = list(csv.DictReader((tmp_path / "targets.csv").open()))
     h_peaks = [r for r in rows if r["target"].startswith("ACTR_h")]
-    assert [r["met"] for r in h_peaks] == ["yes", "not measured", "not measured", "yes"]  # the dry run: fp32 and bf16+ckpt
+    measured = ["yes", "not measured", "not measured", "not measured" if refusal else "yes"]
+    assert [r["met"] for r in h_peaks] == measured  # the dry run: fp32 and bf16+ckpt
     assert all(r["met"] == "not measured" for r in rows if r["vs"].startswith("released_code"))  # no checkout given
     env = json.loads((tmp_path / "environment.json").read_text())
     assert env["device"] == "cpu" and env["bench_errors"] == []
-    assert "## Targets" in printed and "all 13 checks passed" in printed
+    assert "## Targets" in printed
+    skipped = sum(status == "skip" for status in expected.values())
+    assert (f"all {13 - skipped} checks passed, {skipped} skipped ({refusal})" if refusal else "all 13 checks passed") in printed
+
+
+def test_a_cpu_that_refuses_bf16_skips_those_checks_and_cases(monkeypatch):
+    monkeypatch.setattr(gpu_check, "cpu_bf16_refusal", lambda: "pack_vnni2 is only supported when avx512 is supported")
+    plan = make_plan("cpu", True, None, 1, "out")
+    assert plan.bf16_refusal and all("bf16" not in v for cfg in plan.bench.values() for v in cfg.variants)
+    assert plan.bench["models"].variants == ("fp32",) and plan.bench["actr_h"].variants == ("fp32",)
+
+    def broken():
+        raise RuntimeError("a real bf16 bug")
+
+    monkeypatch.setattr(cuda_checks, "all_checks", lambda *a, **k: [("autocast_bf16[m]", broken), ("forward_equality[m]", dict)])
+    rows = gpu_check.run_checks_direct(plan, log=lambda m: None)
+    assert [(r["check"], r["status"]) for r in rows] == [("autocast_bf16[m]", "skip"), ("forward_equality[m]", "pass")]
+    assert "bf16 refused by this CPU: pack_vnni2" in rows[0]["detail"]
+    monkeypatch.setattr(gpu_check, "cpu_bf16_refusal", lambda: None)
+    assert gpu_check.run_checks_direct(make_plan("cpu", True, None, 1, "out"), log=lambda m: None)[0]["status"] == "FAIL"
 
 
 def test_plan_on_a_gpu_measures_the_targets_cases():
