@@ -35,6 +35,7 @@ from jaxtyping import Float
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
+from actr_core.blocks.device_table import PRECISIONS, cpu_bf16_refusal
 from actr_core.calibration import (
     CALIBRATION_FILE,
     ConfidenceCalibration,
@@ -49,8 +50,7 @@ __all__ = ["Matcher", "MatchResult", "ImageError", "load_image", "image_size", "
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray | Tensor
 MIN_IMAGE_SIDE = 2  # pixels: a smaller image has no structure to match
-# Matching precisions: autocast dtype per name; which devices run each is checked in Matcher.
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Matching precisions (PRECISIONS: autocast dtype per name); which devices run each is checked in Matcher.
 _HALF_DEVICES = {"bf16": ("cpu", "cuda"), "fp16": ("cuda",)}
 _EXIF_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by ±90°
 
@@ -266,7 +266,9 @@ class Matcher:
         sigma: cycle-error scale of the uncalibrated confidence, in flow-grid cells (> 0).
         calibration: a fitted :class:`~actr_core.calibration.ConfidenceCalibration`; None: uncalibrated.
         precision: ``"fp32"``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA): the model runs under
-            ``torch.autocast`` at that precision; flows are converted to float32 afterwards.
+            ``torch.autocast`` at that precision; flows are converted to float32 afterwards. A
+            device that cannot run it is refused here (``ValueError``), e.g. a CPU on which PyTorch
+            refuses bf16 attention (:func:`actr_core.blocks.cpu_bf16_refusal`).
     """
 
     def __init__(
@@ -293,6 +295,8 @@ class Matcher:
             raise ValueError(f"{precision} matching is not supported on {self.device.type} (it runs on {', '.join(allowed)})")
         if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"bf16 matching is not supported by {torch.cuda.get_device_name(self.device)}; use fp16")
+        if precision == "bf16" and self.device.type == "cpu" and (refusal := cpu_bf16_refusal()):
+            raise ValueError(f"bf16 matching is not supported on this CPU: PyTorch refuses bf16 attention here ({refusal})")
         self.sigma = float(sigma)
         self.calibration = calibration
         self.precision = precision

@@ -170,6 +170,8 @@ class ConfidenceCalibration:
         """Read a file written by :meth:`save`; a damaged one is a one-line ``ValueError`` naming it."""
         try:
             data = json.loads(Path(path).read_text())
+            if "slope" in data and "slopes" not in data:  # the one-feature form of earlier 0.2.0 builds
+                data.update(slopes=[data.pop("slope")], features=["cycle"])
             fields: dict[str, Any] = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
             fields.update({k: tuple(v) for k, v in fields.items() if isinstance(v, list)})  # JSON has lists
             return cls(**fields)

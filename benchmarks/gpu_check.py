@@ -55,6 +55,8 @@ import cuda_checks
 import torch
 from model_costs import BenchConfig, CaseResult, format_table, measure_group, plan_cases, summary
 
+from actr_core.blocks import cpu_bf16_refusal
+
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024.0  # MiB per GiB
 ACTR_H_BUDGET_GIB = 24.0  # the paper trained ACTR_h on 24 GB TITAN RTX cards
@@ -75,21 +77,6 @@ class Plan:
     sizes: tuple[str, str]  # ACTR-B's frame and ACTR_h's
     h_batch: int  # ACTR_h's training batch; its cases are labelled "<case>/b<h_batch>"
     bf16_refusal: str | None = None  # why this CPU cannot run bf16 attention (its bf16 cases skipped), None: it can
-
-
-def cpu_bf16_refusal() -> str | None:
-    """PyTorch's reason for refusing bf16 attention on this CPU, or None when it runs.
-
-    On a CPU with AMX, PyTorch's bf16 attention kernel picks the AMX route from the hardware and
-    then refuses it when ``ATEN_CPU_CAPABILITY=default`` has switched AVX-512 off: a limit of the
-    platform, not of the code under test.
-    """
-    q = torch.zeros(1, 1, 64, 16, dtype=torch.bfloat16)
-    try:
-        torch.nn.functional.scaled_dot_product_attention(q, q, q)
-    except RuntimeError as error:
-        return str(error).splitlines()[0]
-    return None
 
 
 def make_plan(device: str, dry_run: bool, actr_repo: str | None, repeats: int, out: str) -> Plan:

@@ -141,6 +141,12 @@ def test_calibration_file_round_trip_and_a_damaged_file(tmp_path):
         ConfidenceCalibration.load(path)
 
 
+def test_a_one_feature_file_of_an_earlier_build_still_loads(tmp_path):
+    path = tmp_path / "calibration.json"
+    path.write_text('{"intercept": -2.3, "slope": -1.02, "alpha": 0.1, "fitted_on": "val", "n_matches": 4000}')
+    assert ConfidenceCalibration.load(path) == ConfidenceCalibration(-2.3, (-1.02,), 0.1, ("cycle",), "val", 4000)
+
+
 def test_collected_matches_are_scored_as_evaluate_scores_them():
     reader = SyntheticPairs("val", 6, config=SyntheticConfig(size=(64, 64)))
     batches = [collate([build_sample(reader.load(i), 64) for i in range(j, j + 3)]) for j in (0, 3)]

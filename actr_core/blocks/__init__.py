@@ -55,6 +55,7 @@ from actr_core.blocks.device_table import (
     PRECISIONS,
     DeviceChoices,
     autocast_dtype,
+    cpu_bf16_refusal,
     device_choices,
     precision_context,
 )
@@ -154,5 +155,6 @@ __all__ = [
     "device_choices",
     "PRECISIONS",
     "autocast_dtype",
+    "cpu_bf16_refusal",
     "precision_context",
 ]

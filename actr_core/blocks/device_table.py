@@ -34,10 +34,19 @@ device type not in the table (``mps``, ``xpu``, ...) takes the CPU column.
 
 import contextlib
 import dataclasses
+import functools
 
 import torch
 
-__all__ = ["DEVICE_CHOICES", "PRECISIONS", "DeviceChoices", "autocast_dtype", "device_choices", "precision_context"]
+__all__ = [
+    "DEVICE_CHOICES",
+    "PRECISIONS",
+    "DeviceChoices",
+    "autocast_dtype",
+    "cpu_bf16_refusal",
+    "device_choices",
+    "precision_context",
+]
 
 #: precision name → autocast dtype (None: float32, no autocast)
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,3 +106,21 @@ def precision_context(precision: str, device: torch.device | str) -> contextlib.
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+@functools.cache
+def cpu_bf16_refusal() -> str | None:
+    """PyTorch's reason for refusing bf16 attention on this CPU (its first line), or None when it runs.
+
+    On a CPU with AMX, PyTorch's bf16 attention kernel picks the AMX route from the hardware and
+    then refuses it when ``ATEN_CPU_CAPABILITY=default`` has switched AVX-512 off ("pack_vnni2 is
+    only supported when avx512 is supported"): a limit of the platform, found by one tiny call
+    (once per process). bf16 matching on the CPU (:class:`actr_core.Matcher`) is refused with this
+    reason instead of failing inside the model.
+    """
+    q = torch.zeros(1, 1, 64, 16, dtype=torch.bfloat16)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    return None

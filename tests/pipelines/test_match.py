@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+import actr_core.api
+from actr_core.blocks import cpu_bf16_refusal
 from actr_core.calibration import ConfidenceCalibration
 from actr_core.training import save_checkpoint
 from pipelines.cli import main
@@ -105,12 +107,25 @@ def test_input_size_and_size_are_honoured_with_a_checkpoint(photos, checkpoint, 
 
 def test_half_precision_on_cpu_is_bf16_and_fp16_is_refused(photos, checkpoint, tmp_path, capsys):
     out = tmp_path / "half"
-    assert _match(photos / "a.png", photos / "b.png", "--checkpoint", checkpoint, "--out", out, "--half")[0] == 0
-    assert _strict_json(out / "matches.json")["precision"] == "bf16"
+    status, io = _match(photos / "a.png", photos / "b.png", "--checkpoint", checkpoint, "--out", out, "--half", capsys=capsys)
+    if refusal := cpu_bf16_refusal():  # e.g. an AMX CPU under ATEN_CPU_CAPABILITY=default
+        assert status == 2 and io.err.strip().endswith(f"PyTorch refuses bf16 attention here ({refusal})")
+    else:
+        assert status == 0 and _strict_json(out / "matches.json")["precision"] == "bf16"
     status, io = _match(
         photos / "a.png", photos / "b.png", "--checkpoint", checkpoint, "--half", "--half-dtype", "fp16", capsys=capsys
     )
     assert status == 2 and io.err.strip().endswith("fp16 matching is not supported on cpu (it runs on cuda)")
+
+
+def test_a_cpu_that_refuses_bf16_attention_is_a_one_line_user_error(photos, checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(actr_core.api, "cpu_bf16_refusal", lambda: "pack_vnni2 is only supported when avx512 is supported")
+    status, io = _match(photos / "a.png", photos / "b.png", "--checkpoint", checkpoint, "--half", capsys=capsys)
+    assert status == 2 and "Traceback" not in io.err and len(io.err.strip().splitlines()) == 1
+    assert io.err.strip().endswith(
+        "bf16 matching is not supported on this CPU: PyTorch refuses bf16 attention here "
+        "(pack_vnni2 is only supported when avx512 is supported)"
+    )
 
 
 def test_the_calibration_beside_the_checkpoint_is_used(photos, checkpoint, tmp_path):
