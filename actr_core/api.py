@@ -40,8 +40,8 @@ from actr_core.calibration import (
     CALIBRATION_FILE,
     ConfidenceCalibration,
     cycle_displacement,
+    displacement_error,
     flip_displacement,
-    relative_cycle_error,
 )
 from actr_core.flow import coords_grid, rescale_keypoints, transfer_keypoints
 from actr_core.imaging import normalise_image
@@ -386,12 +386,12 @@ class Matcher:
         """Confidence, cycle error in source pixels and relative, at ``points`` (grid cells, ``(1, n, 2)``)."""
         grid = (int(flow_st.shape[-2]), int(flow_st.shape[-1]))
         displacement = cycle_displacement(flow_st[None], flow_ts[None], points)
-        pixels, relative = relative_cycle_error(displacement, grid, src_size)
+        pixels, relative = displacement_error(displacement, grid, src_size)
         if self.calibration is None:
             return torch.exp(-(displacement.norm(dim=-1) / self.sigma).square()), pixels, relative
         errors = {"cycle": relative}
         if mirrored is not None:
-            errors["flip"] = relative_cycle_error(flip_displacement(flow_st[None], mirrored[None], points), grid, src_size)[1]
+            errors["flip"] = displacement_error(flip_displacement(flow_st[None], mirrored[None], points), grid, src_size)[1]
         return self.calibration(**errors), pixels, relative
 
     def _result(

@@ -51,7 +51,7 @@ __all__ = [
     "fit_calibration",
     "flip_displacement",
     "mirror_flow",
-    "relative_cycle_error",
+    "displacement_error",
 ]
 
 CALIBRATION_FILE = "calibration.json"  # beside a checkpoint; read by Matcher.from_checkpoint
@@ -99,7 +99,7 @@ def flip_displacement(
     return sample_flow(flow_st, points) - sample_flow(mirror_flow(flow_st_mirrored), points)
 
 
-def relative_cycle_error(
+def displacement_error(
     displacement: Float[Tensor, "b n 2"], grid_size: tuple[int, int], image_size: tuple[int, int]
 ) -> tuple[Float[Tensor, "b n"], Float[Tensor, "b n"]]:
     """A displacement in grid cells (cycle or flip) → ``(length in image pixels, length / max(image H, W))``.
@@ -318,7 +318,7 @@ def collect_match_features(
             ("cycle", cycle_displacement(flow_st, flow_ts, on_grid)),
             ("flip", flip_displacement(flow_st, mirrored, on_grid)),
         ):
-            errors[name].append(relative_cycle_error(displacement, grid, input_size)[1][valid].cpu().numpy())
+            errors[name].append(displacement_error(displacement, grid, input_size)[1][valid].cpu().numpy())
         labels.append(correct[valid].cpu().numpy())
     if not labels:
         raise ValueError("no batches to collect match features from")

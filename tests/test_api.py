@@ -147,7 +147,7 @@ def test_a_calibration_makes_the_confidence_a_probability_of_its_relative_error(
 
 
 def test_a_calibration_reading_the_flip_error_matches_the_mirrored_pair_too():
-    from actr_core.calibration import ConfidenceCalibration, flip_displacement, relative_cycle_error
+    from actr_core.calibration import ConfidenceCalibration, displacement_error, flip_displacement
     from actr_core.flow import rescale_keypoints
     from actr_core.imaging import normalise_image
 
@@ -160,7 +160,7 @@ def test_a_calibration_reading_the_flip_error_matches_the_mirrored_pair_too():
     with torch.no_grad():
         forward, mirrored = model(s, t).flow, model(s.flip(-1), t.flip(-1)).flow
     on_grid = rescale_keypoints(kps[None], (21, 30), (8, 12))
-    flip = relative_cycle_error(flip_displacement(forward, mirrored, on_grid), (8, 12), (21, 30))[1][0]
+    flip = displacement_error(flip_displacement(forward, mirrored, on_grid), (8, 12), (21, 30))[1][0]
     assert (flip > 0).all()  # this model is not mirror-symmetric
     torch.testing.assert_close(res.confidence, cal(cycle=res.cycle_error_relative, flip=flip), rtol=1e-5, atol=1e-7)
 

@@ -16,10 +16,10 @@ from actr_core.calibration import (
     calibration_scores,
     collect_match_features,
     cycle_displacement,
+    displacement_error,
     fit_calibration,
     flip_displacement,
     mirror_flow,
-    relative_cycle_error,
 )
 from actr_core.data import collate
 from actr_core.data.samples import build_sample
@@ -45,9 +45,9 @@ def test_convention_cycle_displacement_of_consistent_and_inconsistent_flows():
     torch.testing.assert_close(off, expected, atol=float32_tolerance(12.0, terms=10), rtol=0)
 
 
-def test_convention_relative_cycle_error_scales_each_axis_by_its_own_cells():
+def test_convention_displacement_error_scales_each_axis_by_its_own_cells():
     # grid 4 × 8 cells on a 40 × 160 image: a cell is 20 px wide and 10 px high
-    pixels, relative = relative_cycle_error(torch.tensor([[[3.0, 4.0]]]), (4, 8), (40, 160))
+    pixels, relative = displacement_error(torch.tensor([[[3.0, 4.0]]]), (4, 8), (40, 160))
     assert pixels.item() == pytest.approx(math.hypot(60.0, 40.0), rel=1e-6)
     assert relative.item() == pytest.approx(math.hypot(60.0, 40.0) / 160, rel=1e-6)  # the longer side
     assert pixels.item() != pytest.approx(5 * 20.0)  # not one cell size for both axes
