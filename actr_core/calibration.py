@@ -48,10 +48,10 @@ __all__ = [
     "calibration_scores",
     "collect_match_features",
     "cycle_displacement",
+    "displacement_error",
     "fit_calibration",
     "flip_displacement",
     "mirror_flow",
-    "displacement_error",
 ]
 
 CALIBRATION_FILE = "calibration.json"  # beside a checkpoint; read by Matcher.from_checkpoint
