@@ -10,6 +10,7 @@ from tolerances import float32_tolerance
 from torch import nn
 
 from actr_core.api import ImageError, Matcher, load_image
+from actr_core.blocks import cpu_bf16_refusal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +222,10 @@ def test_input_guards_name_the_value(call, message, tmp_path, no_typecheck):
 
 
 def test_bf16_on_cpu_matches_like_fp32():
+    if cpu_bf16_refusal():  # an AMX CPU under ATEN_CPU_CAPABILITY=default: refused up front, not inside the model
+        with pytest.raises(ValueError, match="bf16 matching is not supported on this CPU: PyTorch refuses bf16 attention"):
+            Matcher(ShiftModel(2.0), (64, 64), precision="bf16")
+        return
     kps = torch.tensor([[10.0, 10.0]])
     half = Matcher(ShiftModel(2.0), (64, 64), precision="bf16")(_img(32, 32, 10), _img(32, 32, 250), kps)
     full = Matcher(ShiftModel(2.0), (64, 64))(_img(32, 32, 10), _img(32, 32, 250), kps)
