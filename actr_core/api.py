@@ -14,9 +14,10 @@ by the backward flow; the distance to where it started is the cycle error, in or
 pixels and relative to the source image's longer side (:mod:`actr_core.calibration`). Its
 confidence is **calibrated** when the matcher holds a :class:`~actr_core.calibration.ConfidenceCalibration`
 (``calibration.json`` beside a checkpoint, fitted on a validation split): then it estimates the
-probability that the match is correct at the calibration's α, from the cycle error and, when the
-calibration reads it, the disagreement with the pair matched mirrored left–right (a third pass of
-the model). Without one, the confidence is the
+probability that the match is correct at the calibration's α, from the measures it reads: the
+cycle error, the disagreement with the pair matched mirrored left–right (a third pass of the
+model), the spread of the model's correlation and the flatness of the source image around the
+point. Without one, the confidence is the
 **uncalibrated** score ``exp(−(e/σ)²)`` of the cycle error ``e`` in flow-grid cells: it ranks
 matches but is not a probability, and :attr:`MatchResult.calibrated` is False.
 """
@@ -39,9 +40,11 @@ from actr_core.blocks.device_table import PRECISIONS, cpu_bf16_refusal
 from actr_core.calibration import (
     CALIBRATION_FILE,
     ConfidenceCalibration,
+    correlation_spread,
     cycle_displacement,
     displacement_error,
-    flip_displacement,
+    image_flatness,
+    match_measures,
 )
 from actr_core.flow import coords_grid, rescale_keypoints, transfer_keypoints
 from actr_core.imaging import normalise_image
@@ -333,19 +336,29 @@ class Matcher:
 
         return load_pretrained(name, **kwargs)
 
-    @property
-    def _mirrored(self) -> bool:
-        """Whether the confidence reads the mirrored pair's flow (a calibration with the ``flip`` feature)."""
-        return self.calibration is not None and "flip" in self.calibration.features
+    def _reads(self, feature: str) -> bool:
+        """Whether the confidence reads ``feature`` (a calibration with it)."""
+        return self.calibration is not None and feature in self.calibration.features
 
-    def _forward(self, src: Tensor, trg: Tensor) -> Tensor:
-        """Flows of the pairs forward, backward and (when the confidence reads it) mirrored, in one call."""
+    def _forward(self, src: Tensor, trg: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Flows of the pairs forward and backward (``(2b, 2, h, w)``), in one call with the
+        mirrored pairs when the confidence reads ``flip``; and what else the confidence reads, as
+        :func:`~actr_core.calibration.match_measures` takes it (``mirrored``, ``spread``, ``flatness``)."""
         dtype = PRECISIONS[self.precision]
         srcs, trgs = [src, trg], [trg, src]
-        if self._mirrored:
+        if self._reads("flip"):
             srcs, trgs = srcs + [src.flip(-1)], trgs + [trg.flip(-1)]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            return self.model(torch.cat(srcs), torch.cat(trgs)).flow.float().cpu()
+            output = self.model(torch.cat(srcs), torch.cat(trgs))
+        flows, b = output.flow.float().cpu(), len(src)
+        maps = {"mirrored": flows[2 * b :]} if self._reads("flip") else {}
+        if self._reads("spread"):
+            if getattr(output, "correlations", None) is None:
+                raise ValueError("this calibration reads the correlation's spread, but the model returns no correlations")
+            maps["spread"] = correlation_spread(output.correlations[:b]).cpu()
+        if self._reads("flatness"):
+            maps["flatness"] = image_flatness(src.cpu())
+        return flows[: 2 * b], maps
 
     @torch.no_grad()
     def __call__(
@@ -372,16 +385,16 @@ class Matcher:
         queries = [None if k is None else _check_keypoints(k, r[1]) for k, r in zip(kps_list, read_src, strict=True)]
         src = normalise_image(torch.stack([r[0] for r in read_src])).to(self.device)
         trg = normalise_image(torch.stack([r[0] for r in read_trg])).to(self.device)
-        flows = self._forward(src, trg)
+        flows, maps = self._forward(src, trg)
         b = len(srcs)
-        mirrored = [flows[2 * b + i] if self._mirrored else None for i in range(b)]
         results = [
-            self._result(flows[i], flows[b + i], mirrored[i], read_src[i][1], read_trg[i][1], queries[i]) for i in range(b)
+            self._result(flows[i], flows[b + i], {k: m[i] for k, m in maps.items()}, read_src[i][1], read_trg[i][1], queries[i])
+            for i in range(b)
         ]
         return results if batched else results[0]
 
     def _confidence(
-        self, flow_st: Tensor, flow_ts: Tensor, mirrored: Tensor | None, points: Tensor, src_size: tuple[int, int]
+        self, flow_st: Tensor, flow_ts: Tensor, maps: dict[str, Tensor], points: Tensor, src_size: tuple[int, int]
     ) -> tuple[Tensor, ...]:
         """Confidence, cycle error in source pixels and relative, at ``points`` (grid cells, ``(1, n, 2)``)."""
         grid = (int(flow_st.shape[-2]), int(flow_st.shape[-1]))
@@ -389,17 +402,15 @@ class Matcher:
         pixels, relative = displacement_error(displacement, grid, src_size)
         if self.calibration is None:
             return torch.exp(-(displacement.norm(dim=-1) / self.sigma).square()), pixels, relative
-        errors = {"cycle": relative}
-        if mirrored is not None:
-            errors["flip"] = displacement_error(flip_displacement(flow_st[None], mirrored[None], points), grid, src_size)[1]
-        return self.calibration(**errors), pixels, relative
+        measures = match_measures(flow_st[None], flow_ts[None], points, src_size, **{k: v[None] for k, v in maps.items()})
+        return self.calibration(**measures), pixels, relative
 
     def _result(
-        self, flow_st: Tensor, flow_ts: Tensor, mirrored: Tensor | None, src_size, trg_size, kps: Tensor | None
+        self, flow_st: Tensor, flow_ts: Tensor, maps: dict[str, Tensor], src_size, trg_size, kps: Tensor | None
     ) -> MatchResult:
         grid = (int(flow_st.shape[-2]), int(flow_st.shape[-1]))
         cells = coords_grid(*grid).flatten(1).T[None]
-        confidence_grid = self._confidence(flow_st, flow_ts, mirrored, cells, src_size)[0]
+        confidence_grid = self._confidence(flow_st, flow_ts, maps, cells, src_size)[0]
         common: dict[str, Any] = dict(
             calibrated=self.calibration is not None,
             calibration_alpha=None if self.calibration is None else self.calibration.alpha,
@@ -412,5 +423,5 @@ class Matcher:
             return MatchResult(None, None, None, None, **common)
         on_grid = rescale_keypoints(kps[None], src_size, grid)
         moved = rescale_keypoints(transfer_keypoints(flow_st[None], on_grid), grid, trg_size)[0]
-        confidence, pixels, relative = self._confidence(flow_st, flow_ts, mirrored, on_grid, src_size)
+        confidence, pixels, relative = self._confidence(flow_st, flow_ts, maps, on_grid, src_size)
         return MatchResult(moved, confidence[0], pixels[0], relative[0], **common)

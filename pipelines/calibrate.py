@@ -2,9 +2,10 @@
 
     python -m pipelines.calibrate --checkpoint runs/quickstart/model_best.pt --shards shards/synthetic
 
-Every valid keypoint of the ``--fit-split`` pairs gives one match: its relative cycle and flip
-errors (:mod:`actr_core.calibration`) and whether it is correct at ``--alpha`` (the library's PCK
-rule, standard protocol). A logistic model in the log relative errors is fitted to them
+Every valid keypoint of the ``--fit-split`` pairs gives one match: its measures of doubt (relative
+cycle and flip errors, the spread of the model's correlation when it has one, the flatness of the
+source image; :mod:`actr_core.calibration`) and whether it is correct at ``--alpha`` (the library's
+PCK rule, standard protocol). A logistic model in the logs of the measures is fitted to them
 (:func:`actr_core.calibration.fit_calibration`) and
 written to ``calibration.json`` beside the checkpoint, where ``actr match --checkpoint`` and
 ``Matcher.from_checkpoint`` find it. The same is then measured on the ``--test-split`` pairs, never
@@ -46,7 +47,7 @@ class CalibrateConfig:
             raise ValueError(f"--batch-size must be >= 1 and --limit >= 0, got {self.batch_size}, {self.limit}")
 
 
-def _errors(model: Any, cfg: CalibrateConfig, split: str, size: tuple[int, int]):
+def _measures(model: Any, cfg: CalibrateConfig, split: str, size: tuple[int, int]):
     from actr_core.calibration import collect_match_features
     from actr_core.data import Resize, ShardDataset
 
@@ -67,17 +68,17 @@ def main(cfg: CalibrateConfig) -> dict:
 
     model, info = load_model_from_checkpoint(cfg.checkpoint, map_location=cfg.device)
     size = tuple(info["input_size"])
-    errors, correct = _errors(model, cfg, cfg.fit_split, size)
-    calibration = fit_calibration(errors, correct, alpha=cfg.alpha, fitted_on=f"{cfg.shards} split {cfg.fit_split}")
+    measures, correct = _measures(model, cfg, cfg.fit_split, size)
+    calibration = fit_calibration(measures, correct, alpha=cfg.alpha, fitted_on=f"{cfg.shards} split {cfg.fit_split}")
     path = calibration.save(cfg.out / CALIBRATION_FILE if cfg.out else cfg.checkpoint.parent / CALIBRATION_FILE)
 
-    def scores(errors, y):
-        confidence = calibration(**{name: torch.from_numpy(e) for name, e in errors.items()})
+    def scores(measures, y):
+        confidence = calibration(**{name: torch.from_numpy(e) for name, e in measures.items()})
         return calibration_scores(confidence.numpy(), y, cfg.min_confidence)
 
-    report = {"calibration": dataclasses.asdict(calibration), "path": str(path), "fit": scores(errors, correct), "test": None}
+    report = {"calibration": dataclasses.asdict(calibration), "path": str(path), "fit": scores(measures, correct), "test": None}
     if cfg.test_split:
-        report["test"] = scores(*_errors(model, cfg, cfg.test_split, size))
+        report["test"] = scores(*_measures(model, cfg, cfg.test_split, size))
     print(f"wrote {path}")
     print(format_scores(report, cfg.fit_split, cfg.test_split, cfg.min_confidence))
     return report

@@ -237,15 +237,19 @@ def _calibration_lines(calibration: dict | str | None) -> list[str]:
         return []
     if isinstance(calibration, str):
         return [title, "", f"Not calibrated ({calibration}): `actr match` reports an uncalibrated confidence.", ""]
+    from actr_core.calibration import FEATURE_DESCRIPTIONS
+
     c = calibration["calibration"]
+    named = [FEATURE_DESCRIPTIONS.get(name, name) for name in c["features"]]
+    measures = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
     return [
         title,
         "",
         f"`actr match` reports for each match a confidence: the probability that it is correct at α = {c['alpha']:g} "
-        f"(PCK under the standard protocol, as in the table above), estimated from its relative {' and '.join(c['features'])} errors"
-        f"{' (flip: how far the match moves when both images are mirrored left–right)' if 'flip' in c['features'] else ''} by a logistic model fitted "
+        f"(PCK under the standard protocol, as in the table above), estimated from its {measures} by a logistic model fitted "
         f"on the {c['n_matches']} matches of {c['fitted_on']} (`calibration.json`: intercept {c['intercept']:.3f}, "
-        f"slopes {', '.join(f'{v:.3f}' for v in c['slopes'])} on the log relative errors). Matches with confidence > 0.5 are the confident ones; "
+        f"slopes {', '.join(f'{v:.3f}' for v in c['slopes'])} on the logs of the measures, in that order). "
+        "Matches with confidence > 0.5 are the confident ones; "
         "precision is the share of them that are correct, recall the share of the correct matches among them, "
         "AUC how well the confidence ranks correct above wrong matches (0.5: chance):",
         "",

@@ -166,6 +166,60 @@ def test_a_calibration_reading_the_flip_error_matches_the_mirrored_pair_too():
     torch.testing.assert_close(res.confidence, cal(cycle=res.cycle_error_relative, flip=flip), rtol=1e-5, atol=1e-7)
 
 
+@dataclasses.dataclass(frozen=True)
+class _CorrOut:
+    flow: torch.Tensor
+    correlations: torch.Tensor
+
+
+class CorrelatedWarpModel(WarpModel):
+    """WarpModel with a fixed random attention-like correlation ``(b, 1, 4, 6, 4, 6)`` (16 × 24 px
+    cells of a 32 × 48 input)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.corr = nn.Parameter(torch.rand(1, 1, 4, 6, 4, 6, generator=g) ** 8)
+
+    def forward(self, src, trg):
+        return _CorrOut(super().forward(src, trg).flow, self.corr.expand(src.shape[0], -1, -1, -1, -1, -1))
+
+
+def test_a_calibration_reading_every_measure_takes_each_from_its_own_map():
+    from actr_core.calibration import ConfidenceCalibration, correlation_spread, image_flatness, match_measures
+    from actr_core.flow import rescale_keypoints
+    from actr_core.imaging import normalise_image
+
+    cal = ConfidenceCalibration(-1.0, (-1.2, -0.8, -0.6, -0.2), 0.1, ("cycle", "flip", "spread", "flatness"))
+    model = CorrelatedWarpModel()
+    rng = np.random.default_rng(0)
+    src, trg = rng.integers(0, 120, (21, 30, 3), dtype=np.uint8), _img(40, 50, 250)  # a textured, darker source
+    kps = torch.tensor([[4.0, 7.0], [20.0, 3.0], [29.0, 20.0]])
+    res = Matcher(model, (32, 48), calibration=cal)(src, trg, kps)
+    # by hand: the three flows, the correlation's spread on its token grid and the source's flatness at model input size
+    s, t = (normalise_image(load_image(im, (32, 48))[None]) for im in (src, trg))
+    with torch.no_grad():
+        out = model(s, t)
+        back, mirrored = model(t, s).flow, model(s.flip(-1), t.flip(-1)).flow
+    on_grid = rescale_keypoints(kps[None], (21, 30), (8, 12))
+    measures = match_measures(
+        out.flow, back, on_grid, (21, 30), mirrored=mirrored, spread=correlation_spread(out.correlations),
+        flatness=image_flatness(s),
+    )  # fmt: skip
+    assert measures["spread"].min() > 1 and len(set(measures["flatness"][0].tolist())) == 3  # they vary
+    torch.testing.assert_close(res.confidence, cal(**measures)[0], rtol=1e-5, atol=1e-7)
+    cycle_only = Matcher(model, (32, 48), calibration=ConfidenceCalibration(-1.0, (-1.2,), 0.1, ("cycle",)))
+    assert not torch.allclose(cycle_only(src, trg, kps).confidence, res.confidence)  # the other measures count
+
+
+def test_a_calibration_reading_the_spread_refuses_a_model_without_correlations():
+    from actr_core.calibration import ConfidenceCalibration
+
+    cal = ConfidenceCalibration(-1.0, (-1.2, -0.6), 0.1, ("cycle", "spread"))
+    with pytest.raises(ValueError, match="reads the correlation's spread, but the model returns no correlations"):
+        Matcher(WarpModel(), (32, 48), calibration=cal)(_img(21, 30, 10), _img(40, 50, 250))
+
+
 def test_from_checkpoint_picks_up_the_calibration_beside_it(tmp_path):
     import sys
     from pathlib import Path

@@ -1,5 +1,6 @@
-"""Calibrated match confidence: the cycle and flip errors, the logistic fit, its scores, its file,
-and the collection of matches from batches scored with the library's PCK rule."""
+"""Calibrated match confidence: the cycle and flip errors, the correlation's spread, the image's
+flatness, the logistic fit, its scores, its file, and the collection of matches from batches scored
+with the library's PCK rule."""
 
 import dataclasses
 import itertools
@@ -15,11 +16,15 @@ from actr_core.calibration import (
     ConfidenceCalibration,
     calibration_scores,
     collect_match_features,
+    correlation_spread,
     cycle_displacement,
     displacement_error,
     fit_calibration,
     flip_displacement,
+    image_flatness,
+    match_measures,
     mirror_flow,
+    sample_map,
 )
 from actr_core.data import collate
 from actr_core.data.samples import build_sample
@@ -109,9 +114,9 @@ def test_fit_refuses_what_cannot_be_calibrated():
     e, y = _draws(-4.0, [-1.5], 200)
     with pytest.raises(CalibrationError, match="at least 2 correct and 2 wrong"):
         fit_calibration({"cycle": e[0]}, np.ones_like(y), alpha=0.1)
-    with pytest.raises(CalibrationError, match="no error measure ranks these matches"):
+    with pytest.raises(CalibrationError, match="no measure ranks these matches"):
         fit_calibration({"cycle": e[0]}, e[0] > np.median(e[0]), alpha=0.1)  # larger errors more often correct
-    with pytest.raises(ValueError, match="cycle errors must be finite and >= 0"):
+    with pytest.raises(ValueError, match="cycle measures must be finite and >= 0"):
         fit_calibration({"cycle": np.array([0.1, np.nan, 0.2, 0.3])}, np.array([1, 0, 1, 0], bool), alpha=0.1)
     with pytest.raises(ValueError, match="must map names of"):
         fit_calibration({"blur": e[0]}, y, alpha=0.1)
@@ -119,6 +124,58 @@ def test_fit_refuses_what_cannot_be_calibrated():
         ConfidenceCalibration(0.0, (0.5,), 0.1)
     with pytest.raises(ValueError, match="one slope per distinct feature"):
         ConfidenceCalibration(0.0, (-0.5,), 0.1, ("cycle", "flip"))
+
+
+def test_convention_spread_is_one_on_a_peak_and_the_cell_count_on_a_flat_row():
+    corr = torch.full((1, 2, 2, 3, 4, 5), 1 / 20, dtype=torch.float64)  # flat rows: 20 target cells
+    corr[0, :, 0, 0] = 0.0
+    corr[0, :, 0, 0, 1, 2] = 1.0  # both paths: all of the row on one cell
+    corr[0, 1, 1, 2] = torch.arange(20, dtype=torch.float64).reshape(4, 5)  # one path ramps 0..19
+    spread = correlation_spread(corr)
+    assert spread.shape == (1, 2, 3) and spread[0, 0, 0] == 1.0
+    torch.testing.assert_close(spread[0, 0, 1], torch.tensor(20.0, dtype=torch.float64))  # flat: every cell holds 1/20
+    # mean of the paths' peak shares, then inverted: the flat path 1/20, the ramp's peak 19 of the mass 190 above 0
+    expected = 1 / ((1 / 20 + 19 / 190) / 2)
+    assert spread[0, 1, 2].item() == pytest.approx(expected, rel=1e-12)
+    # a dot-product correlation (signed) reads the same after any shift of a row; a constant row is flat
+    torch.testing.assert_close(correlation_spread(corr - 3.0), spread, atol=1e-12, rtol=1e-12)
+    assert correlation_spread(torch.full((1, 1, 1, 1, 4, 5), -2.0)).item() == pytest.approx(20.0)
+
+
+def test_convention_flatness_is_the_inverse_local_grey_deviation():
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, 24, 20, generator=g, dtype=torch.float64)
+    image[..., :, :10] = 0.7  # the left half uniform
+    flat = image_flatness(image, window=5)
+    assert flat.shape == (1, 24, 20)
+    grey = image.mean(1)[0]
+    # 5 × 5 windows wholly in the uniform half: σ = 0 up to the rounding of E[g²] − E[g]² (about
+    # sqrt(ε₆₄) · |g| with g the centred grey level), which 1 / (σ + 0.01) scales by 100
+    rounding = 100 * math.sqrt(16 * np.finfo(np.float64).eps) * (grey - grey.mean()).abs().max().item()
+    torch.testing.assert_close(flat[0, :, :8], torch.full((24, 8), 100.0, dtype=torch.float64), rtol=rounding, atol=0)
+    window = grey[10:15, 13:18]  # centred on (row 12, column 15), all inside the image
+    assert flat[0, 12, 15].item() == pytest.approx(1 / (window.std(unbiased=False).item() + 0.01), rel=1e-9)
+    corner = grey[0:3, 17:20]  # clipped at the border: only the pixels inside count
+    assert flat[0, 0, 19].item() == pytest.approx(1 / (corner.std(unbiased=False).item() + 0.01), rel=1e-9)
+    with pytest.raises(ValueError, match="positive odd"):
+        image_flatness(image, window=4)
+
+
+def test_measures_sample_their_maps_where_the_points_fall():
+    values = torch.arange(12.0).reshape(1, 3, 4)
+    points = torch.tensor([[[0.0, 0.0], [3.0, 2.0], [1.5, 1.0], [-5.0, 1.0]]])
+    # at pixel centres: the value; between them: the mean; outside: the border's
+    torch.testing.assert_close(sample_map(values, points), torch.tensor([[0.0, 11.0, 5.5, 4.0]]))
+    flow = _constant(1, 8, 12, 1.0, 0.0)
+    pts = torch.tensor([[[3.0, 2.0]]])
+    assert set(match_measures(flow, -flow, pts, (32, 48))) == {"cycle"}
+    spread = torch.arange(1.0, 7.0).reshape(1, 2, 3)  # a 2 × 3 token grid (16 px cells of 32 × 48)
+    flatness = torch.arange(32.0 * 48).reshape(1, 32, 48)
+    m = match_measures(flow, -flow, pts, (32, 48), mirrored=mirror_flow(flow), spread=spread, flatness=flatness)
+    assert set(m) == {"cycle", "flip", "spread", "flatness"} and m["cycle"].item() == 0 and m["flip"].item() == 0
+    # flow-grid cell (3, 2) of 12 × 8 is model pixel (13.5, 9.5) of 48 × 32 and token (0.375, 0.125) of 3 × 2
+    assert m["flatness"].item() == pytest.approx(9.5 * 48 + 13.5)
+    assert m["spread"].item() == pytest.approx(1 + 0.375 + 3 * 0.125)
 
 
 def test_scores_on_a_hand_example_and_auc_equals_the_pairwise_count():
@@ -153,8 +210,8 @@ def test_collected_matches_are_scored_as_evaluate_scores_them():
     errors, correct = collect_match_features(IdentityPredictor(), batches, alpha=0.1)
     results = evaluate(IdentityPredictor(), batches, references=("identity",), progress=False)
     expected = keypoint_correctness(results, 0.1, "model").values[results["keypoint_valid"].values.astype(bool)]
-    assert set(errors) == {"cycle", "flip"} and correct.dtype == bool
-    assert errors["cycle"].shape == errors["flip"].shape == correct.shape == expected.shape
+    assert set(errors) == {"cycle", "flip", "flatness"} and correct.dtype == bool  # no correlations: no spread
+    assert errors["cycle"].shape == errors["flip"].shape == errors["flatness"].shape == correct.shape == expected.shape
     np.testing.assert_array_equal(correct, expected.astype(bool))
     assert 0 < correct.mean() < 1  # zero flow in every direction: no cycle error, no flip disagreement
     assert (errors["cycle"] == 0).all() and (errors["flip"] == 0).all()

@@ -73,7 +73,8 @@ def test_report_puts_every_score_beside_identity_and_says_what_it_means(tmp_path
     assert "| val (fitted on) | 4000 | 87.1 % | 3867 | 0.889 | 0.987 | 0.816 |" in text
     assert "| test (held out) | 4000 | 77.9 % | 3904 | 0.788 | 0.988 | 0.728 |" in text
     assert "fitted on the 4000 matches of shards/synthetic split val" in text and "`calibration.json`" in text
-    assert "relative cycle and flip errors" in text and "slopes -1.230, -0.610" in text
+    assert "estimated from its relative cycle error (to the target" in text and "and relative flip error (how far" in text
+    assert "slopes -1.230, -0.610 on the logs of the measures" in text
 
 
 CALIBRATION = {  # a report of pipelines.calibrate.main
