@@ -47,7 +47,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from actr_core.batch import PairBatch
-from actr_core.flow import FLOW_STRIDE, normalise_coords, rescale_keypoints, sample_flow, transfer_keypoints
+from actr_core.flow import FLOW_STRIDE, rescale_keypoints, sample_flow, sample_map, transfer_keypoints
 
 __all__ = [
     "CALIBRATION_FILE",
@@ -65,7 +65,6 @@ __all__ = [
     "image_flatness",
     "match_measures",
     "mirror_flow",
-    "sample_map",
 ]
 
 CALIBRATION_FILE = "calibration.json"  # beside a checkpoint; read by Matcher.from_checkpoint
@@ -164,13 +163,6 @@ def image_flatness(image: Float[Tensor, "b 3 H W"], window: int = FLATNESS_WINDO
     return flatness.to(torch.promote_types(image.dtype, torch.float32))
 
 
-def sample_map(values: Float[Tensor, "b h w"], points: Float[Tensor, "b n 2"]) -> Float[Tensor, "b n"]:
-    """Bilinear values of a one-channel map at points in its own pixels (centres at integers; the
-    border value outside, as :func:`actr_core.flow.sample_flow`)."""
-    grid = normalise_coords(points.to(values.dtype), values.shape[-2:]).unsqueeze(1)  # b 1 n 2
-    return F.grid_sample(values[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0, 0]
-
-
 def match_measures(
     flow_st: Float[Tensor, "b 2 h w"],
     flow_ts: Float[Tensor, "b 2 h w"],
@@ -195,7 +187,7 @@ def match_measures(
     for name, values in (("spread", spread), ("flatness", flatness)):
         if values is not None:
             frame = (int(values.shape[-2]), int(values.shape[-1]))
-            measures[name] = sample_map(values, rescale_keypoints(points, grid, frame))
+            measures[name] = sample_map(values[:, None], rescale_keypoints(points, grid, frame))[..., 0]
     return measures
 
 

@@ -24,11 +24,11 @@ from actr_core.calibration import (
     image_flatness,
     match_measures,
     mirror_flow,
-    sample_map,
 )
 from actr_core.data import collate
 from actr_core.data.samples import build_sample
 from actr_core.data.synthetic import SyntheticConfig, SyntheticPairs
+from actr_core.flow import sample_map
 from actr_core.metrics import IdentityPredictor, evaluate, keypoint_correctness
 from actr_core.models.base import CorrespondenceModel, MatchOutput
 
@@ -165,7 +165,7 @@ def test_measures_sample_their_maps_where_the_points_fall():
     values = torch.arange(12.0).reshape(1, 3, 4)
     points = torch.tensor([[[0.0, 0.0], [3.0, 2.0], [1.5, 1.0], [-5.0, 1.0]]])
     # at pixel centres: the value; between them: the mean; outside: the border's
-    torch.testing.assert_close(sample_map(values, points), torch.tensor([[0.0, 11.0, 5.5, 4.0]]))
+    torch.testing.assert_close(sample_map(values[:, None], points)[..., 0], torch.tensor([[0.0, 11.0, 5.5, 4.0]]))
     flow = _constant(1, 8, 12, 1.0, 0.0)
     pts = torch.tensor([[[3.0, 2.0]]])
     assert set(match_measures(flow, -flow, pts, (32, 48))) == {"cycle"}

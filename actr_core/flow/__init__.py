@@ -14,6 +14,7 @@ from actr_core.flow.ops import (
     rescale_keypoints,
     resize_flow,
     sample_flow,
+    sample_map,
     transfer_keypoints,
     warp,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "pool_flow",
     "warp",
     "sample_flow",
+    "sample_map",
     "transfer_keypoints",
     "rescale_keypoints",
     "keypoints_to_flow",

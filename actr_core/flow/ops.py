@@ -132,16 +132,23 @@ def warp(
     return F.grid_sample(image, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
-def sample_flow(flow: Float[Tensor, "b 2 h w"], kps: Float[Tensor, "b n 2"]) -> Float[Tensor, "b n 2"]:
-    """Bilinear (sub-pixel) flow values at keypoints given in pixels of the flow grid.
+def sample_map(values: Float[Tensor, "b c h w"], kps: Float[Tensor, "b n 2"]) -> Float[Tensor, "b n c"]:
+    """Bilinear (sub-pixel) values of any map at keypoints given in its own pixels.
 
     Points outside the grid take the value at the nearest border (``padding_mode="border"``).
     """
+    if values.ndim != 4:
+        raise ValueError(f"values must be (b, c, h, w), got shape {tuple(values.shape)}")
+    _check_keypoints(kps, values.shape[0])
+    grid = normalise_coords(kps, values.shape[-2:]).unsqueeze(1)  # b 1 n 2
+    sampled = F.grid_sample(values, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled[:, :, 0, :].transpose(1, 2)
+
+
+def sample_flow(flow: Float[Tensor, "b 2 h w"], kps: Float[Tensor, "b n 2"]) -> Float[Tensor, "b n 2"]:
+    """Bilinear (sub-pixel) flow values at keypoints given in pixels of the flow grid (:func:`sample_map`)."""
     _check_flow(flow)
-    _check_keypoints(kps, flow.shape[0])
-    grid = normalise_coords(kps, flow.shape[-2:]).unsqueeze(1)  # b 1 n 2
-    values = F.grid_sample(flow, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return values[:, :, 0, :].transpose(1, 2)
+    return sample_map(flow, kps)
 
 
 def transfer_keypoints(
