@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--shards", default="shards/synthetic", help="shard set (made by pipelines/make_shards.py)")
     p.add_argument("--split", default="train")
     p.add_argument("--old-tree", type=Path, help="a checkout of 0.1.0 to compare with (omit: this reader only)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per batch (configs/small_cpu.yaml's)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per batch (8: the batch of the documented figures)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--repeats", type=int, default=3, help="measurements of each reader, alternating")
     p.add_argument("--config", default=str(ROOT / "configs" / "small_cpu.yaml"), help="training config of the step")
