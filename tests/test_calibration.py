@@ -166,6 +166,9 @@ def test_measures_sample_their_maps_where_the_points_fall():
     points = torch.tensor([[[0.0, 0.0], [3.0, 2.0], [1.5, 1.0], [-5.0, 1.0]]])
     # at pixel centres: the value; between them: the mean; outside: the border's
     torch.testing.assert_close(sample_map(values[:, None], points)[..., 0], torch.tensor([[0.0, 11.0, 5.5, 4.0]]))
+    # a float64 map (image_flatness of a float64 image) read at float32 points stays float64
+    as64 = sample_map(values[:, None].double(), points)[..., 0]
+    torch.testing.assert_close(as64, torch.tensor([[0.0, 11.0, 5.5, 4.0]], dtype=torch.float64))
     flow = _constant(1, 8, 12, 1.0, 0.0)
     pts = torch.tensor([[[3.0, 2.0]]])
     assert set(match_measures(flow, -flow, pts, (32, 48))) == {"cycle"}

@@ -135,12 +135,13 @@ def warp(
 def sample_map(values: Float[Tensor, "b c h w"], kps: Float[Tensor, "b n 2"]) -> Float[Tensor, "b n c"]:
     """Bilinear (sub-pixel) values of any map at keypoints given in its own pixels.
 
-    Points outside the grid take the value at the nearest border (``padding_mode="border"``).
+    Points outside the grid take the value at the nearest border (``padding_mode="border"``). The
+    points are taken in the map's dtype (a float64 map read at float32 points stays float64).
     """
     if values.ndim != 4:
         raise ValueError(f"values must be (b, c, h, w), got shape {tuple(values.shape)}")
     _check_keypoints(kps, values.shape[0])
-    grid = normalise_coords(kps, values.shape[-2:]).unsqueeze(1)  # b 1 n 2
+    grid = normalise_coords(kps.to(values.dtype), values.shape[-2:]).unsqueeze(1)  # b 1 n 2
     sampled = F.grid_sample(values, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return sampled[:, :, 0, :].transpose(1, 2)
 
